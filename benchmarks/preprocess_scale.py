@@ -1,0 +1,266 @@
+"""Scale benchmark of the preprocessing: Spark job vs. the single-process pandas reference.
+
+Run (from the repository root; sizes accept k/M suffixes)::
+
+    .venv/bin/python -m benchmarks.preprocess_scale --sizes 1M,10M,31.7M
+    .venv/bin/python -m benchmarks.preprocess_scale --sizes 1M --impl spark     # one side only
+
+For every size it (1) generates a YOOCHOOSE-like clickstream with
+``spark_jobs.generate`` (cached under ``--work-dir``, default /tmp/rnnrec-bench,
+and reused when its parameters match), then (2) runs the same work -- read,
+30-minute sessionization by user, support filters to a fixed point, GRU4Rec time
+split (1 test day, 1 valid day), recent fractions, item/user index, Parquet
+output -- once with the Spark job (``python -m spark_jobs.preprocess``) and once
+with ``python -m spark_jobs.reference_pandas``, each in its own subprocess.
+
+Measured per run: wall time, and peak resident memory of the whole process
+tree (the Python driver *and* the JVM it launches), sampled every 0.2 s with
+psutil; the sum of RSS counts shared pages once per process, so it is an upper
+bound. Both implementations' counts are compared table by table (they must
+agree: the pandas reference is the oracle).
+
+Results are merged into ``benchmarks/results/preprocess_scale.json`` (keyed by
+size and implementation) and rendered as the table in
+``benchmarks/README_preprocess.md``. A long measurement: never part of the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results" / "preprocess_scale.json"
+README = ROOT / "benchmarks" / "README_preprocess.md"
+#: GRU4Rec's RSC15 preparation: item support >= 5, sessions of >= 2 events
+DEFAULT_FILTERS = ["--min-item-support", "5", "--min-session-length", "2"]
+TARGET = {"events": 31_700_000, "wall_s": 600, "peak_rss_gb": 8.0}
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(s[-1:], 1)
+    return int(round(float(s.rstrip("km")) * mult))
+
+
+def label(n: int) -> str:
+    return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:g}k"
+
+
+# --------------------------------------------------------------------------- the two commands
+
+def spark_command(inp: Path, out: Path, extra: list[str]) -> list[str]:
+    """THE call into the lead's Spark entry point (``spark_jobs.preprocess``).
+
+    ``--format synthetic`` reads the generator's Parquet and sessionizes by user
+    (its ground-truth session ids are ignored), exactly like the reference.
+    """
+    return [sys.executable, "-m", "spark_jobs.preprocess", "--input", str(inp), "--format", "synthetic",
+            "--split", "time", "--test-days", "1", "--out", str(out), *extra]
+
+
+def pandas_command(inp: Path, out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "spark_jobs.reference_pandas", "--input", str(inp), "--format", "synthetic",
+            "--split", "time", "--test-days", "1", "--out", str(out), *extra]
+
+
+def generate_command(n: int, out: Path, seed: int) -> list[str]:
+    return [sys.executable, "-m", "spark_jobs.generate", "--events", str(n), "--seed", str(seed),
+            "--out", str(out), "--no-progress"]
+
+
+# --------------------------------------------------------------------------- measuring
+
+def run_measured(cmd: list[str], log: Path, timeout_s: float, env: dict | None = None) -> dict:
+    """Run ``cmd`` in its own process group; wall time and peak RSS of its whole tree."""
+    import psutil
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    peak = {"rss": 0}
+    done = threading.Event()
+    with open(log, "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+        def poll() -> None:
+            try:
+                root = psutil.Process(proc.pid)
+            except psutil.NoSuchProcess:
+                return
+            while not done.is_set():
+                total = 0
+                try:
+                    procs = [root] + root.children(recursive=True)
+                except psutil.NoSuchProcess:
+                    break
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+                peak["rss"] = max(peak["rss"], total)
+                done.wait(0.2)
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # our own process group only (start_new_session)
+            rc = proc.wait()
+            rc = 124 if rc in (-9, 137) else rc
+        wall = time.perf_counter() - t0
+        done.set()
+        th.join()
+    return {"rc": rc, "wall_s": round(wall, 2), "peak_rss_mb": round(peak["rss"] / 2**20, 1), "log": str(log)}
+
+
+def ensure_input(work: Path, n: int, seed: int, timeout_s: float) -> tuple[Path, dict | None]:
+    """Generated input for size n, reused when the cached copy has the same parameters."""
+    inp = work / f"input-{label(n)}-seed{seed}"
+    meta_f = inp / "_generator.json"
+    if meta_f.exists():
+        meta = json.loads(meta_f.read_text())
+        if meta.get("events") == n and meta.get("seed") == seed and meta.get("format") == "parquet":
+            print(f"[{label(n)}] reusing {inp}", flush=True)
+            return inp, None
+    print(f"[{label(n)}] generating {n:,} events -> {inp}", flush=True)
+    res = run_measured(generate_command(n, inp, seed), work / "logs" / f"generate-{label(n)}.log", timeout_s)
+    if res["rc"] != 0:
+        raise SystemExit(f"generator failed (rc {res['rc']}), see {res['log']}")
+    print(f"[{label(n)}] generated in {res['wall_s']} s, peak {res['peak_rss_mb']} MB", flush=True)
+    return inp, res
+
+
+def table_counts(out: Path) -> dict | None:
+    m = out / "manifest.json"
+    if not m.exists():
+        return None
+    man = json.loads(m.read_text())
+    tables = man["splits"]["time"]["tables"]
+    return {k: {"events": v["events"], "sessions": v["sessions"], "items": v["items"]} for k, v in tables.items()}
+
+
+def machine() -> dict:
+    import psutil
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    except (OSError, IndexError):
+        java = None
+    return {"nproc": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
+            "python": platform.python_version(), "java": java, "os": platform.platform()}
+
+
+# --------------------------------------------------------------------------- report
+
+def render_table(results: dict) -> str:
+    rows = sorted(results["runs"].values(), key=lambda r: (r["events"], r["impl"]))
+    lines = ["| events | implementation | wall time (s) | peak RSS, whole tree (GB) | µs / event | output agrees | date |",
+             "|---:|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        if r["rc"] != 0:
+            wall = f"failed (rc {r['rc']}) after {r['wall_s']:.0f}"
+        else:
+            wall = f"{r['wall_s']:.1f}"
+        lines.append(
+            f"| {r['events']:,} | {r['impl']} | {wall} | {r['peak_rss_mb'] / 1024:.2f} | "
+            f"{1e6 * r['wall_s'] / r['events']:.2f} | {r.get('agrees', 'n/a')} | {r['date'][:10]} |"
+        )
+    gens = sorted(results.get("generate", {}).values(), key=lambda r: r["events"])
+    if gens:
+        lines += ["", "| generator: events | wall time (s) | peak RSS (GB) |", "|---:|---:|---:|"]
+        lines += [f"| {g['events']:,} | {g['wall_s']:.1f} | {g['peak_rss_mb'] / 1024:.2f} |" for g in gens]
+    return "\n".join(lines)
+
+
+def update_readme(results: dict) -> None:
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = README.read_text() if README.exists() else f"# Preprocessing scale benchmark\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    m = results["machine"]
+    block = (f"{start}\nMachine: {m['nproc']} cores ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}, "
+             f"{m['java']}. Last run: {results['date']}.\n\nCommand: `{results['command']}`\n\n"
+             f"{render_table(results)}\n{end}")
+    pre, rest = text.split(start, 1)
+    post = rest.split(end, 1)[1]
+    README.write_text(pre + block + post)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess_scale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1M,10M,31.7M", help="comma list of event counts (k/M suffixes)")
+    p.add_argument("--impl", choices=["both", "spark", "pandas"], default="both")
+    p.add_argument("--work-dir", default="/tmp/rnnrec-bench", help="generated inputs (cached) and outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-min", type=float, default=40.0, help="per run; a run past it is killed")
+    p.add_argument("--keep-outputs", action="store_true", help="keep the preprocessed outputs (they are large)")
+    p.add_argument("--no-record", action="store_true", help="do not write results/ and the README table")
+    p.add_argument("extra", nargs="*", help="after --: options for both jobs (default: GRU4Rec's "
+                   + " ".join(DEFAULT_FILTERS) + ")")
+    a = p.parse_args(argv)
+    extra = a.extra or DEFAULT_FILTERS
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}, "generate": {}}
+    results.update({"machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": "python -m benchmarks.preprocess_scale " + " ".join(argv or sys.argv[1:]),
+                    "job_options": extra, "target": TARGET})
+    impls = ["spark", "pandas"] if a.impl == "both" else [a.impl]
+    timeout = a.timeout_min * 60
+    for n in [parse_size(s) for s in a.sizes.split(",") if s.strip()]:
+        inp, gres = ensure_input(work, n, a.seed, timeout)
+        if gres:
+            results.setdefault("generate", {})[label(n)] = {"events": n, **gres}
+        counts = {}
+        for impl in impls:
+            out = work / f"out-{impl}-{label(n)}"
+            cmd = (spark_command if impl == "spark" else pandas_command)(inp, out, extra)
+            print(f"[{label(n)}] {impl}: {' '.join(cmd)}", flush=True)
+            res = run_measured(cmd, work / "logs" / f"{impl}-{label(n)}.log", timeout, env)
+            counts[impl] = table_counts(out) if res["rc"] == 0 else None
+            print(f"[{label(n)}] {impl}: rc {res['rc']}, {res['wall_s']} s, peak {res['peak_rss_mb']} MB", flush=True)
+            rec = {"events": n, "impl": impl, **res, "tables": counts[impl],
+                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            results["runs"][f"{label(n)}/{impl}"] = rec
+            if not a.keep_outputs and out.exists():
+                shutil.rmtree(out)
+        if len(counts) == 2 and all(counts.values()):
+            agrees = counts["spark"] == counts["pandas"]
+            for impl in impls:
+                results["runs"][f"{label(n)}/{impl}"]["agrees"] = "yes" if agrees else "NO"
+            if not agrees:
+                print(f"[{label(n)}] MISMATCH between spark and pandas counts:\n"
+                      f"spark  {counts['spark']}\npandas {counts['pandas']}", flush=True)
+        if not a.no_record:
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            update_readme(results)
+    print(render_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

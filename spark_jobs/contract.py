@@ -1,0 +1,73 @@
+"""The on-disk data contract shared by every stage (no Spark import here).
+
+Everything downstream of ``spark_jobs`` (expectations, training, evaluation,
+dags) depends on this module and on the Parquet it describes, never on Spark.
+
+Layout of a preprocessing output directory ``OUT``::
+
+    OUT/
+      manifest.json                 inputs + checksums, parameters, counts after
+                                    every step, time ranges, software versions
+      events/                       all sessionized + filtered events (Parquet dataset)
+      quarantine/                   rows rejected by a reader, with file/row/reason
+      splits/<name>/                one folder per split strategy ("SPLIT_DIR")
+          train/                    training events, disjoint from valid and test
+          valid/                    validation events (filtered to `train` items)
+          test/                     test events (filtered to `train_full` items)
+          train_full/               train + the raw validation sessions: what the
+                                    final model is trained on (GRU4Rec's train_full)
+          train_recent_<k>/         most recent 1/k of train_full sessions (Tan M2)
+          item_index/               item_id -> item_idx over train_full, with support
+          user_index/               user_id -> user_idx over train_full (if users)
+          split.json                split parameters and per-table counts
+
+Every events table has the columns of :data:`EVENT_COLUMNS`, sorted by
+(session_id, ts, original order) and ``seq`` counting 0.. within a session.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+#: name -> pyarrow type of every events table.
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("session_id", pa.int64(), nullable=False),
+        pa.field("user_id", pa.int64(), nullable=True),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("seq", pa.int32(), nullable=False),
+    ]
+)
+EVENT_COLUMNS = [f.name for f in EVENT_SCHEMA]
+OPTIONAL_EVENT_COLUMNS = ["event_type"]
+
+ITEM_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("item_idx", pa.int32(), nullable=False),
+        pa.field("support", pa.int64(), nullable=False),
+    ]
+)
+USER_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("user_idx", pa.int32(), nullable=False),
+        pa.field("n_sessions", pa.int64(), nullable=False),
+    ]
+)
+
+MANIFEST = "manifest.json"
+SPLIT_META = "split.json"
+EVENTS_DIR = "events"
+QUARANTINE_DIR = "quarantine"
+SPLITS_DIR = "splits"
+TRAIN, VALID, TEST, TRAIN_FULL = "train", "valid", "test", "train_full"
+ITEM_INDEX, USER_INDEX = "item_index", "user_index"
+
+#: Tan et al. 2016: fractions of the training sessions, most recent first.
+DEFAULT_RECENT_FRACTIONS = (256, 64, 16, 4, 1)
+
+
+def recent_table(k: int) -> str:
+    """Name of the table holding the most recent 1/k of train_full sessions."""
+    return f"train_recent_{k}"

@@ -1,0 +1,395 @@
+"""Raw clickstream -> sessionized, filtered, time-split Parquet (the data contract).
+
+Run it (``local[*]`` unless a master is configured)::
+
+    python -m spark_jobs.preprocess \\
+        --input ../shared/data/rsc15-100k/yoochoose-clicks-100k_train_full.txt \\
+                ../shared/data/rsc15-100k/yoochoose-clicks-100k_test.txt \\
+        --format gru4rec --split time --test-days 1 --out data/rsc15
+
+    python -m spark_jobs.preprocess --config conf/preprocess.yaml --out data/x
+    spark-submit --master spark://host:7077 spark_jobs/preprocess.py --input ... --out ...
+
+Steps: read (bad rows -> ``OUT/quarantine``), encode ids, sessionize (given ids
+or 30-min idle split per user), optional removal of consecutive repeats,
+support filters to a fixed point, split + recent fractions, item/user index,
+``manifest.json``. The whole output is built in a temporary sibling folder and
+swapped in at the end, so a re-run replaces ``OUT`` atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+if __package__ in (None, ""):  # spark-submit spark_jobs/preprocess.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spark_jobs import contract as C  # noqa: E402
+
+log = logging.getLogger("spark_jobs.preprocess")
+
+
+class QuarantineThresholdExceeded(RuntimeError):
+    """Too many bad rows in an input file."""
+
+
+@dataclass
+class PreprocessConfig:
+    input: list[str] = field(default_factory=list)
+    format: str = "gru4rec"
+    out: str = ""
+    split: str = "time"
+    # reader options (generic formats)
+    columns: str | None = None
+    ts_unit: str = "s"
+    delimiter: str | None = None
+    header: bool = True
+    encode_ids: list[str] = field(default_factory=list)
+    # sessionize
+    sessionize_by_user: bool = False  # ignore the source's session ids, split by idle gap per user
+    idle_gap_minutes: float = 30.0
+    remove_repeats: bool = False
+    # filters (0 = off)
+    min_item_support: int = 0
+    min_session_length: int = 0
+    min_sessions_per_user: int = 0
+    max_sessions_per_user: int = 0
+    # split
+    test_days: float = 1.0
+    valid_days: float | None = None
+    end_ts: str | None = None
+    cut_ts: str | None = None
+    test_fraction: float = 0.1
+    seed: int = 42
+    recent_fractions: list[int] = field(default_factory=lambda: list(C.DEFAULT_RECENT_FRACTIONS))
+    # bad input
+    max_bad_fraction: float = 0.01
+    spark_conf: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def file_checksum(path: str) -> dict:
+    if "://" in path and not path.startswith("file://"):
+        return {"path": path, "sha256": None, "bytes": None}
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"path": path, "sha256": h.hexdigest(), "bytes": os.path.getsize(path)}
+
+
+def _write(df, path: str, sort_cols: list[str] | None = None, single_file: bool = False) -> None:
+    if sort_cols:
+        df = df.orderBy(*sort_cols)
+    if single_file:
+        df = df.coalesce(1)
+    df.write.mode("overwrite").parquet(path)
+
+
+def atomic_replace(tmp: str, out: str) -> None:
+    """Swap the finished ``tmp`` folder in place of ``out`` (same filesystem: renames)."""
+    old = None
+    if os.path.exists(out):
+        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def versions() -> dict:
+    import pyarrow
+    import pyspark
+
+    return {"python": platform.python_version(), "pyspark": pyspark.__version__, "pyarrow": pyarrow.__version__}
+
+
+# --------------------------------------------------------------------------- the job
+
+def run(cfg: PreprocessConfig, spark=None) -> dict:
+    """Run the whole preprocessing; returns the manifest (also written to OUT)."""
+    from pyspark.sql import functions as F
+
+    from spark_jobs import readers, sessionize as S
+    from spark_jobs.filters import FilterConfig, apply_filters, table_counts
+    from spark_jobs.session import get_spark
+    from spark_jobs.splits import STRATEGIES, SplitConfig, item_index, split, user_index
+
+    if not cfg.out:
+        raise ValueError("--out is required")
+    if cfg.split not in STRATEGIES:
+        raise ValueError(f"unknown --split {cfg.split!r}; choose one of {', '.join(STRATEGIES)}")
+    spark = spark or get_spark("rnnrec-preprocess", cfg.spark_conf)
+    out = os.path.abspath(cfg.out)
+    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    try:
+        manifest = _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_counts,
+                        SplitConfig, split, item_index, user_index)
+        atomic_replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_counts, SplitConfig, split,
+         item_index, user_index) -> dict:
+    os.makedirs(tmp)
+    steps: list[dict] = []
+    files = readers.input_files(cfg.input)
+    log.info("reading %d file(s) as %s", len(files), cfg.format)
+    res = readers.read_events(
+        spark, cfg.input, cfg.format, columns=cfg.columns, ts_unit=cfg.ts_unit, delimiter=cfg.delimiter,
+        header=cfg.header, encode_ids=tuple(cfg.encode_ids),
+    )
+
+    # ---- bad input: quarantine, counts per file, threshold
+    good_per_file = {r["_file_idx"]: r["count"] for r in res.events.groupBy("_file_idx").count().collect()}
+    quarantine = res.quarantine.cache()
+    bad_rows = quarantine.groupBy("file", "reason").count().collect()
+    bad_per_file: dict[str, int] = {}
+    for r in bad_rows:
+        bad_per_file[r["file"]] = bad_per_file.get(r["file"], 0) + r["count"]
+    n_bad = sum(bad_per_file.values())
+    if n_bad:
+        quarantine.orderBy("file", "line").coalesce(1).write.mode("overwrite").parquet(
+            os.path.join(tmp, C.QUARANTINE_DIR))
+    skipped = {k: v.count() for k, v in res.skipped.items()}
+    per_file = []
+    for i, f in enumerate(files):
+        good, bad = good_per_file.get(i, 0), bad_per_file.get(f, 0)
+        per_file.append({"file": f, "rows": good + bad, "quarantined": bad})
+    for pf in per_file:
+        if pf["rows"] and pf["quarantined"] / pf["rows"] > cfg.max_bad_fraction:
+            reasons = sorted(((r["count"], r["reason"]) for r in bad_rows if r["file"] == pf["file"]), reverse=True)
+            top = "; ".join(f"{n} x {why}" for n, why in reasons[:3])
+            first = quarantine.where(F.col("file") == pf["file"]).orderBy("line").first()
+            keep = os.path.join(os.path.dirname(tmp), os.path.basename(cfg.out.rstrip("/")) + ".quarantine")
+            if os.path.exists(keep):
+                shutil.rmtree(keep)
+            shutil.move(os.path.join(tmp, C.QUARANTINE_DIR), keep)
+            raise QuarantineThresholdExceeded(
+                f"{pf['file']}: {pf['quarantined']} of {pf['rows']} rows are bad "
+                f"({pf['quarantined'] / pf['rows']:.2%} > {cfg.max_bad_fraction:.2%}); "
+                f"first at line {first['line']}: {first['reason']}. Reasons: {top}. "
+                f"Rejected rows are in {keep}"
+            )
+    if n_bad:
+        log.warning("quarantined %d bad row(s) -> %s", n_bad, os.path.join(cfg.out, C.QUARANTINE_DIR))
+
+    # ---- ids and sessions
+    ev, id_maps = S.encode_ids(res.events, res.string_ids)
+    for name, m in id_maps.items():
+        m.write.mode("overwrite").parquet(os.path.join(tmp, "id_maps", name))
+    if cfg.end_ts:
+        # A scheduled run sees only data before its interval end (no peeking at the future).
+        from spark_jobs.splits import _to_us
+
+        late = ev.where(F.unix_micros("ts") >= _to_us(cfg.end_ts)).count()
+        ev = ev.where(F.unix_micros("ts") < _to_us(cfg.end_ts))
+        steps.append({"step": "before_end_ts", "end_ts": cfg.end_ts, "removed": late})
+    if not ev.take(1):
+        raise readers.InputError(f"no valid events in the input ({len(files)} file(s): {', '.join(files[:3])}"
+                                 f"{'...' if len(files) > 3 else ''}); quarantined rows: {n_bad}")
+    by_user = cfg.sessionize_by_user or not res.has_sessions
+    if by_user:
+        no_user = ev.where(F.col("user_id").isNull())
+        n_no_user = no_user.count()
+        if n_no_user:
+            raise ValueError(
+                f"{n_no_user} events have no user id, so they cannot be sessionized by user "
+                f"(use the source's session ids, i.e. drop --sessionize-by-user)")
+        ev = S.sessionize_by_user(ev.drop("session_id"), cfg.idle_gap_minutes * 60.0)
+    else:
+        bad_users = S.session_users(ev).count() if ev.where(F.col("user_id").isNotNull()).take(1) else 0
+        if bad_users:
+            raise ValueError(f"{bad_users} session(s) carry more than one user id; re-sessionize with --sessionize-by-user")
+    ev = ev.localCheckpoint(eager=True)
+    read_counts = table_counts(ev)
+    steps.append({"step": "sessionized", "by_user": by_user, **read_counts})
+    removed_repeats = 0
+    if cfg.remove_repeats:
+        ev, rep = S.drop_consecutive_repeats(ev)
+        ev = ev.localCheckpoint(eager=True)
+        removed_repeats = read_counts["events"] - ev.count()
+        steps.append({"step": "remove_repeats", "removed": removed_repeats, **table_counts(ev)})
+
+    # ---- filters to a fixed point
+    fcfg = FilterConfig(cfg.min_item_support, cfg.min_session_length, cfg.min_sessions_per_user,
+                        cfg.max_sessions_per_user)
+    ev, fsteps = apply_filters(ev, fcfg)
+    steps += fsteps
+    ev = S.add_seq(ev)
+    cols = list(C.EVENT_COLUMNS) + (["event_type"] if ev.where(F.col("event_type").isNotNull()).take(1) else [])
+    ev = ev.select(*cols).localCheckpoint(eager=True)
+    final_counts = table_counts(ev)
+    steps.append({"step": "final", **final_counts})
+    _write(ev, os.path.join(tmp, C.EVENTS_DIR), ["session_id", "seq"])
+
+    # ---- split
+    scfg = SplitConfig(strategy=cfg.split, test_days=cfg.test_days, valid_days=cfg.valid_days, end_ts=cfg.end_ts,
+                       cut_ts=cfg.cut_ts, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                       recent_fractions=tuple(cfg.recent_fractions))
+    tables, meta = split(ev, scfg)
+    split_dir = os.path.join(tmp, C.SPLITS_DIR, cfg.split)
+    table_stats = {}
+    for name, df in tables.items():
+        path = os.path.join(split_dir, name)
+        _write(df, path, ["session_id", "seq"])
+        table_stats[name] = table_counts(spark.read.parquet(path))
+        log.info("%-18s events=%-9d sessions=%-8d items=%-7d users=%d", name, table_stats[name]["events"],
+                 table_stats[name]["sessions"], table_stats[name]["items"], table_stats[name]["users"])
+    train_full = spark.read.parquet(os.path.join(split_dir, C.TRAIN_FULL))
+    items = item_index(train_full)
+    _write(items, os.path.join(split_dir, C.ITEM_INDEX), ["item_idx"], single_file=True)
+    n_items = spark.read.parquet(os.path.join(split_dir, C.ITEM_INDEX)).count()
+    users = user_index(train_full)
+    _write(users, os.path.join(split_dir, C.USER_INDEX), ["user_idx"], single_file=True)
+    n_users = spark.read.parquet(os.path.join(split_dir, C.USER_INDEX)).count()
+    split_meta = {**meta, "tables": table_stats, "n_items": n_items, "n_users": n_users,
+                  "recent_fractions": list(cfg.recent_fractions)}
+    with open(os.path.join(split_dir, C.SPLIT_META), "w") as f:
+        json.dump(split_meta, f, indent=2, sort_keys=True)
+
+    manifest = {
+        "inputs": [file_checksum(f) for f in files],
+        "format": cfg.format,
+        "parameters": dataclasses.asdict(cfg),
+        "read": {"per_file": per_file, "quarantined": n_bad, "skipped": skipped,
+                 "quarantine_reasons": {r["reason"]: r["count"] for r in bad_rows}},
+        "steps": steps,
+        "events": final_counts,
+        "splits": {cfg.split: split_meta},
+        "versions": versions(),
+    }
+    with open(os.path.join(tmp, C.MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _parse_kv(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"expected key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spark_jobs.readers import FORMATS
+    from spark_jobs.splits import STRATEGIES
+
+    p = argparse.ArgumentParser(prog="python -m spark_jobs.preprocess", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", help="YAML file with any of the options below (underscored names); flags override it")
+    a("--input", nargs="+", help="files, directories or globs (order = original order for ties)")
+    a("--format", choices=FORMATS)
+    a("--out", help="output directory (replaced atomically)")
+    a("--split", choices=STRATEGIES)
+    a("--columns", help="generic formats: item_id=COL,ts=COL[,user_id=COL][,session_id=COL][,event_type=COL]")
+    a("--ts-unit", choices=["s", "ms", "us", "iso"])
+    a("--delimiter")
+    a("--no-header", dest="header", action="store_const", const=False)
+    a("--encode-ids", help="comma list of id columns that are strings (user_id,item_id,session_id)")
+    a("--sessionize-by-user", action="store_const", const=True,
+      help="ignore the source's session ids and split each user's events at idle gaps")
+    a("--idle-gap-minutes", type=float)
+    a("--remove-repeats", action="store_const", const=True, help="drop consecutive repeats of an item (HRNN)")
+    a("--min-item-support", type=int)
+    a("--min-session-length", type=int)
+    a("--min-sessions-per-user", type=int)
+    a("--max-sessions-per-user", type=int)
+    a("--test-days", type=float)
+    a("--valid-days", type=float)
+    a("--end-ts", help="ISO-8601 end (exclusive) of the data interval; later events are ignored")
+    a("--cut-ts", help="explicit cut for last_session_global")
+    a("--test-fraction", type=float)
+    a("--seed", type=int)
+    a("--recent-fractions", help="comma list of k for train_recent_<k> (1/k of train_full), e.g. 256,64,16,4,1")
+    a("--max-bad-fraction", type=float, help="fail when more than this fraction of a file's rows is bad (0.01)")
+    a("--spark-conf", action="append", default=[], help="extra Spark setting key=value (repeatable)")
+    a("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> PreprocessConfig:
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        known = {f.name for f in dataclasses.fields(PreprocessConfig)}
+        unknown = set(loaded) - known
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown option(s) {sorted(unknown)}")
+        values.update(loaded)
+    for k, v in vars(args).items():
+        if k in ("config", "verbose", "spark_conf") or v is None:
+            continue
+        values[k] = v
+    if args.spark_conf:
+        values["spark_conf"] = {**values.get("spark_conf", {}), **_parse_kv(args.spark_conf)}
+    for k in ("encode_ids", "recent_fractions"):
+        if isinstance(values.get(k), str):
+            values[k] = [x.strip() for x in values[k].split(",") if x.strip()]
+    if "recent_fractions" in values:
+        values["recent_fractions"] = [int(x) for x in values["recent_fractions"]]
+    if isinstance(values.get("input"), str):
+        values["input"] = [values["input"]]
+    cfg = PreprocessConfig(**values)
+    missing = [n for n in ("input", "format", "out") if not getattr(cfg, n)]
+    if missing:
+        raise SystemExit("missing required option(s): " + ", ".join("--" + m for m in missing))
+    return cfg
+
+
+def summary(manifest: dict) -> str:
+    lines = [f"{'table':<20}{'events':>10}{'sessions':>10}{'items':>8}{'users':>8}"]
+    r = manifest["read"]
+    lines.insert(0, f"read: quarantined {r['quarantined']} row(s); skipped {r['skipped']}")
+    for st in manifest["steps"]:
+        name = st["step"] if "round" not in st else f"r{st['round']}:{st['step']}"
+        lines.append(f"{name:<20}{st['events']:>10}{st['sessions']:>10}{st['items']:>8}{st['users']:>8}")
+    for sname, sm in manifest["splits"].items():
+        for t, c in sm["tables"].items():
+            lines.append(f"{sname + '/' + t:<20}{c['events']:>10}{c['sessions']:>10}{c['items']:>8}{c['users']:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    from spark_jobs.readers import InputError
+
+    try:
+        manifest = run(cfg)
+    except (InputError, QuarantineThresholdExceeded, ValueError) as e:
+        print(f"preprocess failed: {e}", file=sys.stderr)
+        return 2
+    print(summary(manifest))
+    print(f"wrote {os.path.abspath(cfg.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

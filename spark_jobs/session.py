@@ -1,0 +1,56 @@
+"""SparkSession creation: never hard-codes a master.
+
+The master comes from, in order: ``spark-submit --master`` (already in the
+launched JVM's conf), ``$SPARK_MASTER``, and only when neither is set,
+``local[*]`` so that ``python -m spark_jobs.preprocess`` works out of the box.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+#: Settings every job relies on (see STACK.md, "Spark 4").
+BASE_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    "spark.sql.sources.partitionOverwriteMode": "dynamic",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.sql.shuffle.partitions": str(max(4, 2 * (os.cpu_count() or 2))),
+    "spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false",
+}
+
+
+def check_java() -> None:
+    """Fail early, with instructions, when no Java 17+ is on the PATH."""
+    java = shutil.which("java", path=os.path.join(os.environ["JAVA_HOME"], "bin")) if os.environ.get("JAVA_HOME") else shutil.which("java")
+    if not java:
+        raise SystemExit(
+            "Spark needs Java 17 or newer and none was found on PATH (or in $JAVA_HOME).\n"
+            "Install it, e.g. on Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless"
+        )
+
+
+def get_spark(app_name: str = "rnnrec", extra_conf: dict[str, str] | None = None):
+    """Return a SparkSession, respecting any master configured by the caller."""
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    check_java()
+    builder = SparkSession.builder.appName(app_name)
+    master = os.environ.get("SPARK_MASTER")
+    if master:
+        builder = builder.master(master)
+    elif not SparkConf().contains("spark.master") and "--master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+        builder = builder.master("local[*]")
+    conf = dict(BASE_CONF)
+    # Driver memory only matters in local mode, where the driver does all the work.
+    conf.setdefault("spark.driver.memory", os.environ.get("RNNREC_SPARK_DRIVER_MEMORY", "4g"))
+    conf.update(extra_conf or {})
+    for k, v in conf.items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("RNNREC_SPARK_LOG_LEVEL", "WARN"))
+    return spark

@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: one SparkSession per test session, the shared data folder."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+logging.getLogger("py4j").setLevel(logging.WARNING)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data, skipping the test with a clear reason when absent."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not available: {p} is missing (CI provides ../shared/data)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (CI provides it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local SparkSession for the whole test run (JVM start costs ~9 s)."""
+    from spark_jobs.session import get_spark
+
+    s = get_spark("tests", {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"})
+    yield s
+    s.stop()

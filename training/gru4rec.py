@@ -1,0 +1,386 @@
+"""GRU4Rec model (Hidasi et al. 2016 + later official versions) and its fast training step.
+
+Two paths over the same parameters:
+
+* :meth:`GRU4RecModel.forward_step` / :meth:`GRU4RecModel.sampled_scores`: plain
+  autograd, used by evaluation (full ranking) and as the reference the fast path
+  is tested against (tests/training/test_gru4rec_grad.py).
+* :class:`FastStep`: forward + hand-written backward + Adagrad(+momentum) /
+  Adam update for one session-parallel mini-batch, without autograd. On 2 CPU
+  cores autograd's per-op bookkeeping cost more than the arithmetic at batch 32
+  (see benchmarks/README_gru4rec.md), hence the manual backward.
+
+Cell (every layer, PyTorch GRUCell convention, gates ordered r, z, n)::
+
+    r = σ(W_ir x + b_ir + W_hr h + b_hr)     z = σ(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))     h' = (1 − z) ⊙ n + z ⊙ h
+
+The three gates are one ``[3H, in]`` matmul for the input and one ``[3H, H]`` for
+the state. As in the official code the hidden dropout mask is applied to the
+layer output *and that dropped-out output is the state carried to the next
+step*; each step is its own update (no BPTT: the state is a constant).
+Embedding modes: "tied" (input embedding = output weights ``Wy``, the official
+"constrained embedding"), "separate" (table ``E``), "onehot" (1-of-N input: the
+first layer's input weights are a per-item table ``Wx0`` [n_items, 3H]).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.config import GRU4RecConfig
+from training.losses import check_loss_config, parse_activation, sampled_loss
+
+
+def glorot_(t: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator) -> None:
+    """Glorot-uniform in place: U(-s, s), s = sqrt(6 / (fan_in + fan_out))."""
+    s = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        t.copy_(torch.rand(t.shape, generator=gen) * 2 * s - s)
+
+
+class GRU4RecModel(nn.Module):
+    def __init__(self, n_items: int, cfg: GRU4RecConfig):
+        super().__init__()
+        if not cfg.layers or any(h <= 0 for h in cfg.layers):
+            raise ValueError(f"layers must be positive sizes, got {cfg.layers}")
+        if cfg.embedding not in ("tied", "separate", "onehot"):
+            raise ValueError(f"embedding must be tied|separate|onehot, got {cfg.embedding!r}")
+        if cfg.embedding == "separate" and cfg.embedding_dim <= 0:
+            raise ValueError("embedding=separate needs embedding_dim > 0")
+        check_loss_config(cfg.loss, cfg.final_act)
+        self.n_items = n_items
+        self.layers = list(cfg.layers)
+        self.embedding = cfg.embedding
+        H = self.layers
+        if cfg.embedding == "tied":
+            n_in = H[-1]
+        elif cfg.embedding == "separate":
+            n_in = cfg.embedding_dim
+            self.E = nn.Parameter(torch.empty(n_items, n_in))
+        else:
+            n_in = None
+            self.Wx0 = nn.Parameter(torch.empty(n_items, 3 * H[0]))
+        self.W_ih = nn.ParameterList()
+        self.W_hh = nn.ParameterList()
+        self.b_ih = nn.ParameterList()
+        self.b_hh = nn.ParameterList()
+        for i, h in enumerate(H):
+            if i == 0 and n_in is None:
+                self.W_ih.append(nn.Parameter(torch.empty(0)))  # placeholder: input is Wx0 rows
+            else:
+                self.W_ih.append(nn.Parameter(torch.empty(3 * h, n_in if i == 0 else H[i - 1])))
+            self.W_hh.append(nn.Parameter(torch.empty(3 * h, h)))
+            self.b_ih.append(nn.Parameter(torch.zeros(3 * h)))
+            self.b_hh.append(nn.Parameter(torch.zeros(3 * h)))
+        self.Wy = nn.Parameter(torch.empty(n_items, H[-1]))
+        self.By = nn.Parameter(torch.zeros(n_items))
+
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        """Glorot-uniform per gate block (fan = in + out of one gate), zero biases."""
+        H = self.layers
+        if self.embedding == "separate":
+            glorot_(self.E, self.n_items, self.E.shape[1], gen)
+        if self.embedding == "onehot":
+            for g in range(3):
+                glorot_(self.Wx0.data[:, g * H[0]:(g + 1) * H[0]], self.n_items, H[0], gen)
+        for i, h in enumerate(H):
+            W = self.W_ih[i]
+            if W.numel():
+                for g in range(3):
+                    glorot_(W.data[g * h:(g + 1) * h], W.shape[1], h, gen)
+            for g in range(3):
+                glorot_(self.W_hh[i].data[g * h:(g + 1) * h], h, h, gen)
+            self.b_ih[i].data.zero_()
+            self.b_hh[i].data.zero_()
+        glorot_(self.Wy, self.n_items, H[-1], gen)
+        self.By.data.zero_()
+
+    # ---- autograd path (evaluation, reference) -------------------------------------------
+    def init_state(self, n: int, device=None) -> list[torch.Tensor]:
+        return [torch.zeros(n, h, device=device or self.Wy.device) for h in self.layers]
+
+    def input_vectors(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.embedding == "tied":
+            return self.Wy[x]
+        if self.embedding == "separate":
+            return self.E[x]
+        return None
+
+    @staticmethod
+    def cell(gi: torch.Tensor, h: torch.Tensor, W_hh, b_hh) -> torch.Tensor:
+        H = h.shape[1]
+        gh = torch.addmm(b_hh, h, W_hh.t())
+        rz = torch.sigmoid(gi[:, :2 * H] + gh[:, :2 * H])
+        r, z = rz[:, :H], rz[:, H:]
+        n = torch.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+        return n + z * (h - n)
+
+    def forward_step(self, x: torch.Tensor, state: list[torch.Tensor],
+                     masks: dict | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One event per row: returns (output of the last layer, new state).
+
+        ``masks`` (training only) = {"embed": [B, in] or None, "hidden": [per layer or None]},
+        already scaled by 1/(1-p).
+        """
+        masks = masks or {}
+        inp = self.input_vectors(x)
+        if inp is not None and masks.get("embed") is not None:
+            inp = inp * masks["embed"]
+        new = []
+        for i in range(len(self.layers)):
+            if i == 0 and inp is None:
+                gi = self.Wx0[x] + self.b_ih[0]
+            else:
+                gi = torch.addmm(self.b_ih[i], inp, self.W_ih[i].t())
+            h = self.cell(gi, state[i], self.W_hh[i], self.b_hh[i])
+            hm = (masks.get("hidden") or [None] * len(self.layers))[i]
+            if hm is not None:
+                h = h * hm
+            new.append(h)
+            inp = h
+        return inp, new
+
+    def sampled_scores(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.By[y], out, self.Wy[y].t())
+
+    def all_scores(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.By, out, self.Wy.t())
+
+
+def dropout_mask(shape, p: float, gen: torch.Generator, device) -> torch.Tensor | None:
+    """Inverted-dropout mask with DROP probability p (checklist item 4), or None if p == 0."""
+    if p <= 0:
+        return None
+    if p >= 1:
+        raise ValueError(f"dropout probability must be < 1, got {p}")
+    m = torch.rand(shape, generator=gen, device=device) >= p
+    return m.to(torch.float32).mul_(1.0 / (1.0 - p))
+
+
+class FastStep:
+    """Forward + manual backward + optimizer update for one mini-batch (no autograd)."""
+
+    def __init__(self, model: GRU4RecModel, cfg: GRU4RecConfig, train_support: np.ndarray,
+                 device: torch.device):
+        self.m = model
+        self.cfg = cfg
+        self.device = device
+        self.B = cfg.batch_size
+        self.act = parse_activation(cfg.final_act)
+        self.xe = cfg.loss == "cross-entropy"
+        if cfg.optimizer not in ("adagrad", "adam"):
+            raise ValueError(f"optimizer must be adagrad|adam, got {cfg.optimizer!r}")
+        if not 0.0 <= cfg.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
+        # logQ: the in-batch columns were drawn ∝ support, the extra ones ∝ support^alpha
+        # (official P0 = raw counts of the training table; clamp only guards items never trained on)
+        logp = torch.log(torch.tensor(np.maximum(train_support, 1), dtype=torch.float32))
+        self.logp = logp.to(device)
+        self.logq_w = None
+        if self.xe and cfg.logq > 0:
+            w = torch.full((self.B + cfg.n_sample,), cfg.logq * cfg.sample_alpha)
+            w[: self.B] = cfg.logq
+            self.logq_w = w.to(device)
+        # dense parameters live in one flat buffer so the optimizer is a handful of ops
+        dense = []
+        for i in range(len(model.layers)):
+            for p in (model.W_ih[i], model.W_hh[i], model.b_ih[i], model.b_hh[i]):
+                if p.numel():
+                    dense.append(p)
+        n = sum(p.numel() for p in dense)
+        self.flat = torch.empty(n, device=device)
+        self.gflat = torch.zeros(n, device=device)
+        off = 0
+        self.grad_of = {}
+        for p in dense:
+            k = p.numel()
+            self.flat[off:off + k].copy_(p.data.reshape(-1))
+            p.data = self.flat[off:off + k].view(p.shape)
+            self.grad_of[id(p)] = self.gflat[off:off + k].view(p.shape)
+            off += k
+        self.sparse = {"Wy": model.Wy, "By": model.By}
+        if model.embedding == "separate":
+            self.sparse["E"] = model.E
+        if model.embedding == "onehot":
+            self.sparse["Wx0"] = model.Wx0
+        self.opt_state = self._new_opt_state()
+
+    # ---- optimizer ---------------------------------------------------------------------
+    def _new_opt_state(self) -> dict[str, torch.Tensor]:
+        st = {"dense.acc": torch.zeros_like(self.flat), "step": torch.zeros((), dtype=torch.int64)}
+        need_mom = self.cfg.optimizer == "adam" or self.cfg.momentum > 0
+        if need_mom:
+            st["dense.mom"] = torch.zeros_like(self.flat)
+        for k, p in self.sparse.items():
+            st[f"{k}.acc"] = torch.zeros_like(p.data)
+            if need_mom:
+                st[f"{k}.mom"] = torch.zeros_like(p.data)
+            if self.cfg.optimizer == "adam":
+                st[f"{k}.t"] = torch.zeros(p.shape[0], dtype=torch.float32, device=self.device)
+        return st
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().cpu() for k, v in self.opt_state.items()}
+
+    def load_optimizer_state(self, st: dict[str, torch.Tensor]) -> None:
+        for k, v in self.opt_state.items():
+            if k not in st or st[k].shape != v.shape:
+                raise ValueError(f"optimizer state {k!r} missing or of the wrong shape in checkpoint")
+            v.copy_(st[k])
+
+    def _dense_update(self) -> None:
+        c, st, g = self.cfg, self.opt_state, self.gflat
+        if c.optimizer == "adagrad":
+            acc = st["dense.acc"]
+            acc.addcmul_(g, g)
+            upd = g / (acc + c.adagrad_eps).sqrt_()
+            if c.momentum > 0:
+                mom = st["dense.mom"]
+                mom.mul_(c.momentum).add_(upd, alpha=-c.learning_rate)
+                if c.nesterov:
+                    self.flat.add_(mom, alpha=c.momentum).add_(upd, alpha=-c.learning_rate)
+                else:
+                    self.flat.add_(mom)
+            else:
+                self.flat.add_(upd, alpha=-c.learning_rate)
+        else:  # adam
+            t = int(st["step"])
+            b1, b2 = 0.9, 0.999
+            st["dense.mom"].mul_(b1).add_(g, alpha=1 - b1)
+            st["dense.acc"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            mhat = st["dense.mom"] / (1 - b1 ** t)
+            vhat = st["dense.acc"] / (1 - b2 ** t)
+            self.flat.addcdiv_(mhat, vhat.sqrt_().add_(1e-8), value=-c.learning_rate)
+
+    def _sparse_update(self, name: str, rows: torch.Tensor, vals: torch.Tensor) -> None:
+        """Update only the touched rows; duplicate rows are summed first (the update is
+        non-linear in the gradient, so they must be coalesced)."""
+        c, st = self.cfg, self.opt_state
+        p = self.sparse[name].data
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        g = torch.zeros((len(uniq),) + vals.shape[1:], device=vals.device, dtype=vals.dtype)
+        g.index_add_(0, inv, vals)
+        acc = st[f"{name}.acc"]
+        if c.optimizer == "adagrad":
+            a = acc.index_select(0, uniq).addcmul_(g, g)
+            acc.index_copy_(0, uniq, a)
+            upd = g.div_(a.add_(c.adagrad_eps).sqrt_()).mul_(-c.learning_rate)
+            if c.momentum > 0:
+                mom = st[f"{name}.mom"]
+                mo = mom.index_select(0, uniq).mul_(c.momentum).add_(upd)
+                mom.index_copy_(0, uniq, mo)
+                upd = mo.mul(c.momentum).add_(upd) if c.nesterov else mo
+            p.index_add_(0, uniq, upd)
+        else:  # lazy Adam on touched rows (each row keeps its own step count)
+            b1, b2 = 0.9, 0.999
+            tt = st[f"{name}.t"]
+            t = tt.index_select(0, uniq).add_(1)
+            tt.index_copy_(0, uniq, t)
+            mom = st[f"{name}.mom"]
+            mo = mom.index_select(0, uniq).mul_(b1).add_(g, alpha=1 - b1)
+            mom.index_copy_(0, uniq, mo)
+            v = acc.index_select(0, uniq).mul_(b2).addcmul_(g, g, value=1 - b2)
+            acc.index_copy_(0, uniq, v)
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            mhat = mo / (1 - b1 ** t).view(shape)
+            vhat = v / (1 - b2 ** t).view(shape)
+            p.index_add_(0, uniq, mhat.div_(vhat.sqrt_().add_(1e-8)).mul_(-c.learning_rate))
+
+    # ---- the step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, state: list[torch.Tensor],
+                 masks: dict) -> torch.Tensor:
+        """x [M] inputs, y [M + n_sample] (targets then extra negatives), state: per-layer
+        [M, H] tensors, REPLACED in place by the new (dropped-out) states. Returns the
+        loss (sum over rows / nominal batch size) as a 0-d tensor (no host sync)."""
+        m, c = self.m, self.cfg
+        M = x.shape[0]
+        L = len(m.layers)
+        emb_mask = masks.get("embed")
+        hid_masks = masks.get("hidden") or [None] * L
+        # forward
+        inp = m.input_vectors(x)
+        if inp is not None and emb_mask is not None:
+            inp = inp * emb_mask
+        cache = []
+        for i in range(L):
+            h = state[i]
+            Hs = h.shape[1]
+            if i == 0 and inp is None:
+                gi = m.Wx0.data.index_select(0, x).add_(m.b_ih[0].data)
+            else:
+                gi = torch.addmm(m.b_ih[i].data, inp, m.W_ih[i].data.t())
+            gh = torch.addmm(m.b_hh[i].data, h, m.W_hh[i].data.t())
+            rz = torch.sigmoid_(gi[:, :2 * Hs].add_(gh[:, :2 * Hs]))
+            r, z = rz[:, :Hs], rz[:, Hs:]
+            ghn = gh[:, 2 * Hs:]
+            n = torch.tanh_(torch.addcmul(gi[:, 2 * Hs:], r, ghn))
+            hn = torch.lerp(n, h, z)  # n + z * (h - n)
+            out = hn * hid_masks[i] if hid_masks[i] is not None else hn
+            cache.append((inp, h, r, z, n, ghn))
+            state[i] = out
+            inp = out
+        O = m.Wy.data.index_select(0, y)
+        R = torch.addmm(m.By.data.index_select(0, y), inp, O.t())
+        # loss and dL/dR
+        if self.xe:
+            if self.logq_w is not None:
+                w = self.logq_w if M == self.B else torch.cat(
+                    [self.logq_w[:M], self.logq_w[self.B:self.B + c.n_sample]])
+                R.sub_(self.logp.index_select(0, y).mul_(w))
+            lse = torch.logsumexp(R, 1, keepdim=True)
+            loss = (lse.sum() - R.diagonal().sum()) / self.B
+            dR = R.sub_(lse).exp_()
+            dR.diagonal().sub_(1.0)
+            dR.mul_(1.0 / self.B)
+        else:
+            with torch.enable_grad():
+                Rg = R.requires_grad_(True)
+                lossg = sampled_loss(Rg, c.loss, c.final_act, c.bpreg) / self.B
+                (dR,) = torch.autograd.grad(lossg, Rg)
+            loss = lossg.detach()
+        # backward: output layer
+        dout = dR @ O
+        dO = dR.t() @ inp
+        dBy = dR.sum(0)
+        self.gflat.zero_()
+        dx = None
+        for i in reversed(range(L)):
+            xin, h, r, z, n, ghn = cache[i]
+            Hs = h.shape[1]
+            dh = dout * hid_masks[i] if hid_masks[i] is not None else dout
+            dgi = torch.empty(M, 3 * Hs, device=dh.device)
+            dgh = torch.empty(M, 3 * Hs, device=dh.device)
+            dn = dh * (1 - z)
+            dpre_n = dn.mul_(1 - n * n)
+            dgi[:, 2 * Hs:] = dpre_n
+            torch.mul(dpre_n, r, out=dgh[:, 2 * Hs:])
+            # dr = dpre_n * ghn ; d(pre_r) = dr * r(1-r) ; d(pre_z) = dh (h - n) z(1-z)
+            torch.mul(dpre_n * ghn, r * (1 - r), out=dgi[:, :Hs])
+            torch.mul(dh * (h - n), z * (1 - z), out=dgi[:, Hs:2 * Hs])
+            dgh[:, :2 * Hs] = dgi[:, :2 * Hs]
+            gW_hh = self.grad_of[id(m.W_hh[i])]
+            torch.mm(dgh.t(), h, out=gW_hh)
+            torch.sum(dgh, 0, out=self.grad_of[id(m.b_hh[i])])
+            torch.sum(dgi, 0, out=self.grad_of[id(m.b_ih[i])])
+            if i == 0 and xin is None:
+                dx = dgi  # rows of Wx0
+            else:
+                torch.mm(dgi.t(), xin, out=self.grad_of[id(m.W_ih[i])])
+                dout = dgi @ m.W_ih[i].data
+                if i == 0:
+                    dx = dout * emb_mask if emb_mask is not None else dout
+        # updates
+        self.opt_state["step"] += 1
+        self._dense_update()
+        if m.embedding == "tied":
+            self._sparse_update("Wy", torch.cat([x, y]), torch.cat([dx, dO]))
+        else:
+            self._sparse_update("Wy", y, dO)
+            self._sparse_update("E" if m.embedding == "separate" else "Wx0", x, dx)
+        self._sparse_update("By", y, dBy)
+        return loss
