@@ -30,22 +30,22 @@ class FilterConfig:
                     or self.min_sessions_per_user > 1 or self.max_sessions_per_user > 0)
 
 
+def count_exprs() -> list:
+    """Aggregations for events / sessions / items / users / time range."""
+    return [F.count(F.lit(1)).alias("events"), F.countDistinct("session_id").alias("sessions"),
+            F.countDistinct("item_id").alias("items"), F.countDistinct("user_id").alias("users"),
+            F.min("ts").alias("ts_min"), F.max("ts").alias("ts_max")]
+
+
+def stats_dict(r) -> dict:
+    return {"events": int(r["events"]), "sessions": int(r["sessions"]), "items": int(r["items"]),
+            "users": int(r["users"]), "ts_min": r["ts_min"].isoformat() if r["ts_min"] else None,
+            "ts_max": r["ts_max"].isoformat() if r["ts_max"] else None}
+
+
 def table_counts(df: DataFrame) -> dict:
     """events / sessions / items / users and the time range, in one pass."""
-    r = df.agg(
-        F.count(F.lit(1)).alias("events"),
-        F.countDistinct("session_id").alias("sessions"),
-        F.countDistinct("item_id").alias("items"),
-        F.countDistinct("user_id").alias("users"),
-        F.min("ts").alias("ts_min"),
-        F.max("ts").alias("ts_max"),
-    ).collect()[0]
-    return {
-        "events": int(r["events"]), "sessions": int(r["sessions"]), "items": int(r["items"]),
-        "users": int(r["users"]),
-        "ts_min": r["ts_min"].isoformat() if r["ts_min"] else None,
-        "ts_max": r["ts_max"].isoformat() if r["ts_max"] else None,
-    }
+    return stats_dict(df.agg(*count_exprs()).collect()[0])
 
 
 def _keep_by_count(df: DataFrame, key: str, counted: str | None, lo: int, hi: int = 0) -> DataFrame:

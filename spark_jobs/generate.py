@@ -32,8 +32,9 @@ What the data looks like, and why:
   which tests can check exactly.
 * **Lengths** are geometric (mean ~4.5, P(len=1) ~0.22, capped at 200).
 * **Days**: the requested number of events is split exactly over the days with a
-  weekly rhythm; each day is drawn from its own seed ``(seed, day)``, so output is
-  bit-for-bit reproducible and any day can be regenerated alone.
+  weekly rhythm; each day is drawn from its own seed ``(seed, day)`` (only the
+  session-id offset carries over from earlier days), so output is bit-for-bit
+  reproducible.
 
 Output (``--format parquet``, the default)::
 
@@ -45,8 +46,13 @@ Output (``--format parquet``, the default)::
 ``--format yoochoose`` writes the raw ``yoochoose-clicks.dat`` layout instead:
 ``OUT/dt=YYYY-MM-DD/part-00000.dat`` with lines
 ``SessionId,2014-04-07T10:51:09.277Z,ItemId,Category`` and no header (no user id,
-as in the original). The output directory is written to a temporary sibling and
-renamed into place, so a re-run replaces it atomically.
+as in the original). ``--bad-fraction F`` (yoochoose only) then replaces about F
+of the lines with bad ones -- unparseable timestamp, missing item id, wrong
+column count, non-UTF-8 bytes -- and lists each (file, line, kind) under
+``bad_lines`` in ``_generator.json``, for fault-injection tests.
+
+The output directory is written to a temporary sibling and renamed into place,
+so a re-run replaces it atomically.
 """
 from __future__ import annotations
 
@@ -95,17 +101,16 @@ class GeneratorConfig:
     """Shape parameters of the synthetic world (defaults give YOOCHOOSE-like data)."""
 
     zipf_a: float = 1.1  # item popularity exponent
-    zipf_k0: float = 2.0  # popularity offset: flattens the very top a little
+    zipf_k0: float = 10.0  # popularity offset: flattens the head (top-20 items ~15-20% of clicks)
     items_per_topic: int = 250  # ~ number of items per latent topic (category)
     n_successors: int = 6  # fixed likely successors per item
     successor_weights: tuple[float, ...] = (0.3, 0.22, 0.16, 0.12, 0.11, 0.09)
     successor_pop_exponent: float = 0.8  # successors favour popular items (keeps the Zipf tail)
-    # next-click mixture (must sum to 1)
-    p_repeat: float = 0.08  # same item again (consecutive repeat)
+    # next-click mixture; the remainder (0.16) jumps anywhere by global popularity
+    p_repeat: float = 0.15  # same item again (consecutive repeat; ~20% of pairs like YOOCHOOSE)
     p_back: float = 0.07  # an item seen earlier in this session
-    p_successor: float = 0.45  # one of the current item's successors
-    p_topic: float = 0.22  # popular item of the same topic
-    # rest: jump anywhere by global popularity
+    p_successor: float = 0.42  # one of the current item's successors
+    p_topic: float = 0.2  # popular item of the same topic
     p_start_user_topic: float = 0.6  # first click from the user's preferred topic
     mean_session_len: float = 4.5
     max_session_len: int = 200
@@ -125,8 +130,10 @@ def default_days(n_events: int) -> int:
 
 
 def default_items(n_events: int) -> int:
-    """YOOCHOOSE has ~53k items for 33M clicks: ~1 item per 600 events."""
-    return int(min(60_000, max(200, n_events // 600)))
+    """YOOCHOOSE has ~53k items for 33M clicks (1 per 600 events); a small slice of
+    it sees relatively more items (rsc15-100k: 2.9k items in 84k clicks), hence
+    the 5*sqrt(n) floor: 100k -> 1.6k, 1M -> 5k, 10M -> 16.7k, 31.7M -> 52.8k."""
+    return int(min(60_000, max(200, n_events // 600, 5 * math.isqrt(n_events))))
 
 
 def default_users(n_events: int) -> int:
@@ -386,6 +393,9 @@ def generate(
     n_days = default_days(n_events) if n_days is None else int(n_days)
     n_users = default_users(n_events) if n_users is None else int(n_users)
     n_items = default_items(n_events) if n_items is None else int(n_items)
+    p = config.p_repeat + config.p_back + config.p_successor + config.p_topic
+    if not 0 <= p <= 1:
+        raise ValueError(f"next-click probabilities sum to {p:.3f}, must be within [0, 1]")
     if n_days < 1 or n_users < 1 or n_items < 4:
         raise ValueError(f"need days >= 1, users >= 1, items >= 4; got {n_days}, {n_users}, {n_items}")
     if isinstance(start_date, str):
@@ -437,6 +447,45 @@ def yoochoose_lines(table: pa.Table) -> pa.Table:
     )
 
 
+#: kinds of bad lines ``--bad-fraction`` injects into the yoochoose CSV (for quarantine tests)
+BAD_KINDS = ("unparseable timestamp", "missing item id", "wrong column count", "non-UTF-8 bytes")
+
+
+def corrupt_lines(data: bytes, fraction: float, rng: np.random.Generator) -> tuple[bytes, list[dict]]:
+    """Replace about ``fraction`` of the lines of a CSV day with bad ones.
+
+    Returns (new bytes, [{"line": 1-based, "kind": one of BAD_KINDS}, ...]) so a
+    test can check that exactly these lines end up in quarantine with the right reason.
+    """
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    n_bad = int(rng.binomial(len(lines), fraction)) if lines else 0
+    where = np.sort(rng.choice(len(lines), size=n_bad, replace=False))
+    kinds = rng.integers(0, len(BAD_KINDS), n_bad)
+    report = []
+    for i, k in zip(where.tolist(), kinds.tolist()):
+        f = lines[i].split(b",")
+        if k == 0:
+            f[1] = b"2014-13-45T25:61:00.000Z"
+        elif k == 1:
+            f[2] = b""
+        elif k == 2:
+            f = f[:2] + f[3:]
+        else:
+            f[2] = f[2][:-1] + b"\xff\xfe"
+        lines[i] = b",".join(f)
+        report.append({"line": i + 1, "kind": BAD_KINDS[k]})
+    return b"\n".join(lines) + b"\n", report
+
+
+def source_sha256() -> str:
+    """Hash of this module's source: identifies the generator version that wrote a dataset."""
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Swap ``tmp`` into ``out``: the old output stays intact until the new one is complete."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -457,10 +506,19 @@ def write(
     start_date: str = "2014-04-01",
     fmt: str = "parquet",
     progress: bool = True,
+    bad_fraction: float = 0.0,
 ) -> dict:
-    """Generate and write the whole dataset atomically; returns the metadata written."""
+    """Generate and write the whole dataset atomically; returns the metadata written.
+
+    ``bad_fraction`` > 0 (yoochoose format only) replaces that fraction of the
+    lines with bad ones (see :func:`corrupt_lines`); ``_generator.json`` lists them.
+    """
     if fmt not in ("parquet", "yoochoose"):
         raise ValueError(f"unknown --format {fmt!r}: use parquet or yoochoose")
+    if bad_fraction and fmt != "yoochoose":
+        raise ValueError("--bad-fraction needs --format yoochoose (Parquet is typed: no bad lines)")
+    if not 0.0 <= bad_fraction < 1.0:
+        raise ValueError(f"--bad-fraction must be in [0, 1), got {bad_fraction}")
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -477,7 +535,9 @@ def write(
         "items": default_items(n_events) if n_items is None else n_items,
         "seed": seed,
         "start_date": str(start_date),
+        "bad_fraction": bad_fraction,
         "config": dataclasses.asdict(GeneratorConfig()),
+        "generator_sha256": source_sha256(),
         "per_day": {},
     }
     bar = None
@@ -492,11 +552,18 @@ def write(
             if fmt == "parquet":
                 pq.write_table(table, part / "part-00000.parquet", compression="snappy")
             else:
-                pacsv.write_csv(
-                    yoochoose_lines(table),
-                    part / "part-00000.dat",
-                    write_options=pacsv.WriteOptions(include_header=False, quoting_style="none"),
-                )
+                target = part / "part-00000.dat"
+                opts = pacsv.WriteOptions(include_header=False, quoting_style="none")
+                if bad_fraction > 0:
+                    buf = pa.BufferOutputStream()
+                    pacsv.write_csv(yoochoose_lines(table), buf, write_options=opts)
+                    day = (date - dt.date.fromisoformat(str(start_date))).days
+                    data, bad = corrupt_lines(buf.getvalue().to_pybytes(), bad_fraction,
+                                              np.random.default_rng([seed, day, 0xBAD]))
+                    target.write_bytes(data)
+                    meta.setdefault("bad_lines", {})[f"{part.name}/{target.name}"] = bad
+                else:
+                    pacsv.write_csv(yoochoose_lines(table), target, write_options=opts)
             sess = pc.count_distinct(table["session_id"]).as_py() if table.num_rows else 0
             meta["per_day"][date.isoformat()] = {"events": table.num_rows, "sessions": sess}
             if bar is not None:
@@ -518,16 +585,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, required=True, help="total number of events (exact)")
     p.add_argument("--days", type=int, default=None, help="number of days (default: ~200k events/day, 7..183)")
     p.add_argument("--users", type=int, default=None, help="number of users (default: events/20)")
-    p.add_argument("--items", type=int, default=None, help="number of items (default: events/600, 200..60000)")
+    p.add_argument("--items", type=int, default=None, help="number of items (default: max(events/600, 5*sqrt(events)), 200..60000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-date", default="2014-04-01", help="first day, YYYY-MM-DD (UTC)")
     p.add_argument("--format", choices=["parquet", "yoochoose"], default="parquet")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--bad-fraction", type=float, default=0.0,
+                   help="yoochoose only: replace this fraction of lines with bad ones (fault injection)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    meta = write(a.out, a.events, a.days, a.users, a.items, a.seed, a.start_date, a.format, not a.no_progress)
+    meta = write(a.out, a.events, a.days, a.users, a.items, a.seed, a.start_date, a.format, not a.no_progress,
+                 a.bad_fraction)
     n_sess = sum(d["sessions"] for d in meta["per_day"].values())
-    print(f"wrote {meta['events']:,} events, {n_sess:,} sessions over {meta['days']} days to {a.out}")
+    n_bad = sum(len(v) for v in meta.get("bad_lines", {}).values())
+    print(f"wrote {meta['events']:,} events, {n_sess:,} sessions over {meta['days']} days to {a.out}"
+          + (f" ({n_bad:,} of the lines made bad on purpose, listed in _generator.json)" if n_bad else ""))
     return 0
 
 

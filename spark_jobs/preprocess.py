@@ -97,6 +97,34 @@ def _write(df, path: str, sort_cols: list[str] | None = None, single_file: bool 
     df.write.mode("overwrite").parquet(path)
 
 
+def write_tables(spark, rows, names: list[str], targets: dict[str, str], staging: str) -> dict[str, dict]:
+    """Write all tables in one Spark job and count them in one more pass.
+
+    ``rows`` has one row per (event, table) with the table name in ``_table``.
+    A range-partitioned, sorted write with ``partitionBy("_table")`` replaces
+    one sort per table; the partition folders are then renamed to their targets.
+    """
+    from spark_jobs.filters import count_exprs, stats_dict
+
+    cols = [c for c in rows.columns if c != "_table"]
+    (rows.repartitionByRange("_table", "session_id").sortWithinPartitions("_table", "session_id", "seq")
+     .write.mode("overwrite").partitionBy("_table").parquet(staging))
+    written = spark.read.parquet(staging)
+    stats = {r["_table"]: stats_dict(r) for r in written.groupBy("_table").agg(*count_exprs()).collect()}
+    schema = rows.select(*cols).schema
+    for name in names:
+        src = os.path.join(staging, f"_table={name}")
+        os.makedirs(os.path.dirname(targets[name]), exist_ok=True)
+        if os.path.exists(src):
+            os.rename(src, targets[name])
+        else:  # an empty table still gets a readable, typed Parquet folder
+            spark.createDataFrame([], schema).coalesce(1).write.parquet(targets[name])
+            stats[name] = stats_dict({"events": 0, "sessions": 0, "items": 0, "users": 0,
+                                      "ts_min": None, "ts_max": None})
+    shutil.rmtree(staging)
+    return {name: stats[name] for name in names}
+
+
 def atomic_replace(tmp: str, out: str) -> None:
     """Swap the finished ``tmp`` folder in place of ``out`` (same filesystem: renames)."""
     old = None
@@ -119,12 +147,8 @@ def versions() -> dict:
 
 def run(cfg: PreprocessConfig, spark=None) -> dict:
     """Run the whole preprocessing; returns the manifest (also written to OUT)."""
-    from pyspark.sql import functions as F
-
-    from spark_jobs import readers, sessionize as S
-    from spark_jobs.filters import FilterConfig, apply_filters, table_counts
     from spark_jobs.session import get_spark
-    from spark_jobs.splits import STRATEGIES, SplitConfig, item_index, split, user_index
+    from spark_jobs.splits import STRATEGIES
 
     if not cfg.out:
         raise ValueError("--out is required")
@@ -135,8 +159,7 @@ def run(cfg: PreprocessConfig, spark=None) -> dict:
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     try:
-        manifest = _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_counts,
-                        SplitConfig, split, item_index, user_index)
+        manifest = _run(spark, cfg, tmp)
         atomic_replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,8 +167,22 @@ def run(cfg: PreprocessConfig, spark=None) -> dict:
     return manifest
 
 
-def _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_counts, SplitConfig, split,
-         item_index, user_index) -> dict:
+def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
+    import time
+
+    from pyspark.sql import functions as F
+
+    from spark_jobs import readers, sessionize as S
+    from spark_jobs.filters import FilterConfig, apply_filters, table_counts
+    from spark_jobs.splits import SplitConfig, explode_tables, item_index, split, user_index
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - t_start - sum(timings.values()), 2)
+        log.info("%s done in %.1f s", name, timings[name])
+
     os.makedirs(tmp)
     steps: list[dict] = []
     files = readers.input_files(cfg.input)
@@ -155,26 +192,32 @@ def _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_coun
         header=cfg.header, encode_ids=tuple(cfg.encode_ids),
     )
 
-    # ---- bad input: quarantine, counts per file, threshold
-    good_per_file = {r["_file_idx"]: r["count"] for r in res.events.groupBy("_file_idx").count().collect()}
-    quarantine = res.quarantine.cache()
-    bad_rows = quarantine.groupBy("file", "reason").count().collect()
-    bad_per_file: dict[str, int] = {}
-    for r in bad_rows:
-        bad_per_file[r["file"]] = bad_per_file.get(r["file"], 0) + r["count"]
-    n_bad = sum(bad_per_file.values())
+    # ---- bad input: one pass counts good / skipped / bad rows per file
+    counts = res.status.groupBy("_file_idx", "status").count().collect()
+    per_file = [{"file": f, "rows": 0, "quarantined": 0} for f in files]
+    skipped: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for r in counts:
+        st, n, pf = r["status"], r["count"], per_file[r["_file_idx"]]
+        if st is None:
+            pf["rows"] += n
+        elif st.startswith("skip:"):
+            skipped[st[5:]] = skipped.get(st[5:], 0) + n
+        else:
+            pf["rows"] += n
+            pf["quarantined"] += n
+            reasons[st[4:]] = reasons.get(st[4:], 0) + n
+    n_bad = sum(pf["quarantined"] for pf in per_file)
+    quarantine = res.quarantine
     if n_bad:
+        quarantine = quarantine.cache()
         quarantine.orderBy("file", "line").coalesce(1).write.mode("overwrite").parquet(
             os.path.join(tmp, C.QUARANTINE_DIR))
-    skipped = {k: v.count() for k, v in res.skipped.items()}
-    per_file = []
-    for i, f in enumerate(files):
-        good, bad = good_per_file.get(i, 0), bad_per_file.get(f, 0)
-        per_file.append({"file": f, "rows": good + bad, "quarantined": bad})
     for pf in per_file:
         if pf["rows"] and pf["quarantined"] / pf["rows"] > cfg.max_bad_fraction:
-            reasons = sorted(((r["count"], r["reason"]) for r in bad_rows if r["file"] == pf["file"]), reverse=True)
-            top = "; ".join(f"{n} x {why}" for n, why in reasons[:3])
+            per_reason = (quarantine.where(F.col("file") == pf["file"]).groupBy("reason").count()
+                          .orderBy(F.desc("count")).limit(3).collect())
+            top = "; ".join(f"{r['count']} x {r['reason']}" for r in per_reason)
             first = quarantine.where(F.col("file") == pf["file"]).orderBy("line").first()
             keep = os.path.join(os.path.dirname(tmp), os.path.basename(cfg.out.rstrip("/")) + ".quarantine")
             if os.path.exists(keep):
@@ -189,6 +232,7 @@ def _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_coun
     if n_bad:
         log.warning("quarantined %d bad row(s) -> %s", n_bad, os.path.join(cfg.out, C.QUARANTINE_DIR))
 
+    lap("read")
     # ---- ids and sessions
     ev, id_maps = S.encode_ids(res.events, res.string_ids)
     for name, m in id_maps.items():
@@ -205,8 +249,8 @@ def _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_coun
                                  f"{'...' if len(files) > 3 else ''}); quarantined rows: {n_bad}")
     by_user = cfg.sessionize_by_user or not res.has_sessions
     if by_user:
-        no_user = ev.where(F.col("user_id").isNull())
-        n_no_user = no_user.count()
+        # Formats without session ids already quarantine rows without a user.
+        n_no_user = ev.where(F.col("user_id").isNull()).count() if res.has_sessions else 0
         if n_no_user:
             raise ValueError(
                 f"{n_no_user} events have no user id, so they cannot be sessionized by user "
@@ -226,6 +270,7 @@ def _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_coun
         removed_repeats = read_counts["events"] - ev.count()
         steps.append({"step": "remove_repeats", "removed": removed_repeats, **table_counts(ev)})
 
+    lap("sessionize")
     # ---- filters to a fixed point
     fcfg = FilterConfig(cfg.min_item_support, cfg.min_session_length, cfg.min_sessions_per_user,
                         cfg.max_sessions_per_user)
@@ -236,39 +281,41 @@ def _run(spark, cfg, tmp, F, readers, S, FilterConfig, apply_filters, table_coun
     ev = ev.select(*cols).localCheckpoint(eager=True)
     final_counts = table_counts(ev)
     steps.append({"step": "final", **final_counts})
-    _write(ev, os.path.join(tmp, C.EVENTS_DIR), ["session_id", "seq"])
 
+    lap("filter")
     # ---- split
     scfg = SplitConfig(strategy=cfg.split, test_days=cfg.test_days, valid_days=cfg.valid_days, end_ts=cfg.end_ts,
                        cut_ts=cfg.cut_ts, test_fraction=cfg.test_fraction, seed=cfg.seed,
                        recent_fractions=tuple(cfg.recent_fractions))
-    tables, meta = split(ev, scfg)
+    tagged, names, meta = split(ev, scfg)
     split_dir = os.path.join(tmp, C.SPLITS_DIR, cfg.split)
-    table_stats = {}
-    for name, df in tables.items():
-        path = os.path.join(split_dir, name)
-        _write(df, path, ["session_id", "seq"])
-        table_stats[name] = table_counts(spark.read.parquet(path))
-        log.info("%-18s events=%-9d sessions=%-8d items=%-7d users=%d", name, table_stats[name]["events"],
-                 table_stats[name]["sessions"], table_stats[name]["items"], table_stats[name]["users"])
+    targets = {"__events": os.path.join(tmp, C.EVENTS_DIR)}
+    targets.update({name: os.path.join(split_dir, name) for name in names})
+    # The full event table rides along in the same write.
+    tagged = tagged.withColumn("_tables", F.concat(F.array(F.lit("__events")), F.col("_tables")))
+    rows = explode_tables(tagged.localCheckpoint(eager=True))
+    table_stats = write_tables(spark, rows, ["__events", *names], targets, os.path.join(tmp, "_staging"))
+    table_stats.pop("__events")
+    for name, st in table_stats.items():
+        log.info("%-18s events=%-9d sessions=%-8d items=%-7d users=%d", name, st["events"], st["sessions"],
+                 st["items"], st["users"])
     train_full = spark.read.parquet(os.path.join(split_dir, C.TRAIN_FULL))
-    items = item_index(train_full)
-    _write(items, os.path.join(split_dir, C.ITEM_INDEX), ["item_idx"], single_file=True)
-    n_items = spark.read.parquet(os.path.join(split_dir, C.ITEM_INDEX)).count()
-    users = user_index(train_full)
-    _write(users, os.path.join(split_dir, C.USER_INDEX), ["user_idx"], single_file=True)
-    n_users = spark.read.parquet(os.path.join(split_dir, C.USER_INDEX)).count()
+    _write(item_index(train_full), os.path.join(split_dir, C.ITEM_INDEX), ["item_idx"], single_file=True)
+    _write(user_index(train_full), os.path.join(split_dir, C.USER_INDEX), ["user_idx"], single_file=True)
+    n_items, n_users = table_stats[C.TRAIN_FULL]["items"], table_stats[C.TRAIN_FULL]["users"]
     split_meta = {**meta, "tables": table_stats, "n_items": n_items, "n_users": n_users,
                   "recent_fractions": list(cfg.recent_fractions)}
     with open(os.path.join(split_dir, C.SPLIT_META), "w") as f:
         json.dump(split_meta, f, indent=2, sort_keys=True)
 
+    lap("split")
     manifest = {
+        "timings_s": timings,
         "inputs": [file_checksum(f) for f in files],
         "format": cfg.format,
         "parameters": dataclasses.asdict(cfg),
         "read": {"per_file": per_file, "quarantined": n_bad, "skipped": skipped,
-                 "quarantine_reasons": {r["reason"]: r["count"] for r in bad_rows}},
+                 "quarantine_reasons": reasons},
         "steps": steps,
         "events": final_counts,
         "splits": {cfg.split: split_meta},

@@ -6,8 +6,10 @@ Each reader returns a :class:`ReadResult` with
   (timestamp, UTC), ``event_type`` (string, nullable), ``_file_idx`` (int,
   index of the input file) and ``_ord`` (long, original order inside the file);
 * ``quarantine``: rejected rows as ``file, line, reason, raw``;
-* ``stats``: rows skipped on purpose and why (header lines, blank lines,
-  non-item actions), so that nothing is dropped silently.
+* ``status``: one row per input row, ``_file_idx`` and ``status`` (null =
+  good, ``skip:<why>`` for rows skipped on purpose such as header lines,
+  blank lines or non-item actions, ``bad:<reason>`` for quarantined rows),
+  so one aggregation counts everything and nothing is dropped silently.
 
 Ids stay strings here; :func:`spark_jobs.ids.encode_ids` turns them into the
 contract's int64 ids. Supported formats (``--format``):
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -60,12 +62,12 @@ class ReadResult:
     events: DataFrame
     quarantine: DataFrame
     files: list[str]
-    #: reason -> DataFrame of rows intentionally skipped (counted, never silently dropped)
-    skipped: dict[str, DataFrame] = field(default_factory=dict)
     #: columns whose ids are not integers and must be dictionary-encoded
     string_ids: tuple[str, ...] = ()
     #: whether the source carries its own session ids
     has_sessions: bool = True
+    #: ``_file_idx``, ``status`` for every input row (see module docstring)
+    status: DataFrame | None = None
 
 
 # --------------------------------------------------------------------------- files
@@ -205,13 +207,8 @@ def _parse_delimited(
     if header_prefix is not None:
         is_header = is_header | F.col("value").startswith(header_prefix)
     is_blank = F.trim(F.col("value")) == ""
-    skipped = {
-        "header_line": lines.filter(is_header),
-        "blank_line": lines.filter(is_blank & ~is_header),
-    }
-    body = lines.filter(~is_header & ~is_blank)
     fields = F.split(F.col("value"), re.escape(sep), -1)
-    body = body.withColumn("_f", fields).withColumn("_n", F.size("_f"))
+    body = lines.withColumn("_f", fields).withColumn("_n", F.size("_f"))
     cols = build(F.col("_f"))
     for name, expr in cols.items():
         body = body.withColumn(name, expr)
@@ -236,18 +233,20 @@ def _parse_delimited(
     reason = F.lit(None).cast("string")
     for cond, msg in reversed(checks):
         reason = F.when(cond, msg).otherwise(reason)
-    body = body.withColumn("reason", reason)
-    bad = body.filter(F.col("reason").isNotNull())
+    status = (F.when(is_header, F.lit("skip:header_line")).when(is_blank, F.lit("skip:blank_line"))
+              .otherwise(F.concat(F.lit("bad:"), reason)))
+    body = body.withColumn("status", status)
+    bad = body.filter(F.col("status").startswith("bad:")).withColumn("reason", F.substring("status", 5, 10_000))
     quarantine = attach_line_numbers(bad.select("_file_idx", "_file", "_ord", "_block", "reason", "value"), lines)
     quarantine = quarantine.select(
         F.col("_file").alias("file"), "line", "reason", F.substring("value", 1, 500).alias("raw")
     )
-    good = body.filter(F.col("reason").isNull())
+    good = body.filter(F.col("status").isNull())
     for c in ("session_key", "user_key", "event_type"):
         if c not in cols:
             good = good.withColumn(c, F.lit(None).cast("string"))
     events = good.select(*CANONICAL)
-    return ReadResult(events, quarantine, files, skipped, string_ids, has_sessions)
+    return ReadResult(events, quarantine, files, string_ids, has_sessions, body.select("_file_idx", "status"))
 
 
 def _get(f: Column, i: int) -> Column:
@@ -358,7 +357,7 @@ def _parquet_with_row_numbers(spark: SparkSession, files: list[str]) -> DataFram
 
 
 def _structured(df: DataFrame, cols: dict[str, Column], *, string_ids=(), has_sessions=True,
-                files: list[str], skipped=None) -> ReadResult:
+                files: list[str], skip: tuple[Column, str] | None = None) -> ReadResult:
     """Quarantine logic for typed sources (Parquet): nulls and unparseable values."""
     for name, expr in cols.items():
         df = df.withColumn(name, expr)
@@ -374,16 +373,22 @@ def _structured(df: DataFrame, cols: dict[str, Column], *, string_ids=(), has_se
     for cond, msg in reversed(checks):
         reason = F.when(cond, F.lit(msg)).otherwise(reason)
     df = df.withColumn("reason", reason)
-    raw_cols = [c for c in df.columns if not c.startswith("_") and c not in cols and c != "reason"]
+    status = F.when(F.col("reason").isNotNull(), F.concat(F.lit("bad:"), F.col("reason")))
+    if skip is not None:
+        df = df.withColumn("reason", F.when(~skip[0], F.col("reason")))
+        status = F.when(skip[0], F.lit("skip:" + skip[1])).otherwise(status)
+    df = df.withColumn("status", status)
+    raw_cols = [c for c in df.columns if not c.startswith("_") and c not in cols and c not in ("reason", "status")]
     quarantine = df.filter(F.col("reason").isNotNull()).select(
         F.col("_file").alias("file"), (F.col("_ord") + 1).alias("line"), "reason",
         F.substring(F.to_json(F.struct(*raw_cols)), 1, 500).alias("raw"),
     )
-    good = df.filter(F.col("reason").isNull())
+    good = df.filter(F.col("status").isNull())
     for c in ("session_key", "user_key", "event_type"):
         if c not in cols:
             good = good.withColumn(c, F.lit(None).cast("string"))
-    return ReadResult(good.select(*CANONICAL), quarantine, files, skipped or {}, tuple(string_ids), has_sessions)
+    return ReadResult(good.select(*CANONICAL), quarantine, files, tuple(string_ids), has_sessions,
+                      df.select("_file_idx", "status"))
 
 
 def read_trivago(spark, files, **_):
@@ -396,11 +401,7 @@ def read_trivago(spark, files, **_):
             df = df.unionByName(p)
     else:
         df = _parquet_with_row_numbers(spark, files)
-    is_item = F.col("action_type").isin(TRIVAGO_ITEM_ACTIONS)
-    skipped = {"non_item_action": df.filter(~is_item | F.col("action_type").isNull())}
-    df = df.filter(is_item)
-    # The site's step orders events within a session; timestamps are whole seconds.
-    df = df.withColumn("_ord", F.col("_ord"))
+    not_item = ~F.coalesce(F.col("action_type").isin(TRIVAGO_ITEM_ACTIONS), F.lit(False))
     cols = {
         "session_key": _id(F.col("session_id").cast("string")),
         "user_key": _id(F.col("user_id").cast("string")),
@@ -408,7 +409,8 @@ def read_trivago(spark, files, **_):
         "ts": epoch_seconds_to_ts(F.col("timestamp")),
         "event_type": F.col("action_type"),
     }
-    return _structured(df, cols, string_ids=("session_key", "user_key"), files=files, skipped=skipped)
+    return _structured(df, cols, string_ids=("session_key", "user_key"), files=files,
+                       skip=(not_item, "non_item_action"))
 
 
 def read_synthetic(spark, files, **_):
@@ -501,14 +503,12 @@ def read_generic(spark, files, *, fmt: str, columns=None, ts_unit: str = "s", de
 def _concat(results: list[ReadResult], files: list[str]) -> ReadResult:
     """Join per-file results (file indices are re-based to the position in ``files``)."""
     first = results[0]
-    ev, q = first.events, first.quarantine
-    skipped = dict(first.skipped)
+    ev, q, st = first.events, first.quarantine, first.status
     for i, r in enumerate(results[1:], start=1):
         ev = ev.unionByName(r.events.withColumn("_file_idx", F.lit(i).cast("int")))
         q = q.unionByName(r.quarantine)
-        for k, v in r.skipped.items():
-            skipped[k] = skipped[k].unionByName(v, allowMissingColumns=True) if k in skipped else v
-    return ReadResult(ev, q, files, skipped, first.string_ids, first.has_sessions)
+        st = st.unionByName(r.status.withColumn("_file_idx", F.lit(i).cast("int")))
+    return ReadResult(ev, q, files, first.string_ids, first.has_sessions, st)
 
 
 READERS = {

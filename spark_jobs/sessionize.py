@@ -36,7 +36,9 @@ def encode_ids(df: DataFrame, columns: tuple[str, ...]) -> tuple[DataFrame, dict
             df = df.join(F.broadcast(mapping) if key != "item_key" else mapping,
                          df[key] == mapping["raw"], "left").drop("raw").withColumnRenamed("id", out).drop(key)
         else:
-            df = df.withColumn(out, F.col(key).cast("long")).drop(key)
+            # try_cast: ids were validated by the reader; with ANSI casts Spark may evaluate
+            # the cast before the filter that removed header and bad rows.
+            df = df.withColumn(out, F.col(key).try_cast("long")).drop(key)
     return df, maps
 
 

@@ -36,7 +36,6 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from spark_jobs.contract import DEFAULT_RECENT_FRACTIONS
-from spark_jobs.sessionize import renumber_seq
 
 STRATEGIES = ["time", "time_strict", "last_session", "last_session_global", "user_90_5_5", "random_users"]
 DAY_US = 86_400 * 1_000_000
@@ -172,47 +171,64 @@ def _first_after_cut(sess: DataFrame, cut: int, label: str):
     return s.withColumn("part", part).drop("_h", "_r"), {"cut_ts": _iso(cut)}
 
 
-def _restrict_items(events: DataFrame, items: DataFrame, min_len: int) -> DataFrame:
-    """Drop events with items outside ``items``, then sessions shorter than ``min_len``; renumber seq."""
-    kept = events.join(items, "item_id", "left_semi")
-    if min_len > 1:
-        long_enough = kept.groupBy("session_id").count().where(F.col("count") >= min_len).select("session_id")
-        kept = kept.join(long_enough, "session_id", "left_semi")
-    return renumber_seq(kept)
+def split(events: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, list[str], dict]:
+    """Assign every event to the tables of the split in one pass.
 
-
-def split(events: DataFrame, cfg: SplitConfig) -> tuple[dict[str, DataFrame], dict]:
-    """Return the split's tables (train, valid, test, train_full, train_recent_k) and meta."""
+    Returns ``(tagged, names, meta)``: ``tagged`` is ``events`` plus ``_tables``
+    (array of the table names the event belongs to: ``train``, ``valid``,
+    ``test``, ``train_full``, ``train_recent_<k>``) and ``_seq_f`` (its position
+    among the kept events of a filtered valid/test session). Computing
+    membership as columns, instead of one DataFrame per table, lets the writer
+    produce all tables with a single sorted write.
+    """
     sess = sessions_table(events).cache()
     labelled, meta = _assign(sess, cfg)
-    labelled = labelled.select("session_id", "part", "start_us").cache()
-    ev = events.join(labelled, "session_id")
-    train = ev.where("part = 'train'").drop("part", "start_us")
-    valid_raw = ev.where("part = 'valid'").drop("part", "start_us")
-    test_raw = ev.where("part = 'test'").drop("part", "start_us")
-    train_full = train.unionByName(valid_raw)
-    full_items = train_full.select("item_id").distinct()
-    train_items = train.select("item_id").distinct()
-    tables = {
-        "train": train,
-        "valid": _restrict_items(valid_raw, train_items, cfg.min_test_session_length),
-        "test": _restrict_items(test_raw, full_items, cfg.min_test_session_length),
-        "train_full": train_full,
-    }
-    # Recent fractions (Tan et al.): the most recent 1/k of train_full sessions by start time.
+    labelled = labelled.select("session_id", "part", "start_us")
     full_sess = labelled.where(F.col("part").isin("train", "valid"))
     n_full = full_sess.count()
-    if cfg.recent_fractions and n_full:
-        ranked = full_sess.withColumn(
-            "_r", F.row_number().over(Window.orderBy(F.col("start_us").desc(), F.col("session_id").desc()))
-        ).select("session_id", "_r").cache()
-        for k in cfg.recent_fractions:
-            keep = ranked.where(F.col("_r") <= math.ceil(n_full / k)).select("session_id")
-            tables[f"train_recent_{k}"] = train_full.join(keep, "session_id", "left_semi")
-    n_drop = labelled.where("part = 'drop'").count()
+    # Recent fractions (Tan et al.): rank train_full sessions from the most recent start.
+    ranked = full_sess.withColumn(
+        "_r", F.row_number().over(Window.orderBy(F.col("start_us").desc(), F.col("session_id").desc()))
+    ).select("session_id", "_r")
+    lab = labelled.join(ranked, "session_id", "left").drop("start_us").localCheckpoint(eager=True)
+    n_drop = lab.where("part = 'drop'").count()
+    ev = events.join(lab, "session_id")
+    part = F.col("part")
+    train_items = ev.where(part == "train").select("item_id").distinct().withColumn("_in_train", F.lit(True))
+    full_items = (ev.where(part.isin("train", "valid")).select("item_id").distinct()
+                  .withColumn("_in_full", F.lit(True)))
+    ev = ev.join(train_items, "item_id", "left").join(full_items, "item_id", "left")
+    # GRU4Rec's rule: valid keeps items seen in train, test items seen in train_full;
+    # then sessions with fewer than min_test_session_length kept events are dropped.
+    keep = ((part == "valid") & F.col("_in_train").isNotNull()) | ((part == "test") & F.col("_in_full").isNotNull())
+    w = Window.partitionBy("session_id").orderBy("seq")
+    ev = ev.withColumn("_keep", keep.cast("int"))
+    ev = ev.withColumn("_seq_f", (F.sum("_keep").over(w.rowsBetween(Window.unboundedPreceding, 0)) - 1).cast("int"))
+    ev = ev.withColumn("_n_keep", F.sum("_keep").over(Window.partitionBy("session_id")))
+    ok = (F.col("_keep") == 1) & (F.col("_n_keep") >= cfg.min_test_session_length)
+    names = ["train", "valid", "test", "train_full"]
+    members = [
+        F.when(part == "train", F.lit("train")),
+        F.when((part == "valid") & ok, F.lit("valid")),
+        F.when((part == "test") & ok, F.lit("test")),
+        F.when(part.isin("train", "valid"), F.lit("train_full")),
+    ]
+    for k in cfg.recent_fractions if n_full else ():
+        names.append(f"train_recent_{k}")
+        members.append(F.when(part.isin("train", "valid") & (F.col("_r") <= math.ceil(n_full / k)),
+                              F.lit(f"train_recent_{k}")))
+    tagged = ev.withColumn("_tables", F.array_compact(F.array(*members))).drop(
+        "part", "_r", "_in_train", "_in_full", "_keep", "_n_keep")
     meta.update({"strategy": cfg.strategy, "dropped_sessions": n_drop,
                  "leaks_through_time": not meta.get("global_cut", False)})
-    return tables, meta
+    return tagged, names, meta
+
+
+def explode_tables(tagged: DataFrame) -> DataFrame:
+    """One row per (event, table) with the table's own ``seq`` (renumbered in valid/test)."""
+    out = tagged.withColumn("_table", F.explode("_tables"))
+    seq = F.when(F.col("_table").isin("valid", "test"), F.col("_seq_f")).otherwise(F.col("seq")).cast("int")
+    return out.withColumn("seq", seq).drop("_tables", "_seq_f")
 
 
 def item_index(train_full: DataFrame) -> DataFrame:

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RNNREC_SPARK_LOG_LEVEL", "ERROR")
 logging.getLogger("py4j").setLevel(logging.WARNING)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -197,6 +197,29 @@ def test_preprocess_generated_data_writes_the_contract(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clicks", "ref"]
 
 
+def test_yoochoose_input_uses_its_session_ids(tmp_path):
+    gen.write(tmp_path / "yc", 8_000, n_days=3, seed=4, fmt="yoochoose", progress=False)
+    m, t = R.preprocess([str(tmp_path / "yc")], "yoochoose", None, test_days=1)
+    truth = pd.concat([x.to_pandas() for _, x in gen.generate(8_000, n_days=3, seed=4)], ignore_index=True)
+    ev = t[C.EVENTS_DIR]
+    assert m["steps"][0]["by_user"] is False and m["events"]["users"] == 0
+    assert len(ev) == 8_000 and ev.session_id.nunique() == truth.session_id.nunique()
+    assert sorted(zip(ev.session_id, ev.item_id)) == sorted(zip(truth.session_id, truth.item_id))
+    assert (ev.ts.to_numpy() % 1000 == 0).all()  # the raw format has millisecond timestamps
+
+
+def test_compare_outputs_finds_equal_and_different_tables(tmp_path):
+    src = tmp_path / "clicks"
+    gen.write(src, 6_000, n_days=3, seed=8, progress=False)
+    R.preprocess([str(src)], "synthetic", tmp_path / "a", min_item_support=2)
+    R.preprocess([str(src)], "synthetic", tmp_path / "b", min_item_support=2)
+    same = R.compare_outputs(tmp_path / "a", tmp_path / "b")
+    assert "events" in same and "splits/time/test" in same and set(same.values()) == {None}
+    R.preprocess([str(src)], "synthetic", tmp_path / "b", min_item_support=3)
+    diff = R.compare_outputs(tmp_path / "a", tmp_path / "b")
+    assert diff["events"] is not None and "rows" in diff["events"]
+
+
 def test_bad_input_is_reported(tmp_path):
     with pytest.raises(R.InputError, match="matches no file"):
         R.read_events([str(tmp_path / "nope*.txt")], "gru4rec")
