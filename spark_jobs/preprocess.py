@@ -257,9 +257,29 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
                 f"(use the source's session ids, i.e. drop --sessionize-by-user)")
         ev = S.sessionize_by_user(ev.drop("session_id"), cfg.idle_gap_minutes * 60.0)
     else:
-        bad_users = S.session_users(ev).count() if ev.where(F.col("user_id").isNotNull()).take(1) else 0
-        if bad_users:
-            raise ValueError(f"{bad_users} session(s) carry more than one user id; re-sessionize with --sessionize-by-user")
+        # A session id shared by several users (seen in DIGINETICA) is a data error: its rows go
+        # to quarantine (counted like unparseable rows), the rest of the data is kept.
+        conflict = S.session_users(ev) if ev.where(F.col("user_id").isNotNull()).take(1) else None
+        n_conflict_rows = 0
+        if conflict is not None and conflict.take(1):
+            conflict = conflict.cache()
+            bad_ev = ev.join(conflict, "session_id", "left_semi")
+            n_conflict_rows = bad_ev.count()
+            file_col = F.element_at(F.array(*[F.lit(f) for f in files]), F.col("_file_idx") + 1)
+            (bad_ev.select(file_col.alias("file"), F.lit(None).cast("long").alias("line"),
+                           F.lit("session has more than one user id").alias("reason"),
+                           F.to_json(F.struct("session_id", "user_id", "item_id", "ts")).alias("raw"))
+             .coalesce(1).write.mode("append").parquet(os.path.join(tmp, C.QUARANTINE_DIR)))
+            ev = ev.join(conflict, "session_id", "left_anti")
+            n_bad += n_conflict_rows
+            reasons["session has more than one user id"] = n_conflict_rows
+            total = sum(pf["rows"] for pf in per_file)
+            log.warning("quarantined %d row(s) of %d session(s) with more than one user id",
+                        n_conflict_rows, conflict.count())
+            if n_conflict_rows / max(total, 1) > cfg.max_bad_fraction:
+                raise QuarantineThresholdExceeded(
+                    f"{n_conflict_rows} of {total} rows belong to sessions with more than one user id "
+                    f"(> {cfg.max_bad_fraction:.2%}); re-sessionize with --sessionize-by-user")
     ev = ev.localCheckpoint(eager=True)
     read_counts = table_counts(ev)
     steps.append({"step": "sessionized", "by_user": by_user, **read_counts})
@@ -279,7 +299,9 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     ev = S.add_seq(ev)
     cols = list(C.EVENT_COLUMNS) + (["event_type"] if ev.where(F.col("event_type").isNotNull()).take(1) else [])
     ev = ev.select(*cols).localCheckpoint(eager=True)
-    final_counts = table_counts(ev)
+    # The last filter step (or the sessionized table when nothing was filtered) already counted this table.
+    last = steps[-1]
+    final_counts = {k: last[k] for k in ("events", "sessions", "items", "users", "ts_min", "ts_max")}
     steps.append({"step": "final", **final_counts})
 
     lap("filter")

@@ -40,3 +40,19 @@ def spark():
     s = get_spark("tests", {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"})
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def rsc15_out(spark, tmp_path_factory):
+    """rsc15-100k ``train_full`` + ``test`` through the GRU4Rec time split (1 day, no extra filtering).
+
+    Built once per test run and shared (read-only) by the Spark, expectations
+    and training tests: returns ``(OUT, manifest)``; the split is ``OUT/splits/time``.
+    Tests that modify it must copy it first.
+    """
+    from spark_jobs.preprocess import PreprocessConfig, run
+
+    files = [str(shared_path("rsc15-100k", f"yoochoose-clicks-100k_{n}.txt")) for n in ("train_full", "test")]
+    out = tmp_path_factory.mktemp("rsc15") / "out"
+    manifest = run(PreprocessConfig(input=files, format="gru4rec", split="time", test_days=1, out=str(out)), spark)
+    return out, manifest

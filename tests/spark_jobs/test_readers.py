@@ -108,3 +108,23 @@ def test_yaml_config_and_cli_override(tmp_path):
     cfg_file.write_text("input: [a]\nformat: gru4rec\nmin_itme_support: 5\n")
     with pytest.raises(SystemExit, match="unknown option"):
         config_from_args(["--config", str(cfg_file), "--out", "o"])
+
+
+def test_diginetica_sessions_with_two_users_are_quarantined_not_fatal(spark, tmp_path):
+    from spark_jobs.preprocess import run
+
+    path = shared_path("diginetica-sample", "sample_train-item-views.csv")
+    out = tmp_path / "dg"
+    m = run(PreprocessConfig(input=[str(path)], format="diginetica", split="time", recent_fractions=[],
+                             out=str(out)), spark)
+    import pandas as pd
+
+    raw = pd.read_csv(path, sep=";", na_values=["NA"])
+    users = raw.dropna(subset=["user_id"]).groupby("session_id").user_id.nunique()
+    conflicted = set(users[users > 1].index)
+    assert conflicted  # the sample has such sessions (1691 and 2998)
+    n_conf_rows = int(raw.session_id.isin(conflicted).sum())
+    assert m["read"]["quarantine_reasons"]["session has more than one user id"] == n_conf_rows
+    assert m["events"]["events"] == len(raw) - n_conf_rows  # every other row kept
+    q = pd.read_parquet(out / "quarantine")
+    assert (q.reason == "session has more than one user id").sum() == n_conf_rows

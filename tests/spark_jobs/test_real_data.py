@@ -24,17 +24,9 @@ def _gru4rec_tsv(path: str) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype={"SessionId": "int64", "ItemId": "int64", "Time": "float64"})
 
 
-@pytest.fixture(scope="module")
-def rsc15_out(spark, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("rsc15") / "out")
-    cfg = PreprocessConfig(input=[_rsc("train_full"), _rsc("test")], format="gru4rec", split="time",
-                           test_days=1, out=out)
-    manifest = run(cfg, spark)
-    return out, manifest
-
-
 def test_rsc15_time_split_reproduces_the_published_slice(rsc15_out):
     out, manifest = rsc15_out
+    out = str(out)
     t = manifest["splits"]["time"]["tables"]
     assert (t["train_full"]["events"], t["train_full"]["sessions"]) == (70_278, 17_794)
     assert (t["test"]["events"], t["test"]["sessions"]) == (13_568, 3_416)
@@ -49,6 +41,7 @@ def test_rsc15_time_split_reproduces_the_published_slice(rsc15_out):
 
 def test_rsc15_train_full_alone_reproduces_train_tr_and_valid(rsc15_out):
     out, manifest = rsc15_out
+    out = str(out)
     t = manifest["splits"]["time"]["tables"]
     # the validation split inside train_full = GRU4Rec's train_tr / train_valid files
     assert t["train"]["events"] == len(_gru4rec_tsv(_rsc("train_tr"))) == 53_254
@@ -74,6 +67,7 @@ def test_rsc15_train_full_alone(spark, tmp_path):
 
 def test_rsc15_seq_and_order_follow_the_contract(rsc15_out):
     out, _ = rsc15_out
+    out = str(out)
     test = split_table(out, "time", "test")
     g = test.groupby("session_id")
     assert (g.seq.min() == 0).all()
@@ -88,6 +82,7 @@ def test_rsc15_seq_and_order_follow_the_contract(rsc15_out):
 
 def test_recent_fractions_are_the_most_recent_sessions(rsc15_out):
     out, _ = rsc15_out
+    out = str(out)
     full = split_table(out, "time", "train_full")
     starts = full.groupby("session_id").ts.min()
     for k in (256, 64, 16, 4):
@@ -117,9 +112,9 @@ def test_trivago_resessionization_agrees_with_site_sessions(spark):
         ours[ours.session_id.isin(per_ours[per_ours == 1].index)].site_session)).mean())
     print(f"trivago 30-min re-sessionization: boundary agreement {boundary_agreement:.4f}, "
           f"site sessions reproduced exactly {exact:.4f} ({len(per_site)} site sessions, {len(per_ours)} ours)")
-    # Measured 2026-11-23 (see README): the site splits sessions by other rules too (new search, device).
-    assert boundary_agreement > 0.95
-    assert exact > 0.80
+    # Measured 2026-11-23 (README): 0.9960 and 0.9453; the site also cuts sessions by other rules.
+    assert boundary_agreement > 0.99
+    assert exact > 0.90
     # never merges two users, and a 30-min split never puts a >30 min gap inside a session
     gaps = ours.sort_values(["session_id", "ts"]).groupby("session_id").ts.diff().dropna()
     assert gaps.max() <= pd.Timedelta(minutes=30)
