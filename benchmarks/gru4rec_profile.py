@@ -45,7 +45,10 @@ def main(argv=None):
             st = fam.run_epoch(1)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     else:
+        c0 = time.process_time()
         st = fam.run_epoch(1)
+        cpu = time.process_time() - c0
+        print(f"cpu_seconds={cpu:.2f} events_per_cpu_s={st['events'] / cpu:.0f}")
     print(f"threads={torch.get_num_threads()} events={st['events']} steps={st['steps']} "
           f"sec={st['seconds']:.2f} events/s={st['events_per_s']:.0f}")
 

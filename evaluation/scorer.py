@@ -10,6 +10,8 @@ this interface::
     state = scorer.start_session(state, slots, users)  # new sessions start: reset (or
                                                     # initialise from the user state)
     scores, state = scorer.step(state, items)       # one event per slot -> [n_slots, n_items]
+    state = scorer.select(state, rows)              # OPTIONAL: keep only these state rows once
+                                                    # some slots have gone idle for good (speed)
 
 ``items`` holds item_idx (dense, from the model's own item index) for every
 slot; idle slots carry item 0 and their scores are ignored. ``slots`` is a bool
@@ -79,6 +81,10 @@ class GRU4RecScorer(SessionScorerBase):
 
     def begin(self, n_slots: int):
         return self.model.init_state(n_slots, self.device)
+
+    def select(self, state, rows):
+        """Keep only these state rows (the loop drops slots whose sessions ran out)."""
+        return [h.index_select(0, rows) for h in state]
 
     def start_session(self, state, slots, users):
         keep = (~slots).to(torch.float32).unsqueeze(1)

@@ -65,6 +65,17 @@ def read_columns(path_or_table, columns: Iterable[str]) -> pa.Table:
     return ds.to_table(columns=[c for c in columns if c in names])
 
 
+def column(source, name: str) -> pa.ChunkedArray | None:
+    """One column of a table (read on its own from Parquet, so columns are never all held
+    twice: as Arrow and as numpy); None when the table lacks it."""
+    if isinstance(source, pa.Table):
+        return source.column(name) if name in source.column_names else None
+    if isinstance(source, pd.DataFrame):
+        return pa.chunked_array([pa.Array.from_pandas(source[name])]) if name in source.columns else None
+    ds = open_table(source)
+    return ds.to_table(columns=[name]).column(name) if name in ds.schema.names else None
+
+
 def table_schema(path_or_table) -> pa.Schema:
     if isinstance(path_or_table, pa.Table):
         return path_or_table.schema
@@ -163,32 +174,86 @@ def schema_frame(schema: pa.Schema, contract: pa.Schema) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- events (raw_events suite)
-def events_frame(table: pa.Table) -> pd.DataFrame:
-    """Per event: ids, ``ts_s`` (epoch seconds, NaN if it does not parse), ``seq`` and
-    ``is_duplicate`` (1 if an earlier row has the same session, user, item and ts)."""
-    n = table.num_rows
+def _duplicates(sid: np.ndarray, ts: np.ndarray, item: np.ndarray, user: np.ndarray | None,
+                etype: np.ndarray | None = None) -> np.ndarray:
+    """1 where an earlier row has the same session, ts, item, user (and event type), else 0.
+
+    In the contract's order (session, then non-decreasing ts) exact duplicates
+    sit in one run of equal (session, ts), so only rows in such runs (rare) are
+    compared: a few bytes per event instead of a hash table over all of them.
+    A table out of that order is sorted first (an index of 8 bytes per event).
+    """
+    n = len(sid)
+    dup = np.zeros(n, dtype=np.int8)
+    if n < 2:
+        return dup
+    tsn = np.nan_to_num(ts, nan=-np.inf)
+    if not bool(np.all((sid[1:] > sid[:-1]) | ((sid[1:] == sid[:-1]) & (tsn[1:] >= tsn[:-1])))):
+        order = np.lexsort((tsn, sid))
+        dup[order] = _duplicates(sid[order], ts[order], item[order], None if user is None else user[order],
+                                 None if etype is None else etype[order])
+        return dup
+    same = (sid[1:] == sid[:-1]) & (ts[1:] == ts[:-1])
+    if not same.any():
+        return dup
+    cand = np.zeros(n, dtype=bool)
+    cand[1:] |= same
+    cand[:-1] |= same
+    idx = np.flatnonzero(cand)
+    sub = pd.DataFrame({"s": sid[idx], "t": ts[idx], "i": item[idx]})
+    if user is not None:
+        sub["u"] = user[idx]
+    if etype is not None:
+        sub["e"] = etype[idx]
+    dup[idx] = sub.duplicated(keep="first").to_numpy().astype(np.int8)
+    return dup
+
+
+def events_frame(source) -> pd.DataFrame:
+    """Per event: ``session_id``, ``item_id``, ``seq``, ``ts_s`` (epoch seconds, NaN if it
+    does not parse) and ``is_duplicate`` (1 if an earlier row is the same event: equal
+    in every column but ``seq``, the position we assign).
+
+    Nullable ids become float64 with NaN (so GX sees the nulls); ``user_id`` is only
+    used for duplicates (it may be null by contract). Columns are converted one at
+    a time and dropped from the Arrow table to keep one copy in memory.
+    """
+    n = count_rows(source)
     out = {}
-    for c in ("session_id", "user_id", "item_id", "seq"):
-        if c in table.column_names:
-            col = table.column(c)
+    for c in ("session_id", "item_id", "seq"):
+        col = column(source, c)
+        if col is not None:
             out[c] = col.to_numpy(zero_copy_only=False) if col.null_count == 0 else \
                 pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-    ts_us = ts_to_us(table.column("ts")) if "ts" in table.column_names else np.full(n, np.nan)
+            del col
+    ts_col = column(source, "ts")
+    ts_us = ts_to_us(ts_col) if ts_col is not None else np.full(n, np.nan)
+    del ts_col
+    user = column(source, "user_id")
+    if "session_id" in out and "item_id" in out:
+        u = None if user is None or user.null_count == n else \
+            pc.cast(user, pa.float64()).to_numpy(zero_copy_only=False)
+        et = column(source, "event_type")  # optional column: part of the event's identity
+        codes = None if et is None else \
+            pc.fill_null(pc.dictionary_encode(et).combine_chunks().indices, -1).to_numpy(zero_copy_only=False)
+        dup = _duplicates(out["session_id"], ts_us, out["item_id"], u, codes)
+        del u, codes
+    else:
+        dup = np.zeros(n, dtype=np.int8)
     out["ts_s"] = ts_us / US
-    df = pd.DataFrame(out)
-    keys = [c for c in ("session_id", "user_id", "item_id") if c in df] + ["ts_s"]
-    df["is_duplicate"] = df.duplicated(subset=keys, keep="first").astype("int8") if n else pd.Series([], dtype="int8")
-    return df
+    del ts_us
+    out["is_duplicate"] = dup
+    return pd.DataFrame(out, copy=False)
 
 
 # --------------------------------------------------------------------------- sessions suite
 @dataclass
 class SessionFrames:
-    events: pd.DataFrame  # per event: session_id, seq, ts, ts_step_s, seq_offset
+    events: pd.DataFrame  # per event: session_id, seq, ts_step_s, seq_offset
     sessions: pd.DataFrame  # per session: session_id, length, n_users, start, end
 
 
-def session_frames(table: pa.Table) -> SessionFrames:
+def session_frames(source) -> SessionFrames:
     """Order and shape of sessions.
 
     Rows are taken in (session_id, seq) order -- the order the contract
@@ -196,14 +261,15 @@ def session_frames(table: pa.Table) -> SessionFrames:
     previous event's ts in the same session (0 for the first; must be >= 0)
     and ``seq_offset`` = seq minus the 0-based position (must be 0: seq
     contiguous from 0); per session its length and the number of distinct
-    users (null counts as one "anonymous" user; must be <= 1).
+    non-null user ids (must be <= 1; anonymous rows of a logged-in session are
+    fine, as in DIGINETICA where a session can start before the login).
     """
-    n = table.num_rows
-    sid = _ints(table.column("session_id"), -1)
-    seq = _ints(table.column("seq"), -1)
-    ts = ts_to_us(table.column("ts"))
-    has_user = "user_id" in table.column_names
-    user = table.column("user_id") if has_user else None
+    n = count_rows(source)
+    sid = _ints(column(source, "session_id"), -1)
+    seq = _ints(column(source, "seq"), -1)
+    ts = ts_to_us(column(source, "ts"))
+    user = column(source, "user_id")
+    has_user = user is not None
     # Written sorted by (session_id, seq): check cheaply and sort only if not.
     ordered = n < 2 or bool(np.all((sid[1:] > sid[:-1]) | ((sid[1:] == sid[:-1]) & (seq[1:] >= seq[:-1]))))
     order = None if ordered else np.lexsort((seq, sid))
@@ -215,8 +281,11 @@ def session_frames(table: pa.Table) -> SessionFrames:
     if n > 1:
         step[1:] = (ts[1:] - ts[:-1]) / US
     step[new] = 0.0
-    ev = pd.DataFrame({"session_id": sid, "seq": seq, "ts_s": ts / US, "ts_step_s": step,
-                       "seq_offset": seq - pos})
+    seq_offset = seq - pos
+    del pos
+    ev = pd.DataFrame({"session_id": sid, "seq": seq.astype(np.int32), "ts_step_s": step,
+                       "seq_offset": seq_offset.astype(np.int32)}, copy=False)
+    del seq_offset, step
     if len(starts):
         start = np.minimum.reduceat(np.nan_to_num(ts, nan=np.inf), starts)
         end = np.maximum.reduceat(np.nan_to_num(ts, nan=-np.inf), starts)
@@ -231,14 +300,12 @@ def session_frames(table: pa.Table) -> SessionFrames:
         big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
         umin = np.minimum.reduceat(np.where(nulls, big, u), starts)
         umax = np.maximum.reduceat(np.where(nulls, small, u), starts)
-        any_null = np.maximum.reduceat(nulls.astype(np.int8), starts).astype(bool)
         any_user = umax != small
-        n_users = any_user.astype(np.int64) + any_null.astype(np.int64)
+        n_users = any_user.astype(np.int64)
         multi = any_user & (umin != umax)
         if multi.any():  # exact count only where it is > 1 (rare; offending sessions)
-            idx = np.flatnonzero(np.repeat(multi, lengths))
-            exact = pd.DataFrame({"s": sid[idx], "u": np.where(nulls[idx], np.nan, u[idx])}) \
-                .groupby("s")["u"].nunique(dropna=False)
+            idx = np.flatnonzero(np.repeat(multi, lengths) & ~nulls)
+            exact = pd.DataFrame({"s": sid[idx], "u": u[idx]}).groupby("s")["u"].nunique()
             n_users[multi] = exact.loc[sid[starts[multi]]].to_numpy()
     ss = pd.DataFrame({"session_id": sid[starts], "length": lengths.astype(np.int64), "n_users": n_users,
                        "start_s": start / US, "end_s": end / US})
@@ -276,16 +343,17 @@ def observed_counts(path) -> dict:
     return out
 
 
-def counts_frame(observed: dict[str, dict], stated: dict[str, tuple[str, dict]]) -> pd.DataFrame:
-    """One row per (table, figure, source): observed count vs the count a manifest states.
+def counts_frame(observed: dict[str, dict], stated: dict[str, tuple[str, dict, list[str]]]) -> pd.DataFrame:
+    """One row per (source, table, figure): observed count vs the count a manifest states.
 
-    ``stated``: name of the source ("split.json", "manifest.json") -> (its path, {table: counts}).
-    A table the source does not mention gets ``stated = -1`` (itself a failure: the manifest
-    must describe every table it hands over).
+    ``stated``: source name ("split.json", "manifest.json") -> (its path, {table: counts},
+    the tables it must describe). A table in scope that the source does not mention gets
+    ``stated = -1`` (itself a failure: the manifest must describe every table it hands over).
     """
     rows = []
-    for source, (spath, tables) in stated.items():
-        for table, obs in observed.items():
+    for source, (_spath, tables, scope) in stated.items():
+        for table in scope:
+            obs = observed[table]
             st = tables.get(table)
             for fig, val in obs.items():
                 if st is not None and fig not in st:
@@ -384,12 +452,15 @@ def leakage_frame(split_dir: Path, meta: dict) -> pd.DataFrame:
 
 
 def _session_starts(path) -> pd.DataFrame:
-    t = read_columns(path, ["session_id", "ts"])
-    sid = _ints(t.column("session_id"), -1)
-    ts = ts_to_us(t.column("ts"))
-    df = pd.DataFrame({"session_id": sid, "ts": ts})
-    return df.groupby("session_id", sort=False)["ts"].agg(["min", "size"]).rename(
-        columns={"min": "start", "size": "length"})
+    """Per session of an events table: first ts (start) and length, indexed by session_id."""
+    sid = _ints(column(path, "session_id"), -1)
+    ts = ts_to_us(column(path, "ts"))
+    if len(sid) > 1 and not bool(np.all(sid[1:] >= sid[:-1])):  # contract order is by session
+        order = np.argsort(sid, kind="stable")
+        sid, ts = sid[order], ts[order]
+    _, starts, lengths = _session_runs(sid)
+    first = np.minimum.reduceat(np.nan_to_num(ts, nan=np.inf), starts) if len(starts) else np.empty(0)
+    return pd.DataFrame({"start": first, "length": lengths}, index=pd.Index(sid[starts], name="session_id"))
 
 
 def recent_frame(split_dir: Path, tables: list[str]) -> pd.DataFrame:

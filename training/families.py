@@ -87,8 +87,8 @@ class GRU4RecFamily:
         Y = torch.from_numpy(sch.targets).to(dev)
         keep = torch.from_numpy(~sch.reset).to(torch.float32).unsqueeze(-1).to(dev)
         n_valid = sch.n_valid
-        store = SampleStore(self.train_support, c.n_sample, c.sample_alpha, c.sample_store_size,
-                            gen, dev) if c.n_sample > 0 else None
+        store = SampleStore(self.train_support, c.n_sample, c.sample_alpha,
+                            min(c.sample_store_size, max(1, sch.n_steps) * c.n_sample), gen, dev) if c.n_sample > 0 else None
         state = self.model.init_state(B, dev)
         losses = torch.zeros(sch.n_steps, device=dev)
         t0 = time.perf_counter()

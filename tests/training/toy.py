@@ -1,0 +1,69 @@
+"""Tiny SPLIT_DIRs in the contract layout for fast tests (pure pyarrow, no Spark)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spark_jobs.contract import EVENT_SCHEMA, ITEM_INDEX_SCHEMA
+
+
+def events_table(sessions: list[tuple[int, list[int]]], t0: int = 1_600_000_000, user_of=None) -> pa.Table:
+    """sessions = [(session_id, [item_id, ...]), ...]; session k starts at t0 + 1000 k seconds."""
+    sid, iid, ts, seq, uid = [], [], [], [], []
+    for k, (s, items) in enumerate(sessions):
+        for j, it in enumerate(items):
+            sid.append(s)
+            iid.append(it)
+            ts.append((t0 + 1000 * k + 10 * j) * 1_000_000)
+            seq.append(j)
+            uid.append(None if user_of is None else user_of(s))
+    return pa.table({"session_id": pa.array(sid, pa.int64()), "user_id": pa.array(uid, pa.int64()),
+                     "item_id": pa.array(iid, pa.int64()),
+                     "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+                     "seq": pa.array(seq, pa.int32())}, schema=EVENT_SCHEMA)
+
+
+def write_split(root: Path, tables: dict[str, pa.Table], index_from: str = "train_full") -> Path:
+    root = Path(root)
+    for name, t in tables.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, root / name / "part-0.parquet")
+    src = tables[index_from]
+    ids = src.column("item_id").to_numpy()
+    uniq, first = np.unique(ids, return_index=True)
+    order = np.argsort(first)
+    items = uniq[order]
+    support = np.array([(ids == i).sum() for i in items], np.int64)
+    it = pa.table({"item_id": pa.array(items, pa.int64()),
+                   "item_idx": pa.array(np.arange(len(items), dtype=np.int32), pa.int32()),
+                   "support": pa.array(support, pa.int64())}, schema=ITEM_INDEX_SCHEMA)
+    (root / "item_index").mkdir(parents=True, exist_ok=True)
+    pq.write_table(it, root / "item_index" / "part-0.parquet")
+    return root
+
+
+def random_sessions(n_sessions: int, n_items: int, seed: int = 0, start_id: int = 1,
+                    max_len: int = 8) -> list[tuple[int, list[int]]]:
+    """Sessions with a learnable pattern: the next item is often item+1 (mod n_items)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(n_sessions):
+        L = int(rng.integers(1, max_len + 1))
+        cur = int(rng.integers(0, n_items))
+        items = []
+        for _ in range(L):
+            items.append(100 + cur)
+            cur = (cur + 1) % n_items if rng.random() < 0.8 else int(rng.integers(0, n_items))
+        out.append((start_id + s, items))
+    return out
+
+
+def toy_split(root: Path, n_train: int = 300, n_test: int = 60, n_items: int = 40, seed: int = 0) -> Path:
+    train = random_sessions(n_train, n_items, seed, start_id=1)
+    test = random_sessions(n_test, n_items, seed + 1, start_id=10_000)
+    return write_split(root, {"train_full": events_table(train), "train": events_table(train[: n_train * 3 // 4]),
+                              "test": events_table(test, t0=1_700_000_000),
+                              "train_recent_4": events_table(train[-n_train // 4:])})
