@@ -87,6 +87,7 @@ def run_measured(cmd: list[str], log: Path, timeout_s: float, env: dict | None =
     import psutil
 
     log.parent.mkdir(parents=True, exist_ok=True)
+    load_before = round(os.getloadavg()[0], 2)  # other work on the machine skews timings: record it
     peak = {"rss": 0}
     done = threading.Event()
     with open(log, "w") as fh:
@@ -124,7 +125,8 @@ def run_measured(cmd: list[str], log: Path, timeout_s: float, env: dict | None =
         wall = time.perf_counter() - t0
         done.set()
         th.join()
-    return {"rc": rc, "wall_s": round(wall, 2), "peak_rss_mb": round(peak["rss"] / 2**20, 1), "log": str(log)}
+    return {"rc": rc, "wall_s": round(wall, 2), "peak_rss_mb": round(peak["rss"] / 2**20, 1), "log": str(log),
+            "load_1m_before": load_before, "load_1m_after": round(os.getloadavg()[0], 2)}
 
 
 def ensure_input(work: Path, n: int, seed: int, timeout_s: float) -> tuple[Path, dict | None]:
@@ -133,7 +135,10 @@ def ensure_input(work: Path, n: int, seed: int, timeout_s: float) -> tuple[Path,
     meta_f = inp / "_generator.json"
     if meta_f.exists():
         meta = json.loads(meta_f.read_text())
-        if meta.get("events") == n and meta.get("seed") == seed and meta.get("format") == "parquet":
+        from spark_jobs.generate import source_sha256
+
+        if (meta.get("events"), meta.get("seed"), meta.get("format"), meta.get("generator_sha256")) == (
+                n, seed, "parquet", source_sha256()):
             print(f"[{label(n)}] reusing {inp}", flush=True)
             return inp, None
     print(f"[{label(n)}] generating {n:,} events -> {inp}", flush=True)
@@ -176,8 +181,9 @@ def machine() -> dict:
 
 def render_table(results: dict) -> str:
     rows = sorted(results["runs"].values(), key=lambda r: (r["events"], r["impl"]))
-    lines = ["| events | implementation | wall time (s) | peak RSS, whole tree (GB) | µs / event | output agrees | date |",
-             "|---:|---|---:|---:|---:|---|---|"]
+    lines = ["| events | implementation | wall time (s) | peak RSS, whole tree (GB) | µs / event | output agrees "
+             "| load avg before / after | date |",
+             "|---:|---|---:|---:|---:|---|---|---|"]
     for r in rows:
         if r["rc"] != 0:
             wall = f"failed (rc {r['rc']}) after {r['wall_s']:.0f}"
@@ -185,8 +191,17 @@ def render_table(results: dict) -> str:
             wall = f"{r['wall_s']:.1f}"
         lines.append(
             f"| {r['events']:,} | {r['impl']} | {wall} | {r['peak_rss_mb'] / 1024:.2f} | "
-            f"{1e6 * r['wall_s'] / r['events']:.2f} | {r.get('agrees', 'n/a')} | {r['date'][:10]} |"
+            f"{1e6 * r['wall_s'] / r['events']:.2f} | {r.get('agrees', 'n/a')} | "
+            f"{r.get('load_1m_before', '?')} / {r.get('load_1m_after', '?')} | {r['date'][:16]} |"
         )
+    # linear cost <=> the same time per event at every size (from 1M up: below, fixed costs dominate)
+    for impl in ("spark", "pandas"):
+        ok = [r for r in rows if r["impl"] == impl and r["rc"] == 0 and r["events"] >= 1_000_000]
+        if len(ok) >= 2:
+            lo, hi = ok[0], ok[-1]
+            ratio = (hi["wall_s"] / hi["events"]) / (lo["wall_s"] / lo["events"])
+            lines.append(f"\n{impl}: time per event at {label(hi['events'])} is {ratio:.2f}x that at "
+                         f"{label(lo['events'])} (1.0 = linear)")
     gens = sorted(results.get("generate", {}).values(), key=lambda r: r["events"])
     if gens:
         lines += ["", "| generator: events | wall time (s) | peak RSS (GB) |", "|---:|---:|---:|"]
@@ -215,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="/tmp/rnnrec-bench", help="generated inputs (cached) and outputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-min", type=float, default=40.0, help="per run; a run past it is killed")
+    p.add_argument("--compare-rows-max", default="2M",
+                   help="also compare both outputs row by row up to this size (counts are compared always)")
     p.add_argument("--keep-outputs", action="store_true", help="keep the preprocessed outputs (they are large)")
     p.add_argument("--no-record", action="store_true", help="do not write results/ and the README table")
     p.add_argument("extra", nargs="*", help="after --: options for both jobs (default: GRU4Rec's "
@@ -245,15 +262,25 @@ def main(argv: list[str] | None = None) -> int:
             rec = {"events": n, "impl": impl, **res, "tables": counts[impl],
                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             results["runs"][f"{label(n)}/{impl}"] = rec
-            if not a.keep_outputs and out.exists():
-                shutil.rmtree(out)
         if len(counts) == 2 and all(counts.values()):
-            agrees = counts["spark"] == counts["pandas"]
+            agrees = "counts" if counts["spark"] == counts["pandas"] else "NO (counts)"
+            if agrees == "counts" and n <= parse_size(a.compare_rows_max):
+                from spark_jobs.reference_pandas import compare_outputs
+
+                diffs = compare_outputs(work / f"out-spark-{label(n)}", work / f"out-pandas-{label(n)}")
+                bad = {k: v for k, v in diffs.items() if v}
+                agrees = "rows" if not bad else "NO (rows)"
+                if bad:
+                    print(f"[{label(n)}] ROW MISMATCH: {bad}", flush=True)
             for impl in impls:
-                results["runs"][f"{label(n)}/{impl}"]["agrees"] = "yes" if agrees else "NO"
-            if not agrees:
+                results["runs"][f"{label(n)}/{impl}"]["agrees"] = agrees
+            if agrees.startswith("NO"):
                 print(f"[{label(n)}] MISMATCH between spark and pandas counts:\n"
                       f"spark  {counts['spark']}\npandas {counts['pandas']}", flush=True)
+        for impl in impls:
+            out = work / f"out-{impl}-{label(n)}"
+            if not a.keep_outputs and out.exists():
+                shutil.rmtree(out)
         if not a.no_record:
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
