@@ -104,13 +104,13 @@ def write_tables(spark, rows, names: list[str], targets: dict[str, str], staging
     A range-partitioned, sorted write with ``partitionBy("_table")`` replaces
     one sort per table; the partition folders are then renamed to their targets.
     """
-    from spark_jobs.filters import count_exprs, stats_dict
+    from spark_jobs.filters import stats_dict, table_stats_by
 
     cols = [c for c in rows.columns if c != "_table"]
     (rows.repartitionByRange("_table", "session_id").sortWithinPartitions("_table", "session_id", "seq")
      .write.mode("overwrite").partitionBy("_table").parquet(staging))
     written = spark.read.parquet(staging)
-    stats = {r["_table"]: stats_dict(r) for r in written.groupBy("_table").agg(*count_exprs()).collect()}
+    stats = table_stats_by(written, "_table")
     schema = rows.select(*cols).schema
     for name in names:
         src = os.path.join(staging, f"_table={name}")
@@ -285,16 +285,18 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     steps.append({"step": "sessionized", "by_user": by_user, **read_counts})
     removed_repeats = 0
     if cfg.remove_repeats:
-        ev, rep = S.drop_consecutive_repeats(ev)
+        ev, _ = S.drop_consecutive_repeats(ev)
         ev = ev.localCheckpoint(eager=True)
-        removed_repeats = read_counts["events"] - ev.count()
-        steps.append({"step": "remove_repeats", "removed": removed_repeats, **table_counts(ev)})
+        rep_counts = table_counts(ev)
+        removed_repeats = read_counts["events"] - rep_counts["events"]
+        steps.append({"step": "remove_repeats", "removed": removed_repeats, **rep_counts})
 
     lap("sessionize")
     # ---- filters to a fixed point
     fcfg = FilterConfig(cfg.min_item_support, cfg.min_session_length, cfg.min_sessions_per_user,
                         cfg.max_sessions_per_user)
-    ev, fsteps = apply_filters(ev, fcfg)
+    last = steps[-1]
+    ev, fsteps = apply_filters(ev, fcfg, {k: last[k] for k in ("events", "sessions", "items", "users", "ts_min", "ts_max")})
     steps += fsteps
     ev = S.add_seq(ev)
     cols = list(C.EVENT_COLUMNS) + (["event_type"] if ev.where(F.col("event_type").isNotNull()).take(1) else [])

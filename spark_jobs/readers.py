@@ -2,7 +2,8 @@
 
 Each reader returns a :class:`ReadResult` with
 
-* ``events``: ``session_key, user_key, item_key`` (raw ids, string), ``ts``
+* ``events``: ``session_key, user_key, item_key`` (raw ids: strings, or int64
+  where the source is typed), ``ts``
   (timestamp, UTC), ``event_type`` (string, nullable), ``_file_idx`` (int,
   index of the input file) and ``_ord`` (long, original order inside the file);
 * ``quarantine``: rejected rows as ``file, line, reason, raw``;
@@ -366,8 +367,10 @@ def _structured(df: DataFrame, cols: dict[str, Column], *, string_ids=(), has_se
         checks.append((F.col("session_key").isNull(), "missing session id"))
     else:
         checks.append((F.col("user_key").isNull(), "missing user id"))
+    types = dict(df.select(*[F.col(c) for c in cols]).dtypes)
     for c in ("session_key", "user_key", "item_key"):
-        if c in cols and c not in string_ids:
+        # Integer columns need no check (and no string round trip); strings must hold integers.
+        if c in cols and c not in string_ids and types[c] == "string":
             checks.append((F.col(c).isNotNull() & ~_int_id_ok(F.col(c)), f"{c.split('_')[0]} id is not an integer"))
     reason = F.lit(None).cast("string")
     for cond, msg in reversed(checks):
@@ -386,7 +389,7 @@ def _structured(df: DataFrame, cols: dict[str, Column], *, string_ids=(), has_se
     good = df.filter(F.col("status").isNull())
     for c in ("session_key", "user_key", "event_type"):
         if c not in cols:
-            good = good.withColumn(c, F.lit(None).cast("string"))
+            good = good.withColumn(c, F.lit(None).cast("long" if c != "event_type" else "string"))
     return ReadResult(good.select(*CANONICAL), quarantine, files, tuple(string_ids), has_sessions,
                       df.select("_file_idx", "status"))
 
@@ -416,11 +419,8 @@ def read_trivago(spark, files, **_):
 def read_synthetic(spark, files, **_):
     """Generator output: user_id, item_id, ts (+ ground-truth session_id, ignored: we sessionize)."""
     df = _parquet_with_row_numbers(spark, files)
-    cols = {
-        "user_key": F.col("user_id").cast("string"),
-        "item_key": F.col("item_id").cast("string"),
-        "ts": F.col("ts").cast("timestamp"),
-    }
+    cols = {"user_key": F.col("user_id").cast("long"), "item_key": F.col("item_id").cast("long"),
+            "ts": F.col("ts").cast("timestamp")}
     return _structured(df, cols, has_sessions=False, files=files)
 
 
@@ -466,6 +466,8 @@ def read_generic(spark, files, *, fmt: str, columns=None, ts_unit: str = "s", de
             if k == "ts":
                 dt = dict(df.dtypes)[v]
                 cols[k] = F.col(v).cast("timestamp") if dt.startswith("timestamp") or dt == "date" else _ts_expr(F.col(v), ts_unit)
+            elif dict(df.dtypes)[v] in ("tinyint", "smallint", "int", "bigint") and k != "event_type":
+                cols[k] = F.col(v).cast("long")
             else:
                 cols[k] = _id(F.col(v).cast("string"))
         return _structured(df, cols, string_ids=string_ids, has_sessions=has_sessions, files=files)

@@ -192,7 +192,8 @@ def split(events: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, list[str], di
     ).select("session_id", "_r")
     lab = labelled.join(ranked, "session_id", "left").drop("start_us").localCheckpoint(eager=True)
     n_drop = lab.where("part = 'drop'").count()
-    ev = events.join(lab, "session_id")
+    # Materialised once: the item sets below and the windows all read it.
+    ev = events.join(lab, "session_id").localCheckpoint(eager=True)
     part = F.col("part")
     train_items = ev.where(part == "train").select("item_id").distinct().withColumn("_in_train", F.lit(True))
     full_items = (ev.where(part.isin("train", "valid")).select("item_id").distinct()
