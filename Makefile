@@ -9,7 +9,9 @@ export PYTHONUNBUFFERED := 1
 DEMO_EVENTS ?= 200000
 DATA_DIR ?= data
 
-.PHONY: venv demo test check-java clean
+.PHONY: venv demo demo-dag test check-java clean mlflow-ui airflow bench-preprocess
+MLFLOW_PORT ?= 5000
+AIRFLOW_PORT ?= 8080
 
 $(BIN)/.installed: requirements.lock requirements.txt
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found: install Python 3.11 (e.g. apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -29,6 +31,19 @@ check-java:
 
 demo: venv check-java
 	$(BIN)/python -m spark_jobs.demo --events $(DEMO_EVENTS) --data-dir $(DATA_DIR)/demo
+
+# The whole Airflow DAG once (generate -> preprocess -> gates -> train -> evaluate -> MLflow registry).
+demo-dag: venv check-java
+	$(BIN)/python -m dags.run_demo --data-dir $(DATA_DIR)/demo-dag --events $(DEMO_EVENTS)
+
+mlflow-ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DATA_DIR))/demo-dag/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+airflow: venv check-java
+	$(BIN)/python -m dags.run_demo --standalone --data-dir $(DATA_DIR)/demo-dag --port $(AIRFLOW_PORT)
+
+bench-preprocess: venv check-java
+	$(BIN)/python -m benchmarks.preprocess_scale --sizes 1M,10M,31.7M
 
 test: venv check-java
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,414 @@
+"""The steps the session-rec DAG wires together: thin calls into spark_jobs / expectations /
+training / evaluation, plus parameter validation and the interval-keyed output layout.
+
+No Airflow objects here except :class:`AirflowFailException` in :func:`clear_errors`,
+so every step can be called (and tested) without a scheduler. Imports of Spark,
+torch, GX and MLflow happen inside the steps (the DAG file must parse in < 2 s).
+
+Output layout of one data interval (re-running the interval replaces exactly it)::
+
+    <data_dir>/pipeline/<dataset>/<interval_start>_<interval_end>/
+        processed/                  preprocess OUT (spark_jobs/contract.py), quality/ inside
+        models/<candidate>/         training run dir (model.pt, config.json, history.json)
+        eval/<candidate>/{valid,test}/  evaluation outputs
+        comparison/                 comparison.{json,csv,png}
+
+A *candidate* is ``<family>`` (trained on train_full, or ``train`` with
+``train_table=train``) or ``<family>-recent<k>`` (fine-tuned from it on the most
+recent 1/k of the sessions, Tan et al. 2016).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dags.pipeline_steps")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ("auto", "cpu", "cuda")
+TRAIN_TABLES = ("train_full", "train")
+
+#: defaults of the DAG's Params (also the defaults of ``dags.run_demo``)
+DEFAULT_PARAMS: dict[str, Any] = {
+    "dataset": "synthetic",
+    "input": [],
+    "format": "synthetic",
+    "data_dir": "",
+    "synthetic_events": 200_000,
+    "synthetic_days": 8,
+    "synthetic_start": "2014-04-01",
+    "seed": 0,
+    "families": ["gru4rec", "pop"],
+    "epochs": 3,
+    "fractions": [4],
+    "device": "auto",
+    "train_table": "train_full",
+    "overrides": {},
+    "min_item_support": 5,
+    "min_session_length": 2,
+    "test_days": 1.0,
+    "register": True,
+}
+
+
+class PipelineParamError(ValueError):
+    """A DAG Param that cannot be used (names the param and the reason)."""
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """Turn expected failures (bad params, failed gates, NaN loss, bad input) into a task
+    failure whose log line is the readable message, without retries (retrying cannot help)
+    and without a chained traceback. Anything else propagates and is retried."""
+    from expectations.derive import ContractError
+    from expectations.runner import GateFailed
+    from spark_jobs.preprocess import QuarantineThresholdExceeded
+    from spark_jobs.readers import InputError
+    from training.config import ConfigError
+    from training.data import DataError
+    from training.families import NonFiniteLoss
+
+    known = (PipelineParamError, GateFailed, ContractError, QuarantineThresholdExceeded, InputError, ConfigError,
+             DataError, NonFiniteLoss)
+    try:
+        yield
+    except known as e:
+        try:
+            from airflow.sdk.exceptions import AirflowFailException
+        except ImportError:  # used outside Airflow
+            raise
+        log.error("%s: %s", type(e).__name__, e)
+        raise AirflowFailException(f"{type(e).__name__}: {e}") from None
+
+
+# --------------------------------------------------------------------------- params
+
+def _iso(t) -> str:
+    if t is None:
+        raise PipelineParamError("this run has no data interval (asset-triggered?); trigger it with a logical date")
+    if isinstance(t, str):
+        t = dt.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+
+
+def interval_key(start: str, end: str) -> str:
+    f = lambda s: s[:19].replace(":", "").replace("-", "")  # noqa: E731  20140407T000000
+    return f"{f(start)}Z_{f(end)}Z"
+
+
+def overrides_to_sets(values: dict[str, Any]) -> list[str]:
+    out = []
+    for k, v in values.items():
+        if isinstance(v, (list, tuple)):
+            v = ",".join(str(x) for x in v)
+        elif isinstance(v, bool):
+            v = "true" if v else "false"
+        out.append(f"{k}={v}")
+    return out
+
+
+def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, interval_end) -> dict:
+    """Validate the run's Params and fix every path of this data interval. Returns the run config."""
+    from spark_jobs.readers import FORMATS
+    from training.config import CONFIG_CLASSES, resolve_config
+    from training.families import FAMILIES
+
+    p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items()}}
+    unknown = sorted(set(p) - set(DEFAULT_PARAMS))
+    if unknown:
+        raise PipelineParamError(f"unknown param(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", str(p["dataset"])):
+        raise PipelineParamError(f"param 'dataset' = {p['dataset']!r}: use letters, digits, '_', '.', '-' (max 64)")
+    inputs = p["input"] or []
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if inputs:
+        if p["format"] not in FORMATS:
+            raise PipelineParamError(f"param 'format' = {p['format']!r}: choose one of {', '.join(FORMATS)}")
+        missing = [i for i in inputs if "://" not in i and not glob.glob(i)]
+        if missing:
+            raise PipelineParamError(f"param 'input': path(s) not found: {missing}")
+    fams = list(p["families"] or [])
+    if not fams:
+        raise PipelineParamError("param 'families' is empty: name at least one of " + ", ".join(sorted(FAMILIES)))
+    bad = [f for f in fams if f not in FAMILIES or f not in CONFIG_CLASSES]
+    if bad:
+        raise PipelineParamError(f"param 'families': unknown {bad}; registered families: {sorted(FAMILIES)}")
+    if len(set(fams)) != len(fams):
+        raise PipelineParamError(f"param 'families' lists a family twice: {fams}")
+    fr = p["fractions"] or []
+    if any((not isinstance(k, int)) or isinstance(k, bool) or k < 1 for k in fr) or len(set(fr)) != len(fr):
+        raise PipelineParamError(f"param 'fractions' = {fr}: distinct integers k >= 1 (train on the last 1/k)")
+    if p["epochs"] is not None and (not isinstance(p["epochs"], int) or p["epochs"] < 0):
+        raise PipelineParamError(f"param 'epochs' = {p['epochs']!r}: an integer >= 0 (or null for the family default)")
+    if p["device"] not in DEVICES:
+        raise PipelineParamError(f"param 'device' = {p['device']!r}: one of {DEVICES}")
+    if p["train_table"] not in TRAIN_TABLES:
+        raise PipelineParamError(f"param 'train_table' = {p['train_table']!r}: one of {TRAIN_TABLES}")
+    ov = p["overrides"] or {}
+    if not isinstance(ov, dict) or any(not isinstance(v, dict) for v in ov.values()):
+        raise PipelineParamError('param \'overrides\' must map family -> {key: value}, e.g. {"gru4rec": {"layers": [100]}}')
+    extra = sorted(set(ov) - set(fams))
+    if extra:
+        raise PipelineParamError(f"param 'overrides' names family {extra} that is not in 'families' {fams}")
+    sets: dict[str, list[str]] = {}
+    for f in fams:
+        s = overrides_to_sets(ov.get(f, {}))
+        default_epochs = CONFIG_CLASSES[f]().n_epochs
+        if p["epochs"] is not None and default_epochs > 0 and "n_epochs" not in ov.get(f, {}):
+            s.append(f"n_epochs={p['epochs']}")  # parameter-free families (POP) keep 0 epochs
+        s += [f"device={p['device']}", f"train_table={p['train_table']}"]
+        try:
+            resolve_config(f, None, None, s)
+        except Exception as e:  # ConfigError names the key
+            raise PipelineParamError(f"param 'overrides' for {f!r}: {e}") from None
+        sets[f] = s
+    data_dir = Path(p["data_dir"] or os.environ.get("RNNREC_DATA_DIR") or ROOT / "data").resolve()
+    start, end = _iso(interval_start), _iso(interval_end)
+    root = data_dir / "pipeline" / p["dataset"] / interval_key(start, end)
+    return {"params": p, "inputs": inputs, "sets": sets, "families": fams, "fractions": fr,
+            "data_dir": str(data_dir), "root": str(root), "dag_id": dag_id, "dag_run_id": dag_run_id,
+            "interval_start": start, "interval_end": end}
+
+
+# --------------------------------------------------------------------------- data steps
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ingest(cfg: dict) -> dict:
+    """The raw input of this run: the given files, or a generated clickstream (made once, shared)."""
+    p = cfg["params"]
+    if cfg["inputs"]:
+        from spark_jobs.readers import input_files
+
+        files = input_files(cfg["inputs"])
+        return {"input": cfg["inputs"], "format": p["format"], "n_files": len(files)}
+    from spark_jobs import generate
+
+    name = f"synthetic-e{p['synthetic_events']}-d{p['synthetic_days']}-s{p['seed']}-{p['synthetic_start']}"
+    raw = Path(cfg["data_dir"]) / "raw" / name
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    # parallel backfill runs share one generated dataset: one writer, the others wait
+    with open(raw.parent / f".{name}.lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        if not (raw / "_generator.json").exists():
+            generate.write(raw, p["synthetic_events"], n_days=p["synthetic_days"], seed=p["seed"],
+                           start_date=p["synthetic_start"], progress=False)
+    meta = json.loads((raw / "_generator.json").read_text())
+    return {"input": [str(raw)], "format": "synthetic", "n_files": len(meta.get("per_day", {}))}
+
+
+def preprocess(cfg: dict, raw: dict) -> dict:
+    """Sessionize, filter, split with a global time cut at the interval end (1 test day)."""
+    from spark_jobs.preprocess import PreprocessConfig, run
+
+    p = cfg["params"]
+    out = Path(cfg["root"]) / "processed"
+    pc = PreprocessConfig(input=list(raw["input"]), format=raw["format"], out=str(out), split="time_strict",
+                          end_ts=cfg["interval_end"], test_days=float(p["test_days"]),
+                          min_item_support=int(p["min_item_support"]),
+                          min_session_length=int(p["min_session_length"]),
+                          recent_fractions=list(cfg["fractions"]),
+                          # no Spark UI for a batch task (it only hunts for a free port)
+                          spark_conf={"spark.ui.enabled": os.environ.get("RNNREC_SPARK_UI", "false")})
+    manifest = run(pc)
+    tables = manifest["splits"]["time_strict"]["tables"]
+    for t in ("train_full", "test"):
+        if tables[t]["events"] == 0:
+            raise PipelineParamError(
+                f"the {t} table of interval {cfg['interval_start']} .. {cfg['interval_end']} is empty: "
+                f"the input has no events in that period (check the date / 'input' / 'test_days')")
+    return {"processed": str(out), "split_dir": str(out / "splits" / "time_strict"),
+            "counts": {t: tables[t]["events"] for t in tables}}
+
+
+def gates(cfg: dict, prep: dict) -> dict:
+    """Every Great Expectations gate over the preprocess output (raises GateFailed)."""
+    from expectations.runner import run_all_gates
+
+    res = run_all_gates(prep["processed"])
+    return {"quality_dir": str(res.quality_dir), "data_docs": str(res.data_docs_index)}
+
+
+def start_tracking(cfg: dict, prep: dict, quality: dict) -> str:
+    from evaluation import mlflow_logging as ml
+
+    return ml.start_parent_run(
+        dataset=cfg["params"]["dataset"], data_dir=cfg["data_dir"], dag_id=cfg["dag_id"],
+        dag_run_id=cfg["dag_run_id"], interval_start=cfg["interval_start"], interval_end=cfg["interval_end"],
+        params=cfg["params"], processed_dir=prep["processed"], quality_dir=quality["quality_dir"])
+
+
+# --------------------------------------------------------------------------- training
+
+def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
+    return [{"candidate": f, "family": f, "fraction": None, "sets": cfg["sets"][f], "init_from": None,
+             "split_dir": prep["split_dir"]} for f in cfg["families"]]
+
+
+def plan_finetune(cfg: dict, pretrained: list[dict]) -> list[dict]:
+    """One fine-tuning run per (family, fraction), starting from that family's pre-trained weights."""
+    specs = []
+    for pre in pretrained:
+        for k in cfg["fractions"]:
+            sets = [s for s in pre["sets"] if not s.startswith("train_table=")] + [f"train_table=train_recent_{k}"]
+            specs.append({"candidate": f"{pre['family']}-recent{k}", "family": pre["family"], "fraction": k,
+                          "sets": sets, "init_from": pre["run_dir"], "split_dir": pre["split_dir"]})
+    return specs
+
+
+def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
+    """Train one candidate into models/<candidate> (replaced atomically) and log it as a child run."""
+    from evaluation import mlflow_logging as ml
+    from training.train import train
+
+    ml.configure(cfg["data_dir"])
+    dest = Path(cfg["root"]) / "models" / spec["candidate"]
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with ml.child_run(parent_run_id, spec["candidate"], family=spec["family"], fraction=spec["fraction"]) as rid:
+        try:
+            train(spec["family"], spec["split_dir"], tmp, sets=spec["sets"], init_from=spec["init_from"],
+                  show_progress=False)
+            _replace_dir(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logged = ml.log_training(rid, dest)
+    return {**spec, "run_dir": str(dest), "child_run_id": rid, **logged}
+
+
+def evaluate_one(cfg: dict, trained: dict) -> dict:
+    """Evaluate a candidate on valid (selection) and test (reporting); log both to its run."""
+    from evaluation import mlflow_logging as ml
+    from evaluation.evaluate import evaluate
+
+    ml.configure(cfg["data_dir"])
+    dest = Path(cfg["root"]) / "eval" / trained["candidate"]
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    out = dict(trained)
+    try:
+        for table in ("valid", "test"):
+            m = evaluate(trained["run_dir"], trained["split_dir"], tmp / table, table=table,
+                         device=cfg["params"]["device"])
+            for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20"):
+                out[k if table == "test" else f"valid_{k}"] = m[k]
+        out["eval_dir"] = str(dest)
+        (tmp / "result.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+        _replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for table in ("valid", "test"):
+        ml.log_evaluation(trained["child_run_id"], dest / table, table)
+    return out
+
+
+def planned_candidates(cfg: dict) -> list[str]:
+    return [f for f in cfg["families"]] + [f"{f}-recent{k}" for f in cfg["families"] for k in cfg["fractions"]]
+
+
+def collect_evaluations(cfg: dict) -> list[dict]:
+    """This run's evaluation results, read from ``eval/<candidate>/result.json``.
+
+    Read from disk rather than XCom because a mapped task over an empty list
+    (no fractions) is skipped and its XCom is then not reliably an empty list.
+    Only the candidates this run planned are read, so a stale folder of an
+    earlier run with other params is ignored."""
+    out = []
+    for cand in planned_candidates(cfg):
+        p = Path(cfg["root"]) / "eval" / cand / "result.json"
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: candidate {cand!r} was planned but has no evaluation result")
+        out.append(json.loads(p.read_text()))
+    return out
+
+
+# --------------------------------------------------------------------------- compare + registry
+
+def _champion_score(model_name: str, split_dir: str, candidate_digest: str, candidate_score: float,
+                    device: str) -> float | None:
+    """The current champion's validation MRR@20 on *this* run's validation table."""
+    import tempfile
+
+    from evaluation import mlflow_logging as ml
+    from evaluation.evaluate import evaluate
+
+    cur = ml.champion(model_name)
+    if cur is None:
+        return None
+    if cur.tags.get(f"{ml.TAG}ckpt_digest") == candidate_digest:
+        return candidate_score
+    with tempfile.TemporaryDirectory() as td:
+        ckpt = ml.champion_checkpoint(model_name, Path(td) / "model")
+        return float(evaluate(ckpt, split_dir, Path(td) / "eval", table="valid", device=device)["mrr_at_20"])
+
+
+def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str) -> dict:
+    """Comparison table + chart; register every candidate per family; move ``champion`` when beaten."""
+    from evaluation import mlflow_logging as ml
+
+    ml.configure(cfg["data_dir"])
+    ds = cfg["params"]["dataset"]
+    rows = sorted((dict(e, label=e["candidate"]) for e in evaluated), key=lambda r: r["candidate"])
+    decisions: list[dict] = []
+    if cfg["params"]["register"] and rows:
+        tags = {f"{ml.TAG}interval": f"{cfg['interval_start']}/{cfg['interval_end']}"}
+        for r in rows:
+            v, created = ml.register(f"{ds}-{r['family']}", r["model_uri"], r["digest"],
+                                     {**tags, f"{ml.TAG}candidate": r["candidate"],
+                                      ml.SELECT_METRIC: f"{r[ml.SELECT_METRIC]:.6f}"})
+            r["registered_version"], r["registered_new"] = v, created
+        best_by_family: dict[str, dict] = {}
+        for r in rows:
+            b = best_by_family.get(r["family"])
+            if b is None or r[ml.SELECT_METRIC] > b[ml.SELECT_METRIC]:
+                best_by_family[r["family"]] = r
+        targets = [(f"{ds}-{f}", r, r["registered_version"]) for f, r in sorted(best_by_family.items())]
+        best = max(rows, key=lambda r: r[ml.SELECT_METRIC])
+        v, _ = ml.register(f"{ds}-best", best["model_uri"], best["digest"],
+                           {**tags, f"{ml.TAG}candidate": best["candidate"],
+                            ml.SELECT_METRIC: f"{best[ml.SELECT_METRIC]:.6f}"})
+        targets.append((f"{ds}-best", best, v))
+        for name, r, ver in targets:
+            cs = _champion_score(name, r["split_dir"], r["digest"], r[ml.SELECT_METRIC], cfg["params"]["device"])
+            decisions.append(ml.promote_if_better(name, ver, r[ml.SELECT_METRIC], cs))
+    slim = [{k: r.get(k) for k in ("label", "candidate", "family", "fraction", ml.SELECT_METRIC, "valid_recall_at_20",
+                                   "recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20",
+                                   "registered_version", "registered_new", "digest", "child_run_id")} for r in rows]
+    ml.log_comparison(parent_run_id, slim, decisions, Path(cfg["root"]) / "comparison")
+    ml.finish_parent_run(parent_run_id)
+    return {"candidates": slim, "registry": decisions, "parent_run_id": parent_run_id,
+            "comparison": str(Path(cfg["root"]) / "comparison")}
+
+
+def format_table(summary: dict) -> str:
+    """Plain-text comparison table (used by the demo)."""
+    head = f"{'candidate':<22}{'valid MRR@20':>13}{'Recall@20':>11}{'MRR@20':>9}{'Recall@5':>10}{'version':>9}"
+    lines = [head, "-" * len(head)]
+    for r in summary["candidates"]:
+        lines.append(f"{r['candidate']:<22}{r['valid_mrr_at_20']:>13.4f}{r['recall_at_20']:>11.4f}"
+                     f"{r['mrr_at_20']:>9.4f}{r['recall_at_5']:>10.4f}{str(r.get('registered_version') or '-'):>9}")
+    for d in summary["registry"]:
+        lines.append(f"registry {d['model']}: {d['action']} (candidate v{d['candidate_version']} "
+                     f"{d['candidate_score']:.4f} vs champion "
+                     f"{'none' if d['champion_version'] is None else 'v' + str(d['champion_version'])}"
+                     f"{'' if d['champion_score'] is None else ' %.4f' % d['champion_score']})")
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""
+# session_rec_pipeline
+
+Daily pipeline for RNN session-based recommendation. A run with data interval
+`[start, end)` processes the raw clickstream up to `end`; the last day before
+`end` is the test period, everything earlier is training (global time cut,
+`split=time_strict`). Outputs live under
+`<data_dir>/pipeline/<dataset>/<start>_<end>/`, so re-running or clearing a
+date replaces exactly that date's outputs.
+
+```
+resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking (MLflow parent run)
+  -> train[family]            (pool "gpu", mapped over the families, on train_full)
+  -> train_recent[family, k]  (pool "gpu", fine-tuned from train[family] on train_recent_<k>)
+  -> evaluate[...] (valid + test) -> compare_and_register (registry, alias "champion")
+```
+
+**Manual trigger** (Params are validated; a bad value fails `resolve` with the reason):
+
+    airflow dags trigger session_rec_pipeline -l 2014-04-08T00:00:00+00:00 \
+        -c '{"families": ["gru4rec", "pop"], "epochs": 1, "fractions": [4], "device": "cpu"}'
+
+**Backfill** (the scheduler runs it; unpause the DAG first). On one GPU keep one run
+at a time: the `gpu` pool already serialises training, and `--max-active-runs 1`
+also keeps the Spark steps of different dates from competing for the cores:
+
+    airflow dags unpause session_rec_pipeline
+    airflow backfill create --dag-id session_rec_pipeline \
+        --from-date 2014-04-06 --to-date 2014-04-08 --max-active-runs 1 --reprocess-behavior completed
+
+**Pools**: `airflow pools set gpu 1 "one GPU"` (training tasks use it; CPU fallback when no CUDA).
+
+**Cluster mode** (off by default; nothing here needs a cluster):
+`RNNREC_SPARK_CONN_ID=<conn>` runs preprocessing with `SparkSubmitOperator`
+(provider `apache-airflow-providers-apache-spark`); `RNNREC_K8S_TRAIN_IMAGE=<image>`
+runs training in a pod via `@task.kubernetes` (provider `cncf.kubernetes`; the
+image is `docker/trainer.Dockerfile`, and `RNNREC_DATA_DIR` must be a shared volume).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+# The project root holds spark_jobs/, training/, ... (tasks import them lazily).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+DAG_ID = "session_rec_pipeline"
+_SPARK_CONN = os.environ.get("RNNREC_SPARK_CONN_ID", "")
+_K8S_IMAGE = os.environ.get("RNNREC_K8S_TRAIN_IMAGE", "")
+
+PARAMS = {
+    "dataset": Param("synthetic", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                     description="Name for outputs, MLflow experiment (rnnrec-<dataset>) and registry models."),
+    "input": Param([], type="array", items={"type": "string"},
+                   description="Raw files/folders/globs. Empty = generate a synthetic clickstream."),
+    "format": Param("synthetic", type="string", description="Reader format (spark_jobs.readers.FORMATS)."),
+    "data_dir": Param("", type="string", description="Output root; empty = $RNNREC_DATA_DIR or <repo>/data."),
+    "synthetic_events": Param(200_000, type="integer", minimum=1000, maximum=50_000_000),
+    "synthetic_days": Param(8, type="integer", minimum=3, maximum=400),
+    "synthetic_start": Param("2014-04-01", type="string", format="date"),
+    "seed": Param(0, type="integer", minimum=0),
+    "families": Param(["gru4rec", "pop"], type="array", items={"type": "string"}, minItems=1,
+                      description="Model families to train (training.families.FAMILIES)."),
+    "epochs": Param(3, type=["integer", "null"], minimum=0,
+                    description="Epochs for trainable families; null = each family's default."),
+    "fractions": Param([4], type="array", items={"type": "integer", "minimum": 1},
+                       description="Recent fractions k: fine-tune on the most recent 1/k of the sessions."),
+    "device": Param("auto", type="string", enum=["auto", "cpu", "cuda"]),
+    "train_table": Param("train_full", type="string", enum=["train_full", "train"],
+                         description="train_full (final models) or train (validation not seen in training)."),
+    "overrides": Param({}, type="object",
+                       description='Per-family config overrides, e.g. {"gru4rec": {"layers": [100], "batch_size": 32}}.'),
+    "min_item_support": Param(5, type="integer", minimum=0),
+    "min_session_length": Param(2, type="integer", minimum=0),
+    "test_days": Param(1.0, type="number", exclusiveMinimum=0),
+    "register": Param(True, type="boolean", description="Register models and move the 'champion' alias."),
+}
+
+
+def _steps():
+    from dags import pipeline_steps
+
+    return pipeline_steps
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=datetime(2014, 4, 1),
+    catchup=False,
+    doc_md=__doc__,
+    params=PARAMS,
+    tags=["rnnrec", "training"],
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+)
+def session_rec_pipeline():
+    @task
+    def resolve(**context) -> dict:
+        """Validate the Params; fix this interval's output paths."""
+        s = _steps()
+        with s.clear_errors():
+            return s.resolve(dict(context["params"]), dag_id=context["dag"].dag_id,
+                             dag_run_id=context["run_id"], interval_start=context.get("data_interval_start"),
+                             interval_end=context.get("data_interval_end"))
+
+    @task
+    def ingest(cfg: dict) -> dict:
+        """The raw input: given files, or a generated clickstream (made once, shared by runs)."""
+        s = _steps()
+        with s.clear_errors():
+            return s.ingest(cfg)
+
+    @task(retries=1)
+    def preprocess(cfg: dict, raw: dict) -> dict:
+        """Spark in-process (local[*] unless SPARK_MASTER is set): sessionize, filter, split."""
+        s = _steps()
+        with s.clear_errors():
+            return s.preprocess(cfg, raw)
+
+    @task(retries=0)
+    def quality_gates(cfg: dict, prep: dict) -> dict:
+        """Great Expectations on every hand-over; a failed gate fails with its report."""
+        s = _steps()
+        with s.clear_errors():
+            return s.gates(cfg, prep)
+
+    @task
+    def start_tracking(cfg: dict, prep: dict, quality: dict) -> str:
+        """MLflow parent run for this DAG run (replaces this interval's earlier runs)."""
+        return _steps().start_tracking(cfg, prep, quality)
+
+    @task
+    def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
+        return _steps().plan_pretrain(cfg, prep)
+
+    @task
+    def plan_finetune(cfg: dict, pretrained) -> list[dict]:
+        return _steps().plan_finetune(cfg, list(pretrained))
+
+    if _K8S_IMAGE:  # GPU training in a pod; the image runs the same train_one
+        train_deco = task.kubernetes(image=_K8S_IMAGE, namespace=os.environ.get("RNNREC_K8S_NAMESPACE", "default"),
+                                     pool="gpu", retries=2, retry_delay=timedelta(minutes=2),
+                                     do_xcom_push=True, get_logs=True)
+    else:
+        train_deco = task(pool="gpu", retries=2, retry_delay=timedelta(minutes=2),
+                          execution_timeout=timedelta(hours=12))
+
+    @train_deco
+    def train(cfg: dict, spec: dict, parent_run_id: str) -> dict:
+        """Train one candidate (CUDA when present, else CPU); NaN loss fails with epoch + step."""
+        from dags import pipeline_steps as s
+
+        with s.clear_errors():
+            return s.train_one(cfg, spec, parent_run_id)
+
+    @task(retries=1)
+    def evaluate(cfg: dict, trained: dict) -> dict:
+        """Full-ranking next-item evaluation on valid and test; logged to the candidate's run."""
+        s = _steps()
+        with s.clear_errors():
+            return s.evaluate_one(cfg, trained)
+
+    @task(trigger_rule="none_failed")  # evaluate_recent is skipped when there are no fractions
+    def compare_and_register(cfg: dict, parent_run_id: str) -> dict:
+        """Comparison chart/table; register each family; move 'champion' only when beaten."""
+        s = _steps()
+        return s.compare_and_register(cfg, s.collect_evaluations(cfg), parent_run_id)
+
+    cfg = resolve()
+    raw = ingest(cfg)
+    if _SPARK_CONN:
+        prep = _spark_submit_preprocess(cfg, raw)
+    else:
+        prep = preprocess(cfg, raw)
+    quality = quality_gates(cfg, prep)
+    parent = start_tracking(cfg, prep, quality)
+    pretrained = train.partial(cfg=cfg, parent_run_id=parent).expand(spec=plan_pretrain(cfg, prep))
+    finetuned = train.override(task_id="train_recent").partial(cfg=cfg, parent_run_id=parent).expand(
+        spec=plan_finetune(cfg, pretrained))
+    ev_pre = evaluate.partial(cfg=cfg).expand(trained=pretrained)
+    ev_fine = evaluate.override(task_id="evaluate_recent").partial(cfg=cfg).expand(trained=finetuned)
+    [ev_pre, ev_fine] >> compare_and_register(cfg, parent)
+
+
+def _spark_submit_preprocess(cfg, raw):
+    """Preprocessing on a Spark cluster (only when RNNREC_SPARK_CONN_ID is set)."""
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    x = "ti.xcom_pull(task_ids='resolve')"
+    submit = SparkSubmitOperator(
+        task_id="preprocess_spark_submit", conn_id=_SPARK_CONN, retries=1,
+        application=os.path.join(_ROOT, "spark_jobs", "preprocess.py"),
+        py_files=os.environ.get("RNNREC_SPARK_PY_FILES"),  # a zip of spark_jobs/ for the executors
+        application_args=[
+            "--input", "{{ ti.xcom_pull(task_ids='ingest')['input'] | join(' ') }}",
+            "--format", "{{ ti.xcom_pull(task_ids='ingest')['format'] }}",
+            "--out", "{{ %s['root'] }}/processed" % x, "--split", "time_strict",
+            "--end-ts", "{{ %s['interval_end'] }}" % x,
+            "--test-days", "{{ %s['params']['test_days'] }}" % x,
+            "--min-item-support", "{{ %s['params']['min_item_support'] }}" % x,
+            "--min-session-length", "{{ %s['params']['min_session_length'] }}" % x,
+            "--recent-fractions", "{{ %s['fractions'] | join(',') }}" % x,
+        ],
+    )
+
+    @task
+    def preprocess_result(cfg: dict) -> dict:
+        """Read back what spark-submit wrote (the same dict the in-process step returns)."""
+        import json
+        from pathlib import Path
+
+        out = Path(cfg["root"]) / "processed"
+        m = json.loads((out / "manifest.json").read_text())
+        tables = m["splits"]["time_strict"]["tables"]
+        return {"processed": str(out), "split_dir": str(out / "splits" / "time_strict"),
+                "counts": {t: tables[t]["events"] for t in tables}}
+
+    raw >> submit
+    res = preprocess_result(cfg)
+    submit >> res
+    return res
+
+
+session_rec_pipeline()

@@ -1,0 +1,426 @@
+"""MLflow for the pipeline: runs, metrics, artifacts, the pyfunc model, the registry and ``champion``.
+
+Layout in MLflow (what the DAG produces; usable without Airflow too)::
+
+    experiment  rnnrec-<dataset>
+      parent run  one per DAG run (tags: dag id, run id, data interval, git commit;
+                  input dataset = the preprocess manifest digest; GX Data Docs; comparison)
+        child run one per candidate = model family x (train_full | recent fraction k)
+                  params = the resolved config; per-epoch train_loss / train_events_per_s;
+                  recall_at_K, mrr_at_K, precision_at_K on test, valid_* on validation;
+                  artifacts: config, history, metrics JSON, breakdown tables, PNG plots;
+                  model: evaluation.serving.SessionRecModel (pyfunc) over the checkpoint
+    registry    <dataset>-<family>  one version per distinct checkpoint (digest tag);
+                                    alias ``champion`` = best of that family
+                <dataset>-best      the overall best candidate; alias ``champion``
+
+Re-running a data interval soft-deletes that interval's earlier runs and logs
+fresh ones; a checkpoint whose digest is already registered is not registered
+again. ``champion`` moves only when the new model's validation MRR@20 beats
+the current champion's, both measured on the *current* validation table.
+
+Tracking URI: ``$MLFLOW_TRACKING_URI`` when set, else
+``sqlite:///<data_dir>/mlflow/mlflow.db`` with artifacts in ``<data_dir>/mlflow/artifacts``.
+Open it with ``mlflow ui --backend-store-uri sqlite:///data/mlflow/mlflow.db --host 127.0.0.1``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("evaluation.mlflow_logging")
+
+ROOT = Path(__file__).resolve().parents[1]
+#: selection metric (validation table); keys never contain '@'
+SELECT_METRIC = "valid_mrr_at_20"
+TAG = "rnnrec_"  # tag prefix (no dots: simple search filters)
+
+
+# --------------------------------------------------------------------------- setup
+
+def default_tracking_uri(data_dir: str | os.PathLike) -> str:
+    return f"sqlite:///{(Path(data_dir).resolve() / 'mlflow' / 'mlflow.db')}"
+
+
+def configure(data_dir: str | os.PathLike) -> str:
+    """Point MLflow at ``$MLFLOW_TRACKING_URI`` or the local SQLite store; returns the URI."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(data_dir)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def experiment_id(dataset: str, data_dir: str | os.PathLike) -> str:
+    """Experiment ``rnnrec-<dataset>`` (created on first use; local artifacts beside the DB)."""
+    import mlflow
+
+    name = f"rnnrec-{dataset}"
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            mlflow.tracking.MlflowClient().restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    loc = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        loc = (Path(data_dir).resolve() / "mlflow" / "artifacts" / name).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=loc)
+    except Exception:  # created concurrently by a parallel backfill run
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(root: str | os.PathLike = ROOT) -> str:
+    """HEAD commit of the project (``+dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_digest(ckpt_path: str | os.PathLike) -> str:
+    """sha256 of what defines a model: family, resolved config, item index and weights.
+
+    Not the file bytes: those also hold timings (history), which differ on every run.
+    """
+    from training import checkpoint as ck
+
+    c = ck.load_checkpoint(ckpt_path)
+    h = hashlib.sha256()
+    h.update(c["model"].encode())
+    h.update(json.dumps(c["config"], sort_keys=True).encode())
+    for k in ("item_id", "support"):
+        h.update(c["item_index"][k].numpy().tobytes())
+    for k in sorted(c["state_dict"]):
+        t = c["state_dict"][k]
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_params(v, key + "."))
+        else:
+            s = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = s[:6000]
+    return out
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def _delete_tree(client, experiment: str, run_id: str) -> None:
+    for child in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000):
+        _delete_tree(client, experiment, child.info.run_id)
+    client.delete_run(run_id)
+
+
+# --------------------------------------------------------------------------- parent run
+
+def start_parent_run(*, dataset: str, data_dir, dag_id: str, dag_run_id: str, interval_start: str,
+                     interval_end: str, params: dict, processed_dir: str | os.PathLike,
+                     quality_dir: str | os.PathLike | None = None) -> str:
+    """Create the DAG run's parent run (replacing this interval's earlier ones); returns its id."""
+    import mlflow
+    import pandas as pd
+
+    configure(data_dir)
+    exp = experiment_id(dataset, data_dir)
+    client = _client()
+    key = f"{interval_start}/{interval_end}"
+    old = client.search_runs(
+        [exp], f"tags.{TAG}role = 'parent' and tags.{TAG}dag_id = '{dag_id}' and tags.{TAG}interval = '{key}'",
+        max_results=100)
+    for r in old:  # a re-run of this interval replaces its runs (soft delete; registry versions stay)
+        log.info("replacing earlier MLflow run %s of interval %s", r.info.run_id, key)
+        _delete_tree(client, exp, r.info.run_id)
+    tags = {f"{TAG}role": "parent", f"{TAG}dag_id": dag_id, f"{TAG}dag_run_id": dag_run_id,
+            f"{TAG}interval": key, f"{TAG}interval_start": interval_start, f"{TAG}interval_end": interval_end,
+            f"{TAG}git_commit": git_commit(), f"{TAG}dataset": dataset, "mlflow.source.git.commit": git_commit()}
+    run = client.create_run(exp, tags=tags, run_name=f"{dag_id} {interval_end[:10]}")
+    rid = run.info.run_id
+    with mlflow.start_run(run_id=rid):
+        mlflow.log_params(_flat_params(params, "pipeline."))
+        processed = Path(processed_dir)
+        manifest = processed / "manifest.json"
+        digest = file_digest(manifest)
+        m = json.loads(manifest.read_text())
+        rows = [{"split": s, "table": t, **{k: c.get(k) for k in ("events", "sessions", "items", "users")}}
+                for s, sm in m.get("splits", {}).items() for t, c in sm.get("tables", {}).items()]
+        ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(processed.resolve()),
+                                     name=f"{dataset}@{interval_end[:10]}".replace("@", "_"), digest=digest[:32])
+        mlflow.log_input(ds, context="training")
+        mlflow.set_tag(f"{TAG}manifest_sha256", digest)
+        mlflow.log_artifact(str(manifest), "data")
+        if quality_dir:
+            q = Path(quality_dir)
+            if (q / "data_docs").is_dir():
+                mlflow.log_artifacts(str(q / "data_docs"), "data_docs")
+            if (q / "summary.json").is_file():
+                mlflow.log_artifact(str(q / "summary.json"), "data_docs")
+    client.update_run(rid, status="RUNNING")
+    return rid
+
+
+def finish_parent_run(run_id: str, status: str = "FINISHED") -> None:
+    _client().set_terminated(run_id, status)
+
+
+# --------------------------------------------------------------------------- child runs
+
+@contextmanager
+def child_run(parent_run_id: str, candidate: str, *, family: str, fraction: int | None,
+              system_metrics: bool = True) -> Iterator[str]:
+    """Open (replacing any earlier one of this candidate) the child run; yields its id."""
+    import mlflow
+
+    client = _client()
+    parent = client.get_run(parent_run_id)
+    exp = parent.info.experiment_id
+    for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                       f"tags.{TAG}candidate = '{candidate}'", max_results=100):
+        _delete_tree(client, exp, r.info.run_id)  # a retried / cleared task replaces its run
+    inherited = {k: v for k, v in parent.data.tags.items()
+                 if k.startswith(TAG) and k not in (f"{TAG}role", f"{TAG}manifest_sha256")}
+    tags = {**inherited, f"{TAG}role": "candidate", f"{TAG}candidate": candidate, f"{TAG}family": family,
+            f"{TAG}fraction": "full" if fraction is None else str(fraction),
+            "mlflow.parentRunId": parent_run_id}
+    run = client.create_run(exp, tags=tags, run_name=candidate)
+    # system metrics need psutil (and pynvml on GPU); skip quietly when unavailable
+    sysm = system_metrics and os.environ.get("RNNREC_MLFLOW_SYSTEM_METRICS", "1") != "0"
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        sysm = False
+    with mlflow.start_run(run_id=run.info.run_id, log_system_metrics=sysm):
+        yield run.info.run_id
+
+
+def _pip_requirements() -> list[str]:
+    import numpy
+    import pandas
+    import pyarrow
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}",
+            f"pandas=={pandas.__version__}", f"pyarrow=={pyarrow.__version__}",
+            f"mlflow=={__import__('mlflow').__version__}"]
+
+
+def log_training(run_id: str, run_dir: str | os.PathLike, *, name: str = "model") -> dict:
+    """Params, per-epoch metrics, config/history artifacts, curve PNG and the pyfunc model."""
+    import mlflow
+    from evaluation import plots, serving
+    from training import checkpoint as ck
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    hist = json.loads((run_dir / "history.json").read_text())
+    epochs = hist.get("epochs", [])
+    active = mlflow.active_run()
+    with _noop() if active is not None and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+        client = _client()
+        client.log_batch(run_id, params=[_param(k, v) for k, v in _flat_params(cfg).items()])
+        for k, v in _flat_params(hist.get("run", {}), "train.").items():
+            if k in ("train.data", "train.init_from"):
+                continue
+            client.set_tag(run_id, f"{TAG}{k.replace('.', '_')}", v)
+        for h in epochs:
+            step = int(h["epoch"]) + 1
+            mlflow.log_metrics({"train_loss": float(h["loss"]), "train_events_per_s": float(h["events_per_s"]),
+                                "epoch_seconds": float(h["seconds"])}, step=step)
+        mlflow.log_artifact(str(run_dir / "config.json"), "config")
+        mlflow.log_artifact(str(run_dir / "history.json"), "training")
+        if epochs:
+            with tempfile.TemporaryDirectory() as td:
+                png = plots.training_curve(epochs, Path(td) / "training_curve.png", title=cfg.get("model", ""))
+                mlflow.log_artifact(str(png), "plots")
+        ckpt_path = run_dir / ck.FINAL
+        digest = checkpoint_digest(ckpt_path)
+        c = ck.load_checkpoint(ckpt_path)
+        ids = c["item_index"]["item_id"].numpy()[:3]
+        example = serving.example_input(ids)
+        sig = serving.signature()
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=serving.SessionRecModel(), artifacts={serving.CHECKPOINT_ARTIFACT: str(ckpt_path)},
+            code_paths=[str(ROOT / "training"), str(ROOT / "evaluation"), str(ROOT / "spark_jobs")],
+            pip_requirements=_pip_requirements(), signature=sig, input_example=example,
+            tags={f"{TAG}ckpt_digest": digest},
+        )
+        mlflow.set_tags({f"{TAG}ckpt_digest": digest, f"{TAG}model_uri": info.model_uri})
+    return {"model_uri": info.model_uri, "digest": digest}
+
+
+@contextmanager
+def _noop():
+    yield None
+
+
+def _param(k, v):
+    from mlflow.entities import Param
+
+    return Param(k, v)
+
+
+def log_evaluation(run_id: str, eval_dir: str | os.PathLike, table: str = "test") -> dict:
+    """Metrics (``valid_`` prefix for the validation table), JSON/CSV tables and breakdown PNG."""
+    import mlflow
+
+    from evaluation import plots
+
+    eval_dir = Path(eval_dir)
+    m = json.loads((eval_dir / "metrics.json").read_text())
+    prefix = "" if table == "test" else f"{table}_"
+    keys = [k for k in m if k.startswith(("recall_at_", "mrr_at_", "precision_at_"))]
+    metrics = {f"{prefix}{k}": float(m[k]) for k in keys}
+    metrics[f"{prefix}eval_events_per_s"] = float(m["eval_events_per_s"])
+    metrics[f"{prefix}n_events"] = float(m["n_events"])
+    client = _client()
+    client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
+    for f in ("metrics.json", "breakdowns.json", "breakdown_length.csv", "breakdown_position.csv"):
+        if (eval_dir / f).exists():
+            client.log_artifact(run_id, str(eval_dir / f), f"evaluation/{table}")
+    if (eval_dir / "breakdowns.json").exists():
+        with tempfile.TemporaryDirectory() as td:
+            png = plots.breakdown_plot(eval_dir / "breakdowns.json", Path(td) / f"breakdown_{table}.png",
+                                       title=f"{m.get('model', '')} {table}")
+            client.log_artifact(run_id, str(png), "plots")
+    return metrics
+
+
+def _metric(k, v, step: int = 0):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(k, v, int(time.time() * 1000), step)
+
+
+# --------------------------------------------------------------------------- registry
+
+def register(model_name: str, model_uri: str, digest: str, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """Register ``model_uri`` unless a version with the same checkpoint digest exists.
+
+    Returns (version, created)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            client.create_registered_model(model_name, description="RNN session-based recommender (rnnrec pipeline)")
+        except MlflowException:
+            pass  # created concurrently
+    for mv in client.search_model_versions(f"name = '{model_name}'"):
+        if mv.tags.get(f"{TAG}ckpt_digest") == digest:
+            return mv.version, False
+    mv = mlflow.register_model(model_uri, model_name, tags={f"{TAG}ckpt_digest": digest, **(tags or {})})
+    return mv.version, True
+
+
+def champion(model_name: str):
+    """The version the ``champion`` alias points to, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client().get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+
+
+def champion_checkpoint(model_name: str, dest: str | os.PathLike) -> Path | None:
+    """Download the champion's checkpoint (for re-scoring it on today's validation table)."""
+    import mlflow
+
+    mv = champion(model_name)
+    if mv is None:
+        return None
+    d = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}@champion", dst_path=str(dest))
+    found = sorted(Path(d).rglob("*.pt"))
+    if not found:
+        raise FileNotFoundError(f"models:/{model_name}@champion has no checkpoint artifact under {d}")
+    return found[0]
+
+
+def promote_if_better(model_name: str, version: str, score: float, champion_score: float | None) -> dict:
+    """Move ``champion`` to ``version`` when there is none or ``score`` beats ``champion_score``."""
+    client = _client()
+    cur = champion(model_name)
+    decision = {"model": model_name, "candidate_version": version, "candidate_score": score,
+                "champion_version": cur.version if cur else None, "champion_score": champion_score}
+    if cur is not None and cur.version == version:
+        decision["action"] = "unchanged (already champion)"
+    elif cur is None or champion_score is None or score > champion_score:
+        client.set_registered_model_alias(model_name, "champion", version)
+        client.set_model_version_tag(model_name, version, SELECT_METRIC, f"{score:.6f}")
+        decision["action"] = "promoted"
+    else:
+        decision["action"] = "kept current champion"
+    return decision
+
+
+def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], out_dir) -> Path:
+    """Comparison table (JSON + CSV) and bar chart on the parent run; also written to ``out_dir``."""
+    from evaluation import plots
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "comparison.json").write_text(json.dumps({"candidates": rows, "registry": decisions}, indent=2,
+                                                     sort_keys=True, default=str) + "\n")
+    cols = ["label", "family", "fraction", SELECT_METRIC, "recall_at_20", "mrr_at_20", "precision_at_20",
+            "recall_at_5", "mrr_at_5", "registered_version"]
+    with open(tmp / "comparison.csv", "w") as f:
+        f.write(",".join(cols) + "\n")
+        for r in rows:
+            f.write(",".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n")
+    plots.comparison_bar(rows, tmp / "comparison.png", title="test Recall@20 / MRR@20 by candidate")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    client = _client()
+    client.log_artifacts(parent_run_id, str(out_dir), "comparison")
+    best = max(rows, key=lambda r: r.get(SELECT_METRIC) or -1.0) if rows else None
+    if best:
+        client.log_metric(parent_run_id, f"best_{SELECT_METRIC}", float(best[SELECT_METRIC]))
+        client.log_metric(parent_run_id, "best_recall_at_20", float(best.get("recall_at_20") or 0.0))
+        client.set_tag(parent_run_id, f"{TAG}best_candidate", best["label"])
+    return out_dir

@@ -1,0 +1,167 @@
+"""The whole DAG on a tiny generated clickstream, twice for the same date (``dag.test()``).
+
+    .venv/bin/python -m pytest tests/dags/test_pipeline_e2e.py -q
+
+Each run executes every task for real in a fresh interpreter (Airflow home, SQLite
+metadata, MLflow SQLite store all inside pytest's tmp dir): synthetic data ->
+Spark preprocessing (time_strict cut at the interval end) -> GX gates -> GRU4Rec
+and POP on train_full + fine-tuning on the most recent 1/4 -> evaluation ->
+MLflow runs, registry, ``champion``. Then the same date again: outputs and
+metrics must be identical and the registry must not grow.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+DATE = "2014-04-06"  # interval [2014-04-05, 2014-04-06): data covers 04-01 .. 04-05
+INTERVAL = "20140405T000000Z_20140406T000000Z"
+CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "synthetic_start": "2014-04-01",
+        "families": ["gru4rec", "pop"], "epochs": 1, "fractions": [4], "device": "cpu",
+        "overrides": {"gru4rec": {"layers": [32], "n_sample": 128, "batch_size": 32, "num_threads": 1}}}
+CANDIDATES = ["gru4rec", "gru4rec-recent4", "pop", "pop-recent4"]
+
+
+def _snapshot(data: Path) -> dict:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from evaluation.mlflow_logging import checkpoint_digest
+
+    mlflow.set_tracking_uri(f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
+    c = MlflowClient()
+    root = data / "pipeline" / "synthetic" / INTERVAL
+    return {
+        "comparison": json.loads((root / "comparison" / "comparison.json").read_text())["candidates"],
+        "digests": {p.parent.name: checkpoint_digest(p) for p in sorted((root / "models").glob("*/model.pt"))},
+        "versions": {m.name: sorted(v.version for v in c.search_model_versions(f"name = '{m.name}'"))
+                     for m in c.search_registered_models()},
+        "test_metrics": {p.parent.parent.name: json.loads(p.read_text())["mrr_at_20"]
+                         for p in sorted((root / "eval").glob("*/test/metrics.json"))},
+        # Spark part files carry a random job id in their names: compare names without it
+        "files": sorted(re.sub(r"part-(\d+)-[0-9a-f-]{36}", r"part-\1", str(p.relative_to(root)))
+                        for p in root.rglob("*") if p.is_file() and "quality" not in p.parts),
+        "splits": json.loads((root / "processed" / "manifest.json").read_text())["splits"],
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from dags.run_demo import run
+
+    data = tmp_path_factory.mktemp("pipeline")
+    first = run(CONF, DATE, data, runner="python")
+    snap1 = _snapshot(data)
+    second = run(CONF, DATE, data, runner="python")
+    snap2 = _snapshot(data)
+    return {"data": data, "first": first, "second": second, "snap1": snap1, "snap2": snap2}
+
+
+def _client(data: Path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
+    data = pipeline["data"]
+    c = _client(data)
+    exp = c.get_experiment_by_name("rnnrec-synthetic")
+    assert exp is not None
+    parents = c.search_runs([exp.experiment_id], "tags.rnnrec_role = 'parent'")
+    assert len(parents) == 1, "a re-run of the interval must replace (soft-delete) the earlier parent run"
+    p = parents[0]
+    assert p.info.status == "FINISHED"
+    assert p.data.tags["rnnrec_dag_id"] == "session_rec_pipeline"
+    assert p.data.tags["rnnrec_interval"] == "2014-04-05T00:00:00+00:00/2014-04-06T00:00:00+00:00"
+    assert p.data.tags["rnnrec_dag_run_id"] and p.data.tags["rnnrec_git_commit"]
+    assert p.data.params["pipeline.families"] == '["gru4rec", "pop"]'
+    assert p.inputs.dataset_inputs and p.inputs.dataset_inputs[0].dataset.digest == \
+        p.data.tags["rnnrec_manifest_sha256"][:32]
+    parent_files = {f.path for f in c.list_artifacts(p.info.run_id, "comparison")}
+    assert {"comparison/comparison.png", "comparison/comparison.csv", "comparison/comparison.json"} <= parent_files
+    assert any(f.path == "data_docs/index.html" for f in c.list_artifacts(p.info.run_id, "data_docs"))
+    assert p.data.metrics["best_valid_mrr_at_20"] > 0
+
+    kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")
+    by = {r.data.tags["rnnrec_candidate"]: r for r in kids}
+    assert sorted(by) == CANDIDATES
+    g = by["gru4rec"]
+    assert g.data.params["layers"] == "[32]" and g.data.params["n_epochs"] == "1"
+    assert by["gru4rec-recent4"].data.params["train_table"] == "train_recent_4"
+    assert by["gru4rec-recent4"].data.tags["rnnrec_fraction"] == "4"
+    for r in kids:
+        m = r.data.metrics
+        for k in ("recall_at_20", "mrr_at_20", "precision_at_20", "valid_mrr_at_20", "recall_at_5"):
+            assert 0.0 <= m[k] <= 1.0, (r.data.tags["rnnrec_candidate"], k)
+        assert m["precision_at_20"] == pytest.approx(m["recall_at_20"] / 20)
+        assert m["mrr_at_20"] <= m["recall_at_20"]
+    hist = c.get_metric_history(g.info.run_id, "train_loss")
+    assert len(hist) == 1 and hist[0].step == 1 and hist[0].value > 0
+    assert c.get_metric_history(g.info.run_id, "train_events_per_s")[0].value > 0
+    # the trained GRU beats popularity on this sequential data (sanity of the whole chain)
+    assert g.data.metrics["recall_at_20"] > by["pop"].data.metrics["recall_at_20"]
+    arts = {f.path for d in ("plots", "evaluation/test", "config") for f in c.list_artifacts(g.info.run_id, d)}
+    assert {"plots/training_curve.png", "plots/breakdown_test.png", "plots/breakdown_valid.png",
+            "evaluation/test/metrics.json", "evaluation/test/breakdown_length.csv",
+            "evaluation/test/breakdown_position.csv", "config/config.json"} <= arts
+    # DAG-side metrics == MLflow metrics == evaluation output on disk
+    row = {r["candidate"]: r for r in pipeline["second"]["candidates"]}["gru4rec"]
+    assert row["mrr_at_20"] == pytest.approx(g.data.metrics["mrr_at_20"])
+
+
+def test_registry_versions_champion_and_pyfunc_serving(pipeline):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    data = pipeline["data"]
+    c = _client(data)
+    names = {m.name for m in c.search_registered_models()}
+    assert {"synthetic-gru4rec", "synthetic-pop", "synthetic-best"} <= names
+    rows = {r["candidate"]: r for r in pipeline["snap1"]["comparison"]}
+    best = max(rows.values(), key=lambda r: r["valid_mrr_at_20"])
+    champ = c.get_model_version_by_alias("synthetic-best", "champion")
+    assert champ.tags["rnnrec_ckpt_digest"] == best["digest"]
+    fam_champ = c.get_model_version_by_alias("synthetic-gru4rec", "champion")
+    gru_best = max((r for r in rows.values() if r["family"] == "gru4rec"), key=lambda r: r["valid_mrr_at_20"])
+    assert fam_champ.tags["rnnrec_ckpt_digest"] == gru_best["digest"]
+    assert len(c.search_model_versions("name = 'synthetic-gru4rec'")) == 2  # train_full + recent4
+
+    model = mlflow.pyfunc.load_model("models:/synthetic-gru4rec@champion")
+    import pyarrow.parquet as pq
+
+    root = data / "pipeline" / "synthetic" / INTERVAL
+    test = pq.read_table(root / "processed" / "splits" / "time_strict" / "test").to_pandas()
+    sess = test.sort_values(["session_id", "seq"]).groupby("session_id")["item_id"].apply(list).head(3)
+    k = 7
+    out = model.predict(pd.DataFrame({"session": [s[:2] for s in sess], "user_id": [-1] * len(sess)}),
+                        params={"k": k})
+    assert len(out) == 3
+    known = set(pq.read_table(root / "processed" / "splits" / "time_strict" / "item_index")
+                .column("item_id").to_pylist())
+    for items, scores in zip(out["items"], out["scores"]):
+        assert len(items) == k and len(set(items)) == k and set(items) <= known
+        assert all(np.diff(scores) <= 1e-6)  # best first
+    # different sessions get different recommendations (the GRU looks at the session)
+    assert len({tuple(x) for x in out["items"]}) > 1
+    empty = model.predict(pd.DataFrame({"session": [[]]}), params={"k": 3})
+    assert len(empty["items"][0]) == 3  # cold start: most popular training items
+
+
+def test_rerun_of_same_date_gives_same_outputs_and_no_duplicate_versions(pipeline):
+    s1, s2 = pipeline["snap1"], pipeline["snap2"]
+    assert s1["digests"] == s2["digests"], "training is not deterministic: re-runs would register new versions"
+    assert s1["versions"] == s2["versions"]
+    assert s1["test_metrics"] == s2["test_metrics"]
+    assert s1["files"] == s2["files"]
+    assert s1["splits"] == s2["splits"]
+    assert sorted(s1["digests"]) == CANDIDATES
+    assert all(not r["registered_new"] for r in s2["comparison"])
+    acts = {d["model"]: d["action"] for d in pipeline["second"]["registry"]}
+    assert set(acts.values()) == {"unchanged (already champion)"}
