@@ -31,8 +31,11 @@ def _snapshot(data: Path) -> dict:
 
     from evaluation.mlflow_logging import checkpoint_digest
 
-    mlflow.set_tracking_uri(f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
-    c = MlflowClient()
+    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
+    # Registry URI too: an earlier test in this process may have pointed it at a (stopped) server.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     root = data / "pipeline" / "synthetic" / INTERVAL
     return {
         "comparison": json.loads((root / "comparison" / "comparison.json").read_text())["candidates"],
@@ -64,8 +67,10 @@ def _client(data: Path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{data / 'mlflow' / 'mlflow.db'}")
-    return MlflowClient()
+    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
