@@ -82,9 +82,3 @@ def add_seq(df: DataFrame) -> DataFrame:
     """``seq`` = 0-based position in the session by (ts, original order)."""
     w = Window.partitionBy("session_id").orderBy(*ORDER)
     return df.withColumn("seq", (F.row_number().over(w) - 1).cast("int"))
-
-
-def renumber_seq(df: DataFrame) -> DataFrame:
-    """Recompute ``seq`` after rows were removed (keeps the existing order)."""
-    w = Window.partitionBy("session_id").orderBy("seq")
-    return df.withColumn("seq", (F.row_number().over(w) - 1).cast("int"))
