@@ -75,6 +75,9 @@ class GRU4RecConfig(CommonConfig):
     sample_alpha: float = 0.5
     #: rows of negative samples generated at once (official: 10M ids / n_sample)
     sample_store_size: int = 10_000_000
+    #: fused C kernels for the CPU training step (training/kernels.c, built on first use with
+    #: gcc); false, or no compiler, = the pure-torch step (same mathematics, ~3x slower)
+    native_kernels: bool = True
 
 
 @dataclass

@@ -211,6 +211,24 @@ class FastStep:
         self._slot = None
         self._compact = None
         self._arange = torch.arange(self.B * 2 + cfg.n_sample, device=device)
+        # fused C kernels (training/kernels.c) on CPU; the torch ops below are the fallback
+        # and the reference the kernels are tested against (tests/training/test_native_kernels.py)
+        self.native = None
+        if device.type == "cpu" and cfg.native_kernels:
+            from training import native
+            self.native = native.load()
+        if self.native is not None:
+            k = self.B * 2 + cfg.n_sample
+            self._nslot = {}
+            self._nuniq = torch.empty(k, dtype=torch.int64)
+            self._ninv = torch.empty(k, dtype=torch.int64)
+            self._ndby = torch.empty(k)
+            self._nw = torch.empty(k)
+            # GRU gate element-wise parts in C too (not for the one-hot first layer, whose
+            # input is a table row); the layer's products stay in torch
+            self._ngru = model.embedding != "onehot"
+            self._nin = torch.empty(k, dtype=torch.uint8)
+            self._nzq = torch.zeros(k)
 
     # ---- optimizer ---------------------------------------------------------------------
     def _new_opt_state(self) -> dict[str, torch.Tensor]:
@@ -237,6 +255,13 @@ class FastStep:
 
     def _dense_update(self) -> None:
         c, st, g = self.cfg, self.opt_state, self.gflat
+        if c.optimizer == "adagrad" and self.native is not None:
+            self.native.rnn_adagrad_rows(
+                self.flat.data_ptr(), st["dense.acc"].data_ptr(),
+                st["dense.mom"].data_ptr() if c.momentum > 0 else None, None, None,
+                1, self.flat.numel(), g.data_ptr(), c.learning_rate, c.adagrad_eps,
+                c.momentum, int(c.nesterov))
+            return
         if c.optimizer == "adagrad":
             acc = st["dense.acc"]
             acc.addcmul_(g, g)
@@ -262,6 +287,8 @@ class FastStep:
     def _coalesce(self, rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(unique rows, position of each input row among them) without a sort: scatter
         each occurrence's position into a per-item slot, keep the rows that won their slot."""
+        if self.native is not None:
+            return self._coalesce2(rows, None, n)
         if self._slot is None or self._slot.shape[0] < n:
             self._slot = torch.empty(n, dtype=torch.int64, device=rows.device)
             self._compact = torch.empty(n, dtype=torch.int64, device=rows.device)
@@ -272,6 +299,21 @@ class FastStep:
         self._compact[uniq] = ar[: uniq.shape[0]]
         return uniq, self._compact[rows]
 
+    def _coalesce2(self, a: torch.Tensor, b: torch.Tensor | None, n: int):
+        """Native coalescing of the rows ``a`` followed by ``b`` (no concatenation)."""
+        slot = self._nslot.get(n)
+        if slot is None:
+            slot = self._nslot[n] = torch.full((n,), -1, dtype=torch.int64)
+        a = a.contiguous()
+        kb = 0 if b is None else b.shape[0]
+        k = a.shape[0] + kb
+        uniq = torch.empty(k, dtype=torch.int64)
+        inv = torch.empty(k, dtype=torch.int64)
+        U = self.native.rnn_coalesce2(a.data_ptr(), a.shape[0],
+                                      b.contiguous().data_ptr() if kb else None, kb,
+                                      slot.data_ptr(), uniq.data_ptr(), inv.data_ptr())
+        return uniq[:U], inv
+
     def _sparse_update(self, name: str, rows: torch.Tensor, vals: torch.Tensor) -> None:
         """Update only the touched rows; duplicate rows are summed first (the update is
         non-linear in the gradient, so they must be coalesced)."""
@@ -280,11 +322,26 @@ class FastStep:
         g.index_add_(0, inv, vals)
         self._rows_update(name, uniq, g)
 
-    def _rows_update(self, name: str, uniq: torch.Tensor, g: torch.Tensor) -> None:
-        """Adagrad(+momentum) / lazy Adam on the unique rows ``uniq`` with summed grads ``g``."""
+    def _rows_update(self, name: str, uniq: torch.Tensor, g: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> None:
+        """Adagrad(+momentum) / lazy Adam on the unique rows ``uniq`` with summed grads ``g``
+        (only rows with ``mask`` set, when given)."""
         c, st = self.cfg, self.opt_state
         p = self.sparse[name].data
         acc = st[f"{name}.acc"]
+        if c.optimizer == "adagrad" and self.native is not None:
+            g = g.contiguous()
+            D = g.numel() // max(1, g.shape[0])
+            self.native.rnn_adagrad_rows(
+                p.data_ptr(), acc.data_ptr(),
+                st[f"{name}.mom"].data_ptr() if c.momentum > 0 else None,
+                uniq.data_ptr(), mask.data_ptr() if mask is not None else None,
+                uniq.shape[0], D, g.data_ptr(), c.learning_rate, c.adagrad_eps,
+                c.momentum, int(c.nesterov))
+            return
+        if mask is not None:
+            sel = torch.nonzero(mask).squeeze(1)
+            uniq, g = uniq.index_select(0, sel), g.index_select(0, sel)
         if c.optimizer == "adagrad":
             a = acc.index_select(0, uniq).addcmul_(g, g)
             acc.index_copy_(0, uniq, a)
@@ -326,7 +383,10 @@ class FastStep:
         # so scoring / back-propagating over the U unique rows (U < M + n_sample) is cheaper
         # and the sparse update needs no scatter of [M + n_sample, H] gradients.
         tied = m.embedding == "tied"
-        uniq, inv = self._coalesce(torch.cat([x, y]) if tied else y, m.n_items)
+        if self.native is not None:
+            uniq, inv = self._coalesce2(x, y, m.n_items) if tied else self._coalesce2(y, None, m.n_items)
+        else:
+            uniq, inv = self._coalesce(torch.cat([x, y]) if tied else y, m.n_items)
         inv_y = inv[M:] if tied else inv
         O = m.Wy.data.index_select(0, uniq)
         if tied:
@@ -336,6 +396,23 @@ class FastStep:
         if inp is not None and emb_mask is not None:
             inp = inp * emb_mask
         cache = []
+        if self.native is not None and self._ngru:
+            for i in range(L):
+                h = state[i]
+                Hs = h.shape[1]
+                gi = torch.addmm(m.b_ih[i].data, inp, m.W_ih[i].data.t())
+                gh = torch.addmm(m.b_hh[i].data, h, m.W_hh[i].data.t())
+                out, r, z, n, ghn = (torch.empty(M, Hs) for _ in range(5))
+                hm = hid_masks[i]
+                hm = hm.contiguous() if hm is not None else None
+                h = h.contiguous()
+                self.native.rnn_gru_gates_fwd(
+                    gi.data_ptr(), gh.data_ptr(), h.data_ptr(), hm.data_ptr() if hm is not None else None,
+                    M, Hs, out.data_ptr(), r.data_ptr(), z.data_ptr(), n.data_ptr(), ghn.data_ptr())
+                cache.append((inp, h, r, z, n, ghn))
+                state[i] = out
+                inp = out
+            L = 0  # layers done
         for i in range(L):
             h = state[i]
             Hs = h.shape[1]
@@ -356,7 +433,58 @@ class FastStep:
         # scores are kept TRANSPOSED, [columns, rows]: gathering / scattering the sampled
         # columns is then a row gather / row scatter (contiguous), ~3x cheaper on CPU than
         # the same along dim 1 (profiled, benchmarks/README_gru4rec.md)
-        Rt = torch.addmm(m.By.data.index_select(0, uniq).unsqueeze(1), O, inp.t()).index_select(0, inv_y)
+        in_y = None
+        if self.xe and self.native is not None:
+            # scores [U, M] by MKL, then the fused softmax (training/kernels.c rnn_xe_softmax):
+            # the M + n_sample columns folded onto the unique rows, loss and dS in place
+            U, C = uniq.shape[0], inv_y.shape[0]
+            if self._nzq.shape[0] < C:
+                self._nzq = torch.empty(C)
+            if U > self._ndby.shape[0]:
+                self._ndby, self._nw = torch.empty(U), torch.empty(U)
+                self._nin = torch.empty(U, dtype=torch.uint8)
+            dBy, in_y = self._ndby[:U], self._nin[:U]
+            dS = torch.addmm(m.By.data.index_select(0, uniq).unsqueeze(1), O, inp.t())
+            lq = self.logq_w is not None
+            loss = torch.tensor(self.native.rnn_xe_softmax(
+                dS.data_ptr(), U, M, inv_y.data_ptr(), y.contiguous().data_ptr(),
+                self.logp.data_ptr() if lq else None, c.logq, c.logq * c.sample_alpha, C,
+                1.0 / self.B, dBy.data_ptr(), in_y.data_ptr(), self._nw.data_ptr(),
+                self._nzq.data_ptr()), dtype=torch.float32)
+            dout = dS.t() @ O
+            dO = dS @ inp
+        else:
+            S = torch.addmm(m.By.data.index_select(0, uniq).unsqueeze(1), O, inp.t())  # [U, M]
+            dout, dO, dBy, loss = self._output_grad(S, inv_y, y, uniq.shape[0], M, O, inp)
+        dx = self._gru_backward(cache, dout, hid_masks, emb_mask, M)
+        # updates
+        self.opt_state["step"] += 1
+        self._dense_update()
+        if tied:
+            # input rows add their gradient to the same Wy rows; By is touched only by the
+            # output rows (official: a row used only as input gets no By update / momentum)
+            if self.native is not None and dx.is_contiguous():
+                self.native.rnn_add_rows(dO.data_ptr(), inv.data_ptr(), dx.data_ptr(), M, dx.shape[1])
+            else:
+                dO.index_add_(0, inv[:M], dx)
+            self._rows_update("Wy", uniq, dO)
+            if in_y is None:
+                in_y = torch.zeros(uniq.shape[0], dtype=torch.bool, device=uniq.device)
+                in_y[inv_y] = True
+            if self.native is None and bool(in_y.all()):
+                in_y = None
+            self._rows_update("By", uniq, dBy, mask=in_y)
+        else:
+            self._rows_update("Wy", uniq, dO)
+            self._rows_update("By", uniq, dBy)
+            self._sparse_update("E" if m.embedding == "separate" else "Wx0", x, dx)
+        return loss
+
+    def _output_grad(self, S, inv_y, y, U, M, O, inp):
+        """Torch path of the output layer: loss, and gradients of the GRU output, the unique
+        output rows and their biases."""
+        c = self.cfg
+        Rt = S.index_select(0, inv_y)
         # loss and dL/dR
         if self.xe:
             if self.logq_w is not None:
@@ -376,10 +504,30 @@ class FastStep:
             loss = lossg.detach()
             dRt = dR.t()
         # backward: output layer, on the unique rows
-        dRt = torch.zeros(uniq.shape[0], M, device=dRt.device).index_add_(0, inv_y, dRt)
-        dout = dRt.t() @ O
-        dO = dRt @ inp
-        dBy = dRt.sum(1)
+        dRt = torch.zeros(U, M, device=dRt.device).index_add_(0, inv_y, dRt)
+        return dRt.t() @ O, dRt @ inp, dRt.sum(1), loss
+
+    def _gru_backward(self, cache, dout, hid_masks, emb_mask, M):
+        """GRU layers' backward: fills the dense gradients (gflat), returns the input gradient."""
+        m = self.m
+        L = len(m.layers)
+        if self.native is not None and self._ngru:
+            for i in reversed(range(L)):
+                xin, h, r, z, n, ghn = cache[i]
+                Hs = h.shape[1]
+                hm = hid_masks[i]
+                hm = hm.contiguous() if hm is not None else None
+                dgi, dgh = torch.empty(M, 3 * Hs), torch.empty(M, 3 * Hs)
+                dout = dout.contiguous()
+                self.native.rnn_gru_gates_bwd(
+                    dout.data_ptr(), hm.data_ptr() if hm is not None else None, h.data_ptr(),
+                    r.data_ptr(), z.data_ptr(), n.data_ptr(), ghn.data_ptr(), M, Hs,
+                    dgi.data_ptr(), dgh.data_ptr(), self.grad_of[id(m.b_ih[i])].data_ptr(),
+                    self.grad_of[id(m.b_hh[i])].data_ptr())
+                torch.mm(dgh.t(), h, out=self.grad_of[id(m.W_hh[i])])
+                torch.mm(dgi.t(), xin, out=self.grad_of[id(m.W_ih[i])])
+                dout = dgi @ m.W_ih[i].data
+            return dout * emb_mask if emb_mask is not None else dout
         self.gflat.zero_()
         dx = None
         for i in reversed(range(L)):
@@ -407,22 +555,4 @@ class FastStep:
                 dout = dgi @ m.W_ih[i].data
                 if i == 0:
                     dx = dout * emb_mask if emb_mask is not None else dout
-        # updates
-        self.opt_state["step"] += 1
-        self._dense_update()
-        if tied:
-            # input rows add their gradient to the same Wy rows; By is touched only by the
-            # output rows (official: a row used only as input gets no By update / momentum)
-            self._rows_update("Wy", uniq, dO.index_add_(0, inv[:M], dx))
-            in_y = torch.zeros(uniq.shape[0], dtype=torch.bool, device=uniq.device)
-            in_y[inv_y] = True
-            if bool(in_y.all()):
-                self._rows_update("By", uniq, dBy)
-            else:
-                sel = torch.nonzero(in_y).squeeze(1)
-                self._rows_update("By", uniq.index_select(0, sel), dBy.index_select(0, sel))
-        else:
-            self._rows_update("Wy", uniq, dO)
-            self._rows_update("By", uniq, dBy)
-            self._sparse_update("E" if m.embedding == "separate" else "Wx0", x, dx)
-        return loss
+        return dx

@@ -17,11 +17,12 @@ from training.losses import sampled_loss
 N_ITEMS, B, NS = 15, 4, 6
 
 
-def make(loss, embedding, layers, optimizer="adagrad", momentum=0.3, logq=0.0):
+def make(loss, embedding, layers, optimizer="adagrad", momentum=0.3, logq=0.0, native=True):
     act = {"cross-entropy": "softmax", "bpr-max": "elu-0.5", "top1": "tanh"}.get(loss, "linear")
     cfg = GRU4RecConfig(layers=layers, embedding=embedding, embedding_dim=5, loss=loss, final_act=act,
                         bpreg=1.0, logq=logq, batch_size=B, n_sample=NS, learning_rate=0.1,
-                        momentum=momentum, optimizer=optimizer, dropout_hidden=0.0)
+                        momentum=momentum, optimizer=optimizer, dropout_hidden=0.0,
+                        native_kernels=native)
     m = GRU4RecModel(N_ITEMS, cfg)
     m.reset_parameters(torch.Generator().manual_seed(3))
     return cfg, m
@@ -70,10 +71,14 @@ def reference_steps(cfg, model, batches, support):
     return model, state
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernels", "torch-ops"])
 @pytest.mark.parametrize("loss", ["cross-entropy", "top1", "bpr", "top1-max", "bpr-max"])
 @pytest.mark.parametrize("embedding,layers", [("tied", [6]), ("separate", [6, 5]), ("onehot", [5])])
-def test_fast_step_matches_autograd_and_official_optimizer(loss, embedding, layers):
-    cfg, model = make(loss, embedding, layers, logq=1.0 if loss == "cross-entropy" else 0.0)
+def test_fast_step_matches_autograd_and_official_optimizer(loss, embedding, layers, native):
+    """Both step implementations (fused C kernels, the default on CPU; plain torch ops, the
+    fallback) against autograd + the official optimizer."""
+    cfg, model = make(loss, embedding, layers, logq=1.0 if loss == "cross-entropy" else 0.0,
+                      native=native)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(3):

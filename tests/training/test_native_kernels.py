@@ -1,0 +1,149 @@
+"""The fused C kernels of the CPU training step (training/kernels.c via training/native.py).
+
+The small-size exactness test against autograd is tests/training/test_gru4rec_fast.py (run
+with and without the kernels); here: realistic sizes, where the kernels' vectorised paths run
+(AVX blocks of 8 plus scalar remainders), NaN detection, and the fallback when the kernels
+cannot be built.
+"""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import native
+from training.config import GRU4RecConfig
+from training.gru4rec import FastStep, GRU4RecModel
+
+ROOT = Path(__file__).resolve().parents[2]
+lib = native.load()
+needs_lib = pytest.mark.skipif(lib is None, reason=f"C kernels unavailable: {native.why_not()}")
+
+
+def _batches(n_items, B, NS, H, n, seed=0, p_drop=0.4):
+    g = torch.Generator().manual_seed(seed)
+    pop = torch.arange(n_items, 0, -1, dtype=torch.float32) ** 1.2  # skewed: duplicate samples
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, n_items, (B,), generator=g)
+        y = torch.cat([torch.randint(0, n_items, (B,), generator=g),
+                       torch.multinomial(pop, NS, replacement=True, generator=g)])
+        hid = [(torch.rand(B, H, generator=g) >= p_drop).float() / (1 - p_drop)]
+        out.append((x, y, {"embed": None, "hidden": hid}))
+    return out
+
+
+@needs_lib
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("M", [24, 17])  # full batch; a shrunk final batch
+def test_kernels_step_equals_torch_step_at_realistic_size(nesterov, M):
+    n_items, B, NS, H = 400, 24, 96, 37  # H = 4 AVX blocks + 5 scalar columns
+    cfg = GRU4RecConfig(layers=[H], batch_size=B, n_sample=NS, nesterov=nesterov)  # official best
+    support = np.random.default_rng(1).integers(1, 500, n_items)
+    m0 = GRU4RecModel(n_items, cfg)
+    m0.reset_parameters(torch.Generator().manual_seed(5))
+    models, losses = {}, {}
+    for use in (True, False):
+        c = copy.deepcopy(cfg)
+        c.native_kernels = use
+        m = copy.deepcopy(m0)
+        step = FastStep(m, c, support, torch.device("cpu"))
+        assert (step.native is not None) == use
+        state = m.init_state(M)
+        ls, snaps = [], []
+        for x, y, masks in _batches(n_items, B, NS, H, 6):
+            masks = {"embed": None, "hidden": [masks["hidden"][0][:M]]}
+            y = torch.cat([y[:M], y[B:]])
+            ls.append(float(step(x[:M], y, state, masks)))
+            snaps.append(copy.deepcopy(m))
+        models[use], losses[use] = snaps, ls
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+    # one step: the two implementations agree to float rounding (summation order, FMA,
+    # the polynomial exp and the refined 1/sqrt of the kernels)
+    for (n, a), (_, b) in zip(models[True][0].named_parameters(), models[False][0].named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=2e-6), n
+    # later steps: Adagrad's g / sqrt(sum g^2) amplifies last-bit differences of tiny gradients
+    # early on, so compare at a tolerance still ~1000x below one update (lr = 0.2)
+    for (n, a), (_, b) in zip(models[True][-1].named_parameters(), models[False][-1].named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), n
+    models = {k: v[-1] for k, v in models.items()}
+    # the run really moved the weights (a no-op kernel would also "agree" at step 0)
+    assert not torch.allclose(models[True].Wy, m0.Wy)
+
+
+@needs_lib
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.2, False), (0.2, True)])
+def test_adagrad_rows_kernel_against_formula(momentum, nesterov):
+    g = torch.Generator().manual_seed(0)
+    n, D = 50, 37
+    W, acc, mom = torch.randn(n, D, generator=g), torch.rand(n, D, generator=g), torch.randn(n, D, generator=g)
+    rows = torch.tensor([7, 3, 41, 0, 19])
+    mask = torch.tensor([1, 1, 0, 1, 1], dtype=torch.uint8)  # row 41 must stay untouched
+    G = torch.randn(len(rows), D, generator=g)
+    lr, eps = 0.2, 1e-6
+    W2, acc2, mom2 = W.clone(), acc.clone(), mom.clone()
+    lib.rnn_adagrad_rows(W2.data_ptr(), acc2.data_ptr(), mom2.data_ptr() if momentum else None,
+                         rows.data_ptr(), mask.data_ptr(), len(rows), D, G.data_ptr(), lr, eps,
+                         momentum, int(nesterov))
+    for i, r in enumerate(rows.tolist()):
+        if not mask[i]:
+            assert torch.equal(W2[r], W[r]) and torch.equal(acc2[r], acc[r])
+            continue
+        a = acc[r] + G[i] ** 2
+        up = -lr * G[i] / torch.sqrt(a + eps)
+        if momentum:
+            mo = momentum * mom[r] + up
+            assert torch.allclose(mom2[r], mo, rtol=1e-5, atol=1e-7)
+            up = momentum * mo + up if nesterov else mo
+        assert torch.allclose(acc2[r], a, rtol=1e-6)
+        assert torch.allclose(W2[r], W[r] + up, rtol=1e-5, atol=1e-6)
+    untouched = [r for r in range(n) if r not in rows.tolist() or r == 41]
+    assert torch.equal(W2[untouched], W[untouched])
+
+
+@needs_lib
+def test_nan_score_gives_nan_loss():
+    n_items, B, NS, H = 60, 8, 16, 10
+    cfg = GRU4RecConfig(layers=[H], batch_size=B, n_sample=NS, dropout_hidden=0.0)
+    m = GRU4RecModel(n_items, cfg)
+    m.reset_parameters(torch.Generator().manual_seed(0))
+    step = FastStep(m, cfg, np.ones(n_items), torch.device("cpu"))
+    x, y, _ = _batches(n_items, B, NS, H, 1)[0]
+    m.By.data[y[5]] = float("nan")
+    assert torch.isnan(step(x, y, m.init_state(B), {}))
+
+
+def _load_in_subprocess(env_extra):
+    env = {**os.environ, **env_extra, "RNNREC_NATIVE_CACHE": env_extra.get("RNNREC_NATIVE_CACHE", "")}
+    code = ("import torch; from training import native; lib = native.load(); "
+            "print('LIB' if lib is not None else 'NONE', native.why_not())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip(), r.stderr
+
+
+def test_disabled_by_env_falls_back(tmp_path):
+    out, _ = _load_in_subprocess({"RNNREC_NATIVE": "0", "RNNREC_NATIVE_CACHE": str(tmp_path)})
+    assert out.startswith("NONE") and "RNNREC_NATIVE=0" in out
+
+
+def test_missing_compiler_falls_back_with_warning(tmp_path):
+    out, err = _load_in_subprocess({"CC": "/nonexistent/cc", "RNNREC_NATIVE_CACHE": str(tmp_path)})
+    assert out.startswith("NONE") and "no C compiler" in out
+    assert "pure-torch training step" in err
+
+
+@pytest.mark.skipif(lib is None, reason="no C compiler here")
+def test_build_is_cached_and_atomic(tmp_path):
+    out, _ = _load_in_subprocess({"RNNREC_NATIVE_CACHE": str(tmp_path)})
+    assert out.startswith("LIB")
+    built = list(tmp_path.glob("gru4rec_kernels_*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp*"))
+    mtime = built[0].stat().st_mtime_ns
+    _load_in_subprocess({"RNNREC_NATIVE_CACHE": str(tmp_path)})
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt

@@ -1,0 +1,328 @@
+/* Fused CPU kernels for the GRU4Rec training step (loaded by training/native.py via ctypes).
+ *
+ * Why: at batch 32 a step is ~40 small tensor ops; on 2 CPU cores the per-op dispatch and the
+ * extra passes over [2080 x 32] / [U x H] temporaries cost more than the matrix products
+ * (profile in benchmarks/README_gru4rec.md). These kernels do in one pass what took 5-12 torch
+ * ops: coalescing the touched item rows, the sampled softmax cross-entropy (+logQ) gradient
+ * scattered straight onto the unique rows, and the Adagrad(+momentum/Nesterov) update of the
+ * touched rows in place. The matrix products stay in torch (MKL).
+ *
+ * Plain C, no torch headers: compiles in about a second; every pointer is a contiguous
+ * float32 / int64 / uint8 buffer owned by a torch tensor on the Python side.
+ * Build: gcc -O3 -march=native -ffp-contract=fast -fno-math-errno -fno-trapping-math -shared -fPIC (training/native.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+
+/* rows = a[0..ka) followed by b[0..kb) -> unique rows in first-occurrence order (uniq[0..U))
+ * and each row's position among them (inv[ka + kb]). slot: scratch of n_items int64 that must hold -1 everywhere on entry;
+ * restored to -1 on exit. Returns U. */
+int64_t rnn_coalesce2(const int64_t *a, int64_t ka, const int64_t *b, int64_t kb, int64_t *slot,
+                      int64_t *uniq, int64_t *inv) {
+    int64_t U = 0;
+    for (int64_t i = 0; i < ka + kb; i++) {
+        int64_t r = i < ka ? a[i] : b[i - ka];
+        int64_t s = slot[r];
+        if (s < 0) {
+            s = U++;
+            slot[r] = s;
+            uniq[s] = r;
+        }
+        inv[i] = s;
+    }
+    for (int64_t u = 0; u < U; u++) slot[uniq[u]] = -1;
+    return U;
+}
+
+/* exp(x) for x <= 0 (callers subtract the row max first), Cephes-style polynomial on the
+ * range-reduced argument: ~1 ulp, and written so that gcc vectorises the loop (glibc's expf
+ * is scalar without -ffast-math, which we avoid so NaN checks stay meaningful). */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float t = x * 1.44269504088896341f + 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    const float n = t - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t i = ((int32_t)n + 127) << 23; /* 2^n */
+    float f;
+    memcpy(&f, &i, sizeof f);
+    return p * f;
+}
+
+static inline float exp_nonpos(float x) { return exp_clamped(x); }
+
+static inline float sigmoidf_(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
+
+/* tanh via exp: absolute error ~1e-7 (relative error grows near 0, irrelevant here) */
+static inline float tanhf_(float x) { return 1.0f - 2.0f / (exp_clamped(2.0f * x) + 1.0f); }
+
+/* Sampled softmax cross-entropy with logQ, gradient on the unique rows.
+ *
+ * S [U, M]   scores of the unique output rows (bias included) for the M mini-batch rows.
+ * C columns: column c is unique row col[c] with offset q[c] (logQ weight * log support,
+ *            0 when off); the target of mini-batch row r is column r (r < M).
+ * Loss = sum_r (logsumexp_c (S[col[c], r] - q[c]) - (S[col[r], r] - q[r])) * inv_b.
+ * dS [U, M] (overwritten) = d loss / d S, duplicates of a row summed; dby [U] = row sums of
+ * dS (the bias gradient); in_out [U] = 1 for rows used as an output column.
+ * buf: scratch of C * M floats. Returns the loss, NaN if any score was not finite. */
+double rnn_xe_grad(const float *S, int64_t U, int64_t M, const int64_t *col, const float *q,
+                   int64_t C, float inv_b, float *dS, float *dby, uint8_t *in_out, float *buf) {
+    float mx[M], sum[M], diag[M];
+    float chk = 0.0f;
+    for (int64_t r = 0; r < M; r++) { mx[r] = -INFINITY; sum[r] = 0.0f; }
+    for (int64_t c = 0; c < C; c++) {
+        const float *s = S + col[c] * M;
+        float *b = buf + c * M;
+        const float qc = q[c];
+        for (int64_t r = 0; r < M; r++) {
+            float v = s[r] - qc;
+            b[r] = v;
+            chk += v * 0.0f; /* stays 0 unless a score is NaN/inf */
+            mx[r] = v > mx[r] ? v : mx[r];
+        }
+    }
+    if (!isfinite(chk)) return NAN;
+    for (int64_t r = 0; r < M; r++) diag[r] = buf[r * M + r];
+    for (int64_t c = 0; c < C; c++) {
+        float *b = buf + c * M;
+        for (int64_t r = 0; r < M; r++) {
+            float e = exp_nonpos(b[r] - mx[r]);
+            b[r] = e;
+            sum[r] += e;
+        }
+    }
+    double loss = 0.0;
+    float scale[M];
+    for (int64_t r = 0; r < M; r++) {
+        loss += (double)(mx[r] + logf(sum[r]) - diag[r]);
+        scale[r] = inv_b / sum[r];
+    }
+    memset(dS, 0, sizeof(float) * U * M);
+    memset(in_out, 0, (size_t)U);
+    for (int64_t c = 0; c < C; c++) {
+        float *d = dS + col[c] * M;
+        const float *b = buf + c * M;
+        in_out[col[c]] = 1;
+        for (int64_t r = 0; r < M; r++) d[r] += b[r] * scale[r];
+    }
+    for (int64_t r = 0; r < M; r++) dS[col[r] * M + r] -= inv_b;
+    for (int64_t u = 0; u < U; u++) {
+        const float *d = dS + u * M;
+        float t = 0.0f;
+        for (int64_t r = 0; r < M; r++) t += d[r];
+        dby[u] = t;
+    }
+    return loss * inv_b;
+}
+
+/* Sampled softmax cross-entropy (+ logQ) on the U unique output rows, in place.
+ *
+ * The softmax runs over C = M + n_sample columns, but several columns are the same item
+ * (popular items are sampled often). Column c is item y[c] = unique row col[c], with logQ
+ * offset q[c] = w * logp[y[c]] (w = w_in for the in-batch columns c < M, w_extra for the
+ * extra samples; logp == NULL: no correction). Since exp(s - q[c]) = exp(s) * exp(-q[c]), the
+ * softmax over the C columns equals a softmax over the U unique rows, row u weighted by
+ * wsum[u] = sum of exp(-q[c]) over its columns: [U x M] work instead of [C x M], with no
+ * gather of the scores and no scatter of their gradient.
+ *
+ * S [U, M]: scores (bias included) of the unique rows for the M mini-batch rows, whose
+ * targets are columns 0..M-1. On return S holds d loss / d S; dby [U] its row sums (bias
+ * gradient); in_out [U] = 1 for rows used as an output column (rows only used as inputs get
+ * no bias update). Scratch: wsum [U], q [C]. Returns
+ *   loss = inv_b * sum_r (logsumexp_c (S[col[c], r] - q[c]) - (S[col[r], r] - q[r])),
+ * or NaN if any score is not finite. */
+double rnn_xe_softmax(float *S, int64_t U, int64_t M, const int64_t *col, const int64_t *y,
+                      const float *logp, float w_in, float w_extra, int64_t C, float inv_b,
+                      float *dby, uint8_t *in_out, float *wsum, float *q) {
+    float mx[M], sum[M], diag[M], scale[M];
+    memset(wsum, 0, sizeof(float) * U);
+    memset(in_out, 0, (size_t)U);
+    for (int64_t c = 0; c < C; c++) {
+        q[c] = logp ? (c < M ? w_in : w_extra) * logp[y[c]] : 0.0f;
+        wsum[col[c]] += expf(-q[c]);
+        in_out[col[c]] = 1;
+    }
+    float chk = 0.0f;
+    for (int64_t r = 0; r < M; r++) { mx[r] = -INFINITY; sum[r] = 0.0f; }
+    for (int64_t u = 0; u < U; u++) {
+        const float *s = S + u * M;
+        for (int64_t r = 0; r < M; r++) chk += s[r] * 0.0f; /* stays 0 unless NaN/inf */
+        if (in_out[u])
+            for (int64_t r = 0; r < M; r++) mx[r] = s[r] > mx[r] ? s[r] : mx[r];
+    }
+    if (!isfinite(chk)) return NAN;
+    for (int64_t r = 0; r < M; r++) diag[r] = S[col[r] * M + r] - q[r];
+    for (int64_t u = 0; u < U; u++) {
+        float *s = S + u * M;
+        const float w = wsum[u];
+        for (int64_t r = 0; r < M; r++) {
+            float e = w * exp_nonpos(s[r] - mx[r]);
+            s[r] = e;
+            sum[r] += e;
+        }
+    }
+    double loss = 0.0;
+    for (int64_t r = 0; r < M; r++) {
+        loss += (double)(mx[r] + logf(sum[r]) - diag[r]);
+        scale[r] = inv_b / sum[r];
+    }
+    for (int64_t u = 0; u < U; u++) {
+        float *s = S + u * M;
+        for (int64_t r = 0; r < M; r++) s[r] *= scale[r];
+    }
+    for (int64_t r = 0; r < M; r++) S[col[r] * M + r] -= inv_b;
+    for (int64_t u = 0; u < U; u++) {
+        const float *s = S + u * M;
+        float part[8] = {0}; /* 8 independent partial sums: vectorisable without reassociation */
+        int64_t r = 0;
+        for (; r + 8 <= M; r += 8)
+            for (int k = 0; k < 8; k++) part[k] += s[r + k];
+        float t = 0.0f;
+        for (; r < M; r++) t += s[r];
+        for (int k = 0; k < 8; k++) t += part[k];
+        dby[u] = t;
+    }
+    return loss * inv_b;
+}
+
+/* ---- GRU layer gates (PyTorch GRUCell convention, gates r, z, n), element-wise parts ----
+ * The products gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh ([M, 3H] each) and the weight /
+ * input gradients stay in torch (MKL); these fuse the ~25 element-wise ops around them.
+ *   r = sigma(gi_r + gh_r), z = sigma(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
+ *   h' = n + z (h - n), out = h' * mask (mask = hidden dropout, already scaled, or NULL).
+ * Forward writes out and the cache r, z, n, ghn = gh_n ([M, H] each). */
+void rnn_gru_gates_fwd(const float *restrict gi, const float *restrict gh,
+                       const float *restrict h, const float *restrict mask, int64_t M, int64_t H,
+                       float *restrict out, float *restrict r_, float *restrict z_,
+                       float *restrict n_, float *restrict ghn) {
+    for (int64_t i = 0; i < M; i++) {
+        const float *a = gi + i * 3 * H, *g = gh + i * 3 * H, *hh = h + i * H;
+        const float *mk = mask ? mask + i * H : NULL;
+        float *o = out + i * H, *rr = r_ + i * H, *zz = z_ + i * H, *nn = n_ + i * H;
+        float *gg = ghn + i * H;
+        for (int64_t j = 0; j < H; j++) {
+            float rv = sigmoidf_(a[j] + g[j]);
+            float zv = sigmoidf_(a[H + j] + g[H + j]);
+            float gn = g[2 * H + j];
+            float nv = tanhf_(a[2 * H + j] + rv * gn);
+            float hv = nv + zv * (hh[j] - nv);
+            rr[j] = rv; zz[j] = zv; nn[j] = nv; gg[j] = gn;
+            o[j] = mk ? hv * mk[j] : hv;
+        }
+    }
+}
+
+/* Backward of the gates: dout [M, H] = d loss / d out -> dgi, dgh [M, 3H] (d loss / d gi, gh)
+ * and the bias gradients gb_ih, gb_hh [3H] (column sums, overwritten). */
+void rnn_gru_gates_bwd(const float *restrict dout, const float *restrict mask,
+                       const float *restrict h, const float *restrict r_, const float *restrict z_,
+                       const float *restrict n_, const float *restrict ghn, int64_t M, int64_t H,
+                       float *restrict dgi, float *restrict dgh, float *restrict gb_ih,
+                       float *restrict gb_hh) {
+    memset(gb_ih, 0, sizeof(float) * 3 * H);
+    memset(gb_hh, 0, sizeof(float) * 3 * H);
+    for (int64_t i = 0; i < M; i++) {
+        const float *d = dout + i * H, *hh = h + i * H, *rr = r_ + i * H, *zz = z_ + i * H;
+        const float *nn = n_ + i * H, *gg = ghn + i * H;
+        const float *mk = mask ? mask + i * H : NULL;
+        float *di = dgi + i * 3 * H, *dh = dgh + i * 3 * H;
+        for (int64_t j = 0; j < H; j++) {
+            float dv = mk ? d[j] * mk[j] : d[j];
+            float rv = rr[j], zv = zz[j], nv = nn[j];
+            float dpn = dv * (1.0f - zv) * (1.0f - nv * nv);
+            float dpr = dpn * gg[j] * (rv * (1.0f - rv));
+            float dpz = dv * (hh[j] - nv) * (zv * (1.0f - zv));
+            di[j] = dpr; di[H + j] = dpz; di[2 * H + j] = dpn;
+            dh[j] = dpr; dh[H + j] = dpz; dh[2 * H + j] = dpn * rv;
+        }
+        for (int64_t j = 0; j < 3 * H; j++) { gb_ih[j] += di[j]; gb_hh[j] += dh[j]; }
+    }
+}
+
+/* Adagrad (+ momentum, + Nesterov) on rows of a [n, D] table, in place:
+ *   acc += g^2 ; upd = -lr * g / sqrt(acc + eps)
+ *   momentum: mom = momentum * mom + upd ; upd = nesterov ? momentum * mom + upd : mom
+ *   W += upd
+ * rows == NULL: rows 0..U-1 (dense parameters). mom == NULL: no momentum. mask != NULL: only
+ * rows u with mask[u] != 0 are updated (the bias of rows used only as inputs). G is [U, D]. */
+static void adagrad_row(float *restrict w, float *restrict a, float *restrict m,
+                        const float *restrict g, int64_t D, float lr, float eps, float momentum,
+                        int nesterov) {
+    int64_t d = 0;
+#ifdef __AVX__
+    /* 1/sqrt by the hardware estimate plus one Newton step (relative error ~2e-7, i.e. float
+     * rounding): sqrt + divide were the slowest part of the update on CPUs with 128-bit FP units */
+    const __m256 veps = _mm256_set1_ps(eps), vnlr = _mm256_set1_ps(-lr);
+    const __m256 vmo = _mm256_set1_ps(momentum), vhalf = _mm256_set1_ps(0.5f);
+    const __m256 v3h = _mm256_set1_ps(1.5f);
+    for (; d + 8 <= D; d += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + d);
+        const __m256 av = _mm256_add_ps(_mm256_loadu_ps(a + d), _mm256_mul_ps(gv, gv));
+        _mm256_storeu_ps(a + d, av);
+        const __m256 x = _mm256_add_ps(av, veps);
+        __m256 y = _mm256_rsqrt_ps(x);
+        y = _mm256_mul_ps(y, _mm256_sub_ps(v3h, _mm256_mul_ps(_mm256_mul_ps(vhalf, x),
+                                                               _mm256_mul_ps(y, y))));
+        __m256 up = _mm256_mul_ps(_mm256_mul_ps(gv, y), vnlr);
+        if (m) {
+            const __m256 md = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(m + d), vmo), up);
+            _mm256_storeu_ps(m + d, md);
+            up = nesterov ? _mm256_add_ps(_mm256_mul_ps(md, vmo), up) : md;
+        }
+        _mm256_storeu_ps(w + d, _mm256_add_ps(_mm256_loadu_ps(w + d), up));
+    }
+#endif
+    for (; d < D; d++) {
+        float ad = a[d] + g[d] * g[d];
+        a[d] = ad;
+        float up = (g[d] / sqrtf(ad + eps)) * -lr;
+        if (m) {
+            float md = m[d] * momentum + up;
+            m[d] = md;
+            up = nesterov ? md * momentum + up : md;
+        }
+        w[d] += up;
+    }
+}
+
+void rnn_adagrad_rows(float *W, float *acc, float *mom, const int64_t *rows, const uint8_t *mask,
+                      int64_t U, int64_t D, const float *G, float lr, float eps, float momentum,
+                      int nesterov) {
+    const int64_t AHEAD = 4; /* rows are scattered over the table: prefetch a few rows ahead,
+                                otherwise every row waits for its cache misses one by one */
+    for (int64_t u = 0; u < U; u++) {
+        if (rows && u + AHEAD < U) {
+            const int64_t p = rows[u + AHEAD] * D;
+            for (int64_t d = 0; d < D; d += 16) {
+                __builtin_prefetch(W + p + d, 1);
+                __builtin_prefetch(acc + p + d, 1);
+                if (mom) __builtin_prefetch(mom + p + d, 1);
+            }
+        }
+        if (mask && !mask[u]) continue;
+        const int64_t r = rows ? rows[u] : u;
+        adagrad_row(W + r * D, acc + r * D, mom ? mom + r * D : NULL, G + u * D, D, lr, eps,
+                    momentum, nesterov);
+    }
+}
+
+/* dst[idx[i], :] += src[i, :] for i < k (duplicates accumulate in order) */
+void rnn_add_rows(float *dst, const int64_t *idx, const float *src, int64_t k, int64_t D) {
+    for (int64_t i = 0; i < k; i++) {
+        float *d = dst + idx[i] * D;
+        const float *s = src + i * D;
+        for (int64_t j = 0; j < D; j++) d[j] += s[j];
+    }
+}

@@ -1,0 +1,129 @@
+"""Build and load the fused C kernels of the GRU4Rec training step (training/kernels.c).
+
+The kernels are compiled on first use with the machine's C compiler (``$CC``, default
+``gcc``; about a second) into a cache folder keyed by the source, the flags and the CPU,
+and loaded with ctypes: no torch C++ extension toolchain is needed. When no compiler is
+available, compilation fails, or ``RNNREC_NATIVE=0`` is set, :func:`load` returns ``None``
+and the trainer uses its pure-torch step (same mathematics, slower on CPU) after one
+warning that says why.
+
+Cache folder: ``$RNNREC_NATIVE_CACHE``, default ``~/.cache/rnnrec/native``.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SRC = Path(__file__).with_name("kernels.c")
+# -fno-math-errno / -fno-trapping-math let gcc vectorise sqrtf and the clamps of the exp
+# (errno and FP traps are never used here); fused multiply-adds are allowed (results differ
+# from the torch step in the last bits only). No -ffast-math: NaN must still propagate so the
+# kernels' NaN checks keep working.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
+          "-std=c11",
+          "-shared", "-fPIC"]
+
+_lib = None
+_tried = False
+_why = ""
+
+# pointers travel as plain addresses (tensor.data_ptr()): cheaper per call than ctypes casts
+f32p = i64p = u8p = ctypes.c_void_p
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler {cc!r} on PATH")
+    src = SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc] + CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("RNNREC_NATIVE_CACHE", Path.home() / ".cache" / "rnnrec" / "native"))
+    out = cache / f"gru4rec_kernels_{key}.so"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SRC), "-lm"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SRC}:\n{r.stderr[-2000:]}")
+        os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load():
+    """The loaded kernel library, or None (with the reason in :func:`why_not`)."""
+    global _lib, _tried, _why
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("RNNREC_NATIVE", "1") == "0":
+        _why = "disabled by RNNREC_NATIVE=0"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except Exception as e:  # noqa: BLE001 - any failure means: use the torch step
+        _why = f"{type(e).__name__}: {e}"
+        log.warning("fused CPU kernels unavailable (%s); using the pure-torch training step", _why)
+        return None
+    lib.rnn_coalesce2.restype = ctypes.c_int64
+    lib.rnn_coalesce2.argtypes = [i64p, ctypes.c_int64, i64p, ctypes.c_int64, i64p, i64p, i64p]
+    lib.rnn_add_rows.restype = None
+    lib.rnn_add_rows.argtypes = [f32p, i64p, f32p, ctypes.c_int64, ctypes.c_int64]
+    lib.rnn_xe_grad.restype = ctypes.c_double
+    lib.rnn_xe_grad.argtypes = [f32p, ctypes.c_int64, ctypes.c_int64, i64p, f32p, ctypes.c_int64,
+                                ctypes.c_float, f32p, f32p, u8p, f32p]
+    lib.rnn_xe_softmax.restype = ctypes.c_double
+    lib.rnn_xe_softmax.argtypes = [f32p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, f32p,
+                                   ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_float,
+                                   f32p, u8p, f32p, f32p]
+    lib.rnn_gru_gates_fwd.restype = None
+    lib.rnn_gru_gates_fwd.argtypes = [f32p, f32p, f32p, f32p, ctypes.c_int64, ctypes.c_int64,
+                                      f32p, f32p, f32p, f32p, f32p]
+    lib.rnn_gru_gates_bwd.restype = None
+    lib.rnn_gru_gates_bwd.argtypes = [f32p, f32p, f32p, f32p, f32p, f32p, f32p, ctypes.c_int64,
+                                      ctypes.c_int64, f32p, f32p, f32p, f32p]
+    lib.rnn_adagrad_rows.restype = None
+    lib.rnn_adagrad_rows.argtypes = [f32p, f32p, f32p, i64p, u8p, ctypes.c_int64, ctypes.c_int64,
+                                     f32p, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    _lib = lib
+    return lib
+
+
+def why_not() -> str:
+    return _why
+
+
+def ptr(t: torch.Tensor | None):
+    """Address of a contiguous CPU tensor's data (None -> NULL)."""
+    if t is None:
+        return None
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("the fused kernels need contiguous CPU tensors")
+    return t.data_ptr()
