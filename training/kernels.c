@@ -18,6 +18,17 @@
 #include <immintrin.h>
 #endif
 
+/* work below this many floats runs on one thread: waking the OpenMP team costs more */
+#define PAR_MIN 32768
+#ifdef _OPENMP
+#include <omp.h>
+static int n_threads(int64_t work) { return work >= PAR_MIN ? omp_get_max_threads() : 1; }
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int n_threads(int64_t work) { (void)work; return 1; }
+static int thread_id(void) { return 0; }
+#endif
+
 /* rows = a[0..ka) followed by b[0..kb) -> unique rows in first-occurrence order (uniq[0..U))
  * and each row's position among them (inv[ka + kb]). slot: scratch of n_items int64 that must hold -1 everywhere on entry;
  * restored to -1 on exit. Returns U. */
@@ -68,65 +79,6 @@ static inline float sigmoidf_(float x) { return 1.0f / (1.0f + exp_clamped(-x));
 /* tanh via exp: absolute error ~1e-7 (relative error grows near 0, irrelevant here) */
 static inline float tanhf_(float x) { return 1.0f - 2.0f / (exp_clamped(2.0f * x) + 1.0f); }
 
-/* Sampled softmax cross-entropy with logQ, gradient on the unique rows.
- *
- * S [U, M]   scores of the unique output rows (bias included) for the M mini-batch rows.
- * C columns: column c is unique row col[c] with offset q[c] (logQ weight * log support,
- *            0 when off); the target of mini-batch row r is column r (r < M).
- * Loss = sum_r (logsumexp_c (S[col[c], r] - q[c]) - (S[col[r], r] - q[r])) * inv_b.
- * dS [U, M] (overwritten) = d loss / d S, duplicates of a row summed; dby [U] = row sums of
- * dS (the bias gradient); in_out [U] = 1 for rows used as an output column.
- * buf: scratch of C * M floats. Returns the loss, NaN if any score was not finite. */
-double rnn_xe_grad(const float *S, int64_t U, int64_t M, const int64_t *col, const float *q,
-                   int64_t C, float inv_b, float *dS, float *dby, uint8_t *in_out, float *buf) {
-    float mx[M], sum[M], diag[M];
-    float chk = 0.0f;
-    for (int64_t r = 0; r < M; r++) { mx[r] = -INFINITY; sum[r] = 0.0f; }
-    for (int64_t c = 0; c < C; c++) {
-        const float *s = S + col[c] * M;
-        float *b = buf + c * M;
-        const float qc = q[c];
-        for (int64_t r = 0; r < M; r++) {
-            float v = s[r] - qc;
-            b[r] = v;
-            chk += v * 0.0f; /* stays 0 unless a score is NaN/inf */
-            mx[r] = v > mx[r] ? v : mx[r];
-        }
-    }
-    if (!isfinite(chk)) return NAN;
-    for (int64_t r = 0; r < M; r++) diag[r] = buf[r * M + r];
-    for (int64_t c = 0; c < C; c++) {
-        float *b = buf + c * M;
-        for (int64_t r = 0; r < M; r++) {
-            float e = exp_nonpos(b[r] - mx[r]);
-            b[r] = e;
-            sum[r] += e;
-        }
-    }
-    double loss = 0.0;
-    float scale[M];
-    for (int64_t r = 0; r < M; r++) {
-        loss += (double)(mx[r] + logf(sum[r]) - diag[r]);
-        scale[r] = inv_b / sum[r];
-    }
-    memset(dS, 0, sizeof(float) * U * M);
-    memset(in_out, 0, (size_t)U);
-    for (int64_t c = 0; c < C; c++) {
-        float *d = dS + col[c] * M;
-        const float *b = buf + c * M;
-        in_out[col[c]] = 1;
-        for (int64_t r = 0; r < M; r++) d[r] += b[r] * scale[r];
-    }
-    for (int64_t r = 0; r < M; r++) dS[col[r] * M + r] -= inv_b;
-    for (int64_t u = 0; u < U; u++) {
-        const float *d = dS + u * M;
-        float t = 0.0f;
-        for (int64_t r = 0; r < M; r++) t += d[r];
-        dby[u] = t;
-    }
-    return loss * inv_b;
-}
-
 /* Sampled softmax cross-entropy (+ logQ) on the U unique output rows, in place.
  *
  * The softmax runs over C = M + n_sample columns, but several columns are the same item
@@ -154,35 +106,62 @@ double rnn_xe_softmax(float *S, int64_t U, int64_t M, const int64_t *col, const 
         wsum[col[c]] += expf(-q[c]);
         in_out[col[c]] = 1;
     }
+    /* per-thread partial max / sums over the unique rows, combined in thread order: the
+     * result is the same on every run with the same thread count (resume == uninterrupted) */
+    const int nt = n_threads(U * M);
+    float pmx[nt][M], psum[nt][M], pchk[nt];
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = thread_id();
+        float *lmx = pmx[t];
+        float lchk = 0.0f;
+        for (int64_t r = 0; r < M; r++) lmx[r] = -INFINITY;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < U; u++) {
+            const float *s = S + u * M;
+            for (int64_t r = 0; r < M; r++) lchk += s[r] * 0.0f; /* stays 0 unless NaN/inf */
+            if (in_out[u])
+                for (int64_t r = 0; r < M; r++) lmx[r] = s[r] > lmx[r] ? s[r] : lmx[r];
+        }
+        pchk[t] = lchk;
+    }
     float chk = 0.0f;
     for (int64_t r = 0; r < M; r++) { mx[r] = -INFINITY; sum[r] = 0.0f; }
-    for (int64_t u = 0; u < U; u++) {
-        const float *s = S + u * M;
-        for (int64_t r = 0; r < M; r++) chk += s[r] * 0.0f; /* stays 0 unless NaN/inf */
-        if (in_out[u])
-            for (int64_t r = 0; r < M; r++) mx[r] = s[r] > mx[r] ? s[r] : mx[r];
+    for (int t = 0; t < nt; t++) {
+        chk += pchk[t];
+        for (int64_t r = 0; r < M; r++) mx[r] = pmx[t][r] > mx[r] ? pmx[t][r] : mx[r];
     }
     if (!isfinite(chk)) return NAN;
     for (int64_t r = 0; r < M; r++) diag[r] = S[col[r] * M + r] - q[r];
-    for (int64_t u = 0; u < U; u++) {
-        float *s = S + u * M;
-        const float w = wsum[u];
-        for (int64_t r = 0; r < M; r++) {
-            float e = w * exp_nonpos(s[r] - mx[r]);
-            s[r] = e;
-            sum[r] += e;
+#pragma omp parallel num_threads(nt)
+    {
+        float *ls = psum[thread_id()];
+        for (int64_t r = 0; r < M; r++) ls[r] = 0.0f;
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < U; u++) {
+            float *s = S + u * M;
+            const float w = wsum[u];
+            for (int64_t r = 0; r < M; r++) {
+                float e = w * exp_nonpos(s[r] - mx[r]);
+                s[r] = e;
+                ls[r] += e;
+            }
         }
     }
+    for (int t = 0; t < nt; t++)
+        for (int64_t r = 0; r < M; r++) sum[r] += psum[t][r];
     double loss = 0.0;
     for (int64_t r = 0; r < M; r++) {
         loss += (double)(mx[r] + logf(sum[r]) - diag[r]);
         scale[r] = inv_b / sum[r];
     }
+#pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t u = 0; u < U; u++) {
         float *s = S + u * M;
         for (int64_t r = 0; r < M; r++) s[r] *= scale[r];
     }
     for (int64_t r = 0; r < M; r++) S[col[r] * M + r] -= inv_b;
+#pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t u = 0; u < U; u++) {
         const float *s = S + u * M;
         float part[8] = {0}; /* 8 independent partial sums: vectorisable without reassociation */
@@ -302,6 +281,17 @@ void rnn_adagrad_rows(float *W, float *acc, float *mom, const int64_t *rows, con
                       int nesterov) {
     const int64_t AHEAD = 4; /* rows are scattered over the table: prefetch a few rows ahead,
                                 otherwise every row waits for its cache misses one by one */
+    if (!rows && U == 1 && D >= PAR_MIN) {
+        /* one dense block (the GRU weights): split it into chunks across the threads */
+        const int64_t CH = 4096;
+#pragma omp parallel for schedule(static)
+        for (int64_t c0 = 0; c0 < D; c0 += CH)
+            adagrad_row(W + c0, acc + c0, mom ? mom + c0 : NULL, G + c0, D - c0 < CH ? D - c0 : CH,
+                        lr, eps, momentum, nesterov);
+        return;
+    }
+    /* rows are unique, so threads never write the same row */
+#pragma omp parallel for schedule(static) if (U * D >= PAR_MIN)
     for (int64_t u = 0; u < U; u++) {
         if (rows && u + AHEAD < U) {
             const int64_t p = rows[u + AHEAD] * D;

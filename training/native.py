@@ -30,9 +30,10 @@ SRC = Path(__file__).with_name("kernels.c")
 # (errno and FP traps are never used here); fused multiply-adds are allowed (results differ
 # from the torch step in the last bits only). No -ffast-math: NaN must still propagate so the
 # kernels' NaN checks keep working.
+# -fopenmp: the kernels use the OpenMP runtime torch already loaded (libgomp.so.1, same
+# soname, so one thread pool; torch.set_num_threads sets its size).
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
-          "-std=c11",
-          "-shared", "-fPIC"]
+          "-fopenmp", "-std=c11", "-shared", "-fPIC"]
 
 _lib = None
 _tried = False
@@ -96,9 +97,6 @@ def load():
     lib.rnn_coalesce2.argtypes = [i64p, ctypes.c_int64, i64p, ctypes.c_int64, i64p, i64p, i64p]
     lib.rnn_add_rows.restype = None
     lib.rnn_add_rows.argtypes = [f32p, i64p, f32p, ctypes.c_int64, ctypes.c_int64]
-    lib.rnn_xe_grad.restype = ctypes.c_double
-    lib.rnn_xe_grad.argtypes = [f32p, ctypes.c_int64, ctypes.c_int64, i64p, f32p, ctypes.c_int64,
-                                ctypes.c_float, f32p, f32p, u8p, f32p]
     lib.rnn_xe_softmax.restype = ctypes.c_double
     lib.rnn_xe_softmax.argtypes = [f32p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, f32p,
                                    ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_float,
