@@ -34,7 +34,7 @@ class CommonConfig:
     seed: int = 42
     #: "auto" = CUDA when present, else CPU; or an explicit torch device string ("cpu", "cuda")
     device: str = "auto"
-    #: torch intra-op threads on CPU; 0 = leave torch's default
+    #: CPU threads (torch and the C kernels); 0 = auto: the cores not already busy (load average)
     num_threads: int = 0
     #: session order in an epoch: "time" (by first event, the official default) or "random"
     session_order: str = "time"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 import time
@@ -41,6 +42,24 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def pick_threads(requested: int, cpus: int | None = None, load: float | None = None) -> int:
+    """CPU threads for training: ``requested`` when > 0; otherwise ("auto") every core that is
+    not already busy. Threads that share a core with another process spin-wait at every
+    parallel region: on 2 cores with another job running, 2 threads measured 20x slower than 1
+    (benchmarks/README_gru4rec.md), so auto never oversubscribes."""
+    if requested > 0:
+        return requested
+    cpus = cpus or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+    n = max(1, min(cpus, int(cpus - load + 0.5)))
+    log.info("num_threads=auto: %d of %d cores (1-min load average %.1f)", n, cpus, load)
+    return n
 
 
 def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, sets=None,
@@ -66,8 +85,8 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
         base = init_ckpt["config"] if init_ckpt is not None else None
         cfg = resolve_config(model, base, config_file, sets)
 
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    threads = pick_threads(cfg.num_threads)
+    torch.set_num_threads(threads)
     device = pick_device(cfg.device)
     if init_ckpt is not None:  # keep the pre-trained item index so item_idx keeps its meaning
         index = ck.item_index_from_ckpt(init_ckpt["item_index"])

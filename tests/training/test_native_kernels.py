@@ -147,3 +147,12 @@ def test_build_is_cached_and_atomic(tmp_path):
     mtime = built[0].stat().st_mtime_ns
     _load_in_subprocess({"RNNREC_NATIVE_CACHE": str(tmp_path)})
     assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_auto_threads_never_oversubscribe():
+    from training.train import pick_threads
+    assert pick_threads(3, cpus=2, load=9.0) == 3  # explicit wins
+    assert pick_threads(0, cpus=2, load=0.2) == 2  # quiet machine: all cores
+    assert pick_threads(0, cpus=2, load=1.0) == 1  # one core busy
+    assert pick_threads(0, cpus=2, load=7.5) == 1  # never below one
+    assert pick_threads(0, cpus=16, load=4.2) == 12
