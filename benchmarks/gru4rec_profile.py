@@ -1,7 +1,10 @@
 """Profile GRU4Rec training steps on CPU (where does the time go?).
 
 Run: python -m benchmarks.gru4rec_profile SPLIT_DIR [--steps 600] [--set key=value ...]
-Prints events/s for a few hundred steps of epoch 0 and the torch.profiler op table.
+        [--threads N] [--profile | --kernels]
+Prints events/s for a few hundred steps (after a warm-up epoch) and, with --profile, the
+torch.profiler op table (torch ops only: the C kernels are invisible to it), or, with
+--kernels, the CPU time per step spent in each fused C kernel (training/kernels.c).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=512)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
@@ -39,7 +43,32 @@ def main(argv=None):
     data.session_ids = data.session_ids[:keep]
     data.start_ts = data.start_ts[:keep]
     fam.run_epoch(0)  # warm-up
-    if a.profile:
+    if a.kernels and fam.step.native is not None:
+        import collections
+        lib, spent, calls = fam.step.native, collections.Counter(), collections.Counter()
+
+        class Timed:  # wraps every kernel call with a CPU-time counter
+            def __getattr__(self, name):
+                f = getattr(lib, name)
+
+                def call(*args):
+                    t = time.process_time()
+                    r = f(*args)
+                    spent[name] += time.process_time() - t
+                    calls[name] += 1
+                    return r
+                return call
+        fam.step.native = Timed()
+        c0 = time.process_time()
+        st = fam.run_epoch(1)
+        cpu = time.process_time() - c0
+        print(f"cpu_ms_per_step={cpu / st['steps'] * 1e3:.3f} events_per_cpu_s={st['events'] / cpu:.0f}")
+        for name in sorted(spent, key=spent.get, reverse=True):
+            print(f"  {name:22s} {calls[name] / st['steps']:.0f} call(s)/step "
+                  f"{spent[name] / st['steps'] * 1e6:8.1f} us/step")
+        print(f"  {'(torch ops + Python)':22s}            "
+              f"{(cpu - sum(spent.values())) / st['steps'] * 1e6:8.1f} us/step")
+    elif a.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             st = fam.run_epoch(1)
