@@ -209,6 +209,7 @@ class FastStep:
             self.grad_of.get(id(model.W_ih[i])), self.grad_of[id(model.W_hh[i])],
             self.grad_of.get(id(model.b_ih[i])), self.grad_of[id(model.b_hh[i])])))
             for i in range(len(model.layers))]
+        self._By = model.By.data
         self.sparse = {"Wy": model.Wy, "By": model.By}
         if model.embedding == "separate":
             self.sparse["E"] = model.E
@@ -408,14 +409,15 @@ class FastStep:
                 h = state[i]
                 Hs = h.shape[1]
                 W_ih, W_hh, b_ih, b_hh = self._layer[i][:4]
-                gi = torch.addmm(b_ih, inp, W_ih.t())
-                gh = torch.addmm(b_hh, h, W_hh.t())
+                gi = inp @ W_ih.t()  # biases are added in the kernel (cheaper than addmm's)
+                gh = h @ W_hh.t()
                 out, r, z, n, ghn = (torch.empty(M, Hs) for _ in range(5))
                 hm = hid_masks[i]
                 hm = hm.contiguous() if hm is not None else None
                 h = h.contiguous()
                 self.native.rnn_gru_gates_fwd(
-                    gi.data_ptr(), gh.data_ptr(), h.data_ptr(), hm.data_ptr() if hm is not None else None,
+                    gi.data_ptr(), gh.data_ptr(), b_ih.data_ptr(), b_hh.data_ptr(), h.data_ptr(),
+                    hm.data_ptr() if hm is not None else None,
                     M, Hs, out.data_ptr(), r.data_ptr(), z.data_ptr(), n.data_ptr(), ghn.data_ptr())
                 cache.append((inp, h, r, z, n, ghn))
                 state[i] = out
@@ -452,10 +454,10 @@ class FastStep:
                 self._ndby, self._nw = torch.empty(U), torch.empty(U)
                 self._nin = torch.empty(U, dtype=torch.uint8)
             dBy, in_y = self._ndby[:U], self._nin[:U]
-            dS = torch.addmm(m.By.data.index_select(0, uniq).unsqueeze(1), O, inp.t())
+            dS = O @ inp.t()  # the kernel adds the biases
             lq = self.logq_w is not None
             loss = torch.tensor(self.native.rnn_xe_softmax(
-                dS.data_ptr(), U, M, inv_y.data_ptr(), y.contiguous().data_ptr(),
+                dS.data_ptr(), self._By.data_ptr(), uniq.data_ptr(), U, M, inv_y.data_ptr(), y.contiguous().data_ptr(),
                 self.logp.data_ptr() if lq else None, c.logq, c.logq * c.sample_alpha, C,
                 1.0 / self.B, dBy.data_ptr(), in_y.data_ptr(), self._nw.data_ptr(),
                 self._nzq.data_ptr()), dtype=torch.float32)

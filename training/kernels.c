@@ -89,15 +89,17 @@ static inline float tanhf_(float x) { return 1.0f - 2.0f / (exp_clamped(2.0f * x
  * wsum[u] = sum of exp(-q[c]) over its columns: [U x M] work instead of [C x M], with no
  * gather of the scores and no scatter of their gradient.
  *
- * S [U, M]: scores (bias included) of the unique rows for the M mini-batch rows, whose
- * targets are columns 0..M-1. On return S holds d loss / d S; dby [U] its row sums (bias
+ * S [U, M]: scores O X^T (bias NOT included: added here from the bias table by at the
+ * unique rows uniq) of the unique rows for the M mini-batch rows, whose targets are
+ * columns 0..M-1. On return S holds d loss / d S; dby [U] its row sums (bias
  * gradient); in_out [U] = 1 for rows used as an output column (rows only used as inputs get
  * no bias update). Scratch: wsum [U], q [C]. Returns
  *   loss = inv_b * sum_r (logsumexp_c (S[col[c], r] - q[c]) - (S[col[r], r] - q[r])),
  * or NaN if any score is not finite. */
-double rnn_xe_softmax(float *S, int64_t U, int64_t M, const int64_t *col, const int64_t *y,
-                      const float *logp, float w_in, float w_extra, int64_t C, float inv_b,
-                      float *dby, uint8_t *in_out, float *wsum, float *q) {
+double rnn_xe_softmax(float *S, const float *by, const int64_t *uniq, int64_t U, int64_t M,
+                      const int64_t *col, const int64_t *y, const float *logp, float w_in,
+                      float w_extra, int64_t C, float inv_b, float *dby, uint8_t *in_out,
+                      float *wsum, float *q) {
     float mx[M], sum[M], diag[M], scale[M];
     memset(wsum, 0, sizeof(float) * U);
     memset(in_out, 0, (size_t)U);
@@ -118,8 +120,13 @@ double rnn_xe_softmax(float *S, int64_t U, int64_t M, const int64_t *col, const 
         for (int64_t r = 0; r < M; r++) lmx[r] = -INFINITY;
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < U; u++) {
-            const float *s = S + u * M;
-            for (int64_t r = 0; r < M; r++) lchk += s[r] * 0.0f; /* stays 0 unless NaN/inf */
+            float *s = S + u * M;
+            const float bu = by[uniq[u]]; /* the bias is added here: addmm with a broadcast
+                                             bias measured 1.8x slower than the plain product */
+            for (int64_t r = 0; r < M; r++) {
+                s[r] += bu;
+                lchk += s[r] * 0.0f; /* stays 0 unless NaN/inf */
+            }
             if (in_out[u])
                 for (int64_t r = 0; r < M; r++) lmx[r] = s[r] > lmx[r] ? s[r] : lmx[r];
         }
@@ -177,12 +184,14 @@ double rnn_xe_softmax(float *S, int64_t U, int64_t M, const int64_t *col, const 
 }
 
 /* ---- GRU layer gates (PyTorch GRUCell convention, gates r, z, n), element-wise parts ----
- * The products gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh ([M, 3H] each) and the weight /
- * input gradients stay in torch (MKL); these fuse the ~25 element-wise ops around them.
+ * The products gi = x W_ih^T and gh = h W_hh^T ([M, 3H] each, biases b_ih, b_hh added here)
+ * and the weight / input gradients stay in torch (MKL); these fuse the ~25 element-wise ops
+ * around them.
  *   r = sigma(gi_r + gh_r), z = sigma(gi_z + gh_z), n = tanh(gi_n + r * gh_n),
  *   h' = n + z (h - n), out = h' * mask (mask = hidden dropout, already scaled, or NULL).
  * Forward writes out and the cache r, z, n, ghn = gh_n ([M, H] each). */
 void rnn_gru_gates_fwd(const float *restrict gi, const float *restrict gh,
+                       const float *restrict b_ih, const float *restrict b_hh,
                        const float *restrict h, const float *restrict mask, int64_t M, int64_t H,
                        float *restrict out, float *restrict r_, float *restrict z_,
                        float *restrict n_, float *restrict ghn) {
@@ -192,10 +201,10 @@ void rnn_gru_gates_fwd(const float *restrict gi, const float *restrict gh,
         float *o = out + i * H, *rr = r_ + i * H, *zz = z_ + i * H, *nn = n_ + i * H;
         float *gg = ghn + i * H;
         for (int64_t j = 0; j < H; j++) {
-            float rv = sigmoidf_(a[j] + g[j]);
-            float zv = sigmoidf_(a[H + j] + g[H + j]);
-            float gn = g[2 * H + j];
-            float nv = tanhf_(a[2 * H + j] + rv * gn);
+            float rv = sigmoidf_((a[j] + b_ih[j]) + (g[j] + b_hh[j]));
+            float zv = sigmoidf_((a[H + j] + b_ih[H + j]) + (g[H + j] + b_hh[H + j]));
+            float gn = g[2 * H + j] + b_hh[2 * H + j];
+            float nv = tanhf_((a[2 * H + j] + b_ih[2 * H + j]) + rv * gn);
             float hv = nv + zv * (hh[j] - nv);
             rr[j] = rv; zz[j] = zv; nn[j] = nv; gg[j] = gn;
             o[j] = mk ? hv * mk[j] : hv;

@@ -98,11 +98,11 @@ def load():
     lib.rnn_add_rows.restype = None
     lib.rnn_add_rows.argtypes = [f32p, i64p, f32p, ctypes.c_int64, ctypes.c_int64]
     lib.rnn_xe_softmax.restype = ctypes.c_double
-    lib.rnn_xe_softmax.argtypes = [f32p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, f32p,
+    lib.rnn_xe_softmax.argtypes = [f32p, f32p, i64p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, f32p,
                                    ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_float,
                                    f32p, u8p, f32p, f32p]
     lib.rnn_gru_gates_fwd.restype = None
-    lib.rnn_gru_gates_fwd.argtypes = [f32p, f32p, f32p, f32p, ctypes.c_int64, ctypes.c_int64,
+    lib.rnn_gru_gates_fwd.argtypes = [f32p, f32p, f32p, f32p, f32p, f32p, ctypes.c_int64, ctypes.c_int64,
                                       f32p, f32p, f32p, f32p, f32p]
     lib.rnn_gru_gates_bwd.restype = None
     lib.rnn_gru_gates_bwd.argtypes = [f32p, f32p, f32p, f32p, f32p, f32p, f32p, ctypes.c_int64,
