@@ -6,11 +6,21 @@ BIN := $(VENV)/bin
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED := 1
-DEMO_EVENTS ?= 200000
 DATA_DIR ?= data
+# `make demo` = the whole DAG at demo size (README: measured wall time). Override any of these.
+DEMO_EVENTS ?= 80000
+DEMO_DAYS ?= 6
+DEMO_EPOCHS ?= 2
+DEMO_FRACTIONS ?= 4
+DEMO_FAMILIES ?= gru4rec,pop
+DEMO_DIR := $(DATA_DIR)/demo
+# `make demo-preprocess` (preprocessing + gates only) keeps its earlier, larger default
+PREPROCESS_DEMO_EVENTS ?= 200000
 
-.PHONY: venv demo demo-dag test check-java clean mlflow-ui airflow bench-preprocess
+.PHONY: venv demo demo-dag demo-preprocess test check-java clean mlflow-ui serve airflow bench-preprocess
 MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 5001
+SERVE_MODEL ?= synthetic-best
 AIRFLOW_PORT ?= 8080
 
 $(BIN)/.installed: requirements.lock requirements.txt
@@ -29,18 +39,31 @@ check-java:
 	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
 	  [ "$${v:-0}" -ge 17 ] || { echo "Spark needs Java 17+, found $$v. Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless"; exit 1; }
 
+# The whole Airflow DAG once with `airflow dags test` (generate -> Spark preprocess -> gates ->
+# train GRU4Rec + POP and fine-tune on the recent fraction -> evaluate -> MLflow registry),
+# then the comparison table and the command that opens the MLflow UI.
 demo: venv check-java
-	$(BIN)/python -m spark_jobs.demo --events $(DEMO_EVENTS) --data-dir $(DATA_DIR)/demo
+	$(BIN)/python -m dags.run_demo --data-dir $(DEMO_DIR) --events $(DEMO_EVENTS) --days $(DEMO_DAYS) \
+	  --epochs $(DEMO_EPOCHS) --fractions $(DEMO_FRACTIONS) --families $(DEMO_FAMILIES)
 
-# The whole Airflow DAG once (generate -> preprocess -> gates -> train -> evaluate -> MLflow registry).
-demo-dag: venv check-java
-	$(BIN)/python -m dags.run_demo --data-dir $(DATA_DIR)/demo-dag --events $(DEMO_EVENTS)
+demo-dag: demo
 
+# Preprocessing only (generate -> Spark preprocess -> gates), no training / Airflow / MLflow.
+demo-preprocess: venv check-java
+	$(BIN)/python -m spark_jobs.demo --events $(PREPROCESS_DEMO_EVENTS) --data-dir $(DATA_DIR)/demo-preprocess
+
+# The demo's MLflow store (also what `make airflow` runs log to).
 mlflow-ui: venv
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DATA_DIR))/demo-dag/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_DIR))/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+# REST scoring server for a registered model of the demo store (POST /invocations; README).
+# `models serve` starts `uvicorn` by name, so the venv's bin must be on PATH.
+serve: venv
+	PATH=$(abspath $(BIN)):$$PATH MLFLOW_TRACKING_URI=sqlite:///$(abspath $(DEMO_DIR))/mlflow/mlflow.db \
+	  $(BIN)/mlflow models serve -m models:/$(SERVE_MODEL)@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 airflow: venv check-java
-	$(BIN)/python -m dags.run_demo --standalone --data-dir $(DATA_DIR)/demo-dag --port $(AIRFLOW_PORT)
+	$(BIN)/python -m dags.run_demo --standalone --data-dir $(DEMO_DIR) --port $(AIRFLOW_PORT)
 
 bench-preprocess: venv check-java
 	$(BIN)/python -m benchmarks.preprocess_scale --sizes 1M,10M,31.7M
@@ -49,4 +72,4 @@ test: venv check-java
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(DATA_DIR)/demo .pytest_cache
+	rm -rf $(DEMO_DIR) $(DATA_DIR)/demo-preprocess .pytest_cache tests/artifacts

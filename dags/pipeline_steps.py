@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ("auto", "cpu", "cuda")
 TRAIN_TABLES = ("train_full", "train")
 
-#: defaults of the DAG's Params (also the defaults of ``dags.run_demo``)
+#: defaults of the DAG's Params (``dags.run_demo`` / ``make demo`` pass smaller demo-size values)
 DEFAULT_PARAMS: dict[str, Any] = {
     "dataset": "synthetic",
     "input": [],
@@ -230,8 +230,18 @@ def preprocess(cfg: dict, raw: dict) -> dict:
                           min_session_length=int(p["min_session_length"]),
                           recent_fractions=list(cfg["fractions"]),
                           # no Spark UI for a batch task (it only hunts for a free port)
-                          spark_conf={"spark.ui.enabled": os.environ.get("RNNREC_SPARK_UI", "false")})
-    manifest = run(pc)
+                          spark_conf={"spark.ui.enabled": os.environ.get("RNNREC_SPARK_UI", "false"),
+                                      **spark_conf_from_env()})
+    from pyspark.sql import SparkSession
+
+    had_session = SparkSession.getActiveSession() is not None
+    try:
+        manifest = run(pc)
+    finally:
+        # `airflow dags test` runs every task in one process: a session left running keeps a JVM
+        # (GBs of heap, GC threads) competing with training for the cores. Stop only our own.
+        if not had_session and SparkSession.getActiveSession() is not None:
+            SparkSession.getActiveSession().stop()
     tables = manifest["splits"]["time_strict"]["tables"]
     for t in ("train_full", "test"):
         if tables[t]["events"] == 0:
@@ -240,6 +250,19 @@ def preprocess(cfg: dict, raw: dict) -> dict:
                 f"the input has no events in that period (check the date / 'input' / 'test_days')")
     return {"processed": str(out), "split_dir": str(out / "splits" / "time_strict"),
             "counts": {t: tables[t]["events"] for t in tables}}
+
+
+def spark_conf_from_env(var: str = "RNNREC_SPARK_CONF") -> dict[str, str]:
+    """Extra Spark settings for the preprocess task: ``$RNNREC_SPARK_CONF`` = ``key=value,key=value``
+    (``make demo`` sets ``spark.sql.shuffle.partitions=4``: at demo size the default partition
+    count only adds scheduling overhead)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in os.environ.get(var, "").split(","))):
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip():
+            raise PipelineParamError(f"${var}: {part!r} is not key=value (e.g. spark.sql.shuffle.partitions=4)")
+        out[k.strip()] = v.strip()
+    return out
 
 
 def gates(cfg: dict, prep: dict) -> dict:

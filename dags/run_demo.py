@@ -1,8 +1,8 @@
 """Run the whole ``session_rec_pipeline`` DAG once, end to end, without a scheduler.
 
-    python -m dags.run_demo --data-dir data/demo                     # what `make demo` runs
+    python -m dags.run_demo --data-dir data/demo                     # what `make demo` runs (demo size)
     python -m dags.run_demo --data-dir /tmp/x --events 20000 --days 5 --epochs 1 --runner python
-    python -m dags.run_demo --data-dir data --standalone              # what `make airflow` runs
+    python -m dags.run_demo --data-dir data/demo --standalone         # what `make airflow` runs
 
 It sets up an Airflow home inside the data dir (SQLite metadata, no examples,
 DAGs from ``dags/``), creates the ``gpu`` pool, runs one DAG run for the data
@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "session_rec_pipeline"
+DEMO_OVERRIDES = {"gru4rec": {"layers": [64], "batch_size": 64, "n_sample": 512, "num_threads": 1}}
 
 
 def airflow_env(data_dir: Path, airflow_home: Path | None = None) -> dict[str, str]:
@@ -120,17 +121,19 @@ def standalone(data_dir: Path, port: int = 8080) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dags.run_demo", description=__doc__.split("\n\n")[0])
+    # Demo-size defaults (also the Makefile's DEMO_*): the whole DAG in a few minutes on 2 CPU cores.
     ap.add_argument("--data-dir", default="data/demo")
-    ap.add_argument("--events", type=int, default=200_000, help="synthetic clickstream size")
-    ap.add_argument("--days", type=int, default=8)
+    ap.add_argument("--events", type=int, default=80_000, help="synthetic clickstream size")
+    ap.add_argument("--days", type=int, default=6)
     ap.add_argument("--start", default="2014-04-01", help="first day of the synthetic data")
     ap.add_argument("--date", help="data interval end (YYYY-MM-DD); default: the day after the last data day")
     ap.add_argument("--families", default="gru4rec,pop")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--fractions", default="4", help="comma list of recent fractions k ('' for none)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--overrides", default='{"gru4rec": {"layers": [100], "n_sample": 2048}}',
-                    help="JSON: family -> {config key: value}")
+    # One torch thread: on a shared 2-core machine two spin-waiting threads were up to 10x slower
+    # (benchmarks/README_gru4rec.md); batch 64 roughly doubles CPU events/s over 32.
+    ap.add_argument("--overrides", default=json.dumps(DEMO_OVERRIDES), help="JSON: family -> {config key: value}")
     ap.add_argument("--runner", default="cli", choices=["cli", "python"],
                     help="cli = `airflow dags test`; python = dag.test() in a fresh interpreter")
     ap.add_argument("--standalone", action="store_true",
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             "synthetic_start": a.start, "families": [f for f in a.families.split(",") if f],
             "epochs": a.epochs, "fractions": [int(k) for k in a.fractions.split(",") if k.strip()],
             "device": a.device, "overrides": json.loads(a.overrides)}
+    # demo-size data: a few shuffle partitions instead of Spark's scale default (measured ~30% faster)
+    os.environ.setdefault("RNNREC_SPARK_CONF", "spark.sql.shuffle.partitions=4")
     t0 = time.perf_counter()
     print(f"running DAG {DAG_ID} for the interval ending {date} (data in {data_dir})", flush=True)
     summary = run(conf, date, data_dir, a.runner)
@@ -158,9 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     if uri:
         print(f"MLflow runs are on {uri}")
     else:
-        print("open the MLflow UI:  make mlflow-ui   (= .venv/bin/mlflow ui --backend-store-uri "
-              f"sqlite:///{data_dir}/mlflow/mlflow.db --host 127.0.0.1 --port 5000 --workers 1)")
+        print(f"\nopen the MLflow UI (runs side by side, registry, champion) on http://127.0.0.1:5000 :\n"
+              f"    {mlflow_ui_command(data_dir)}")
     return 0
+
+
+def mlflow_ui_command(data_dir: Path) -> str:
+    """The one command that opens the MLflow UI over this demo's store (the Makefile's ``mlflow-ui``)."""
+    data_dir = Path(data_dir).resolve()
+    if data_dir == (ROOT / "data" / "demo").resolve():
+        return "make mlflow-ui"
+    if data_dir.name == "demo":  # `make demo DATA_DIR=X` writes X/demo
+        return f"make mlflow-ui DATA_DIR={data_dir.parent}"
+    return (f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:///{data_dir}/mlflow/mlflow.db "
+            "--host 127.0.0.1 --port 5000 --workers 1")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ def session_rec_pipeline():
 
     @task
     def plan_finetune(cfg: dict, pretrained) -> list[dict]:
-        return _steps().plan_finetune(cfg, list(pretrained))
+        # one slice request: iterating the lazy XCom sequence probes past its end, which
+        # Airflow logs as an "XCom not found" error line
+        return _steps().plan_finetune(cfg, list(pretrained[:]))
 
     if _K8S_IMAGE:  # GPU training in a pod; the image runs the same train_one
         train_deco = task.kubernetes(image=_K8S_IMAGE, namespace=os.environ.get("RNNREC_K8S_NAMESPACE", "default"),

@@ -12,11 +12,14 @@ From Python::
     m = mlflow.pyfunc.load_model("models:/synthetic-gru4rec@champion")
     m.predict(pd.DataFrame({"session": [[214500017, 214500003]], "user_id": [7]}), params={"k": 10})
 
-As a REST server (same venv)::
+As a REST server (same venv; ``make serve`` does this for the demo store). ``models serve``
+starts ``uvicorn`` by name, so the venv's ``bin`` must be on ``PATH``::
 
-    mlflow models serve -m models:/synthetic-gru4rec@champion --env-manager local -h 127.0.0.1 -p 5001
+    PATH=$PWD/.venv/bin:$PATH mlflow models serve -m models:/synthetic-gru4rec@champion \\
+        --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
-         -d '{"dataframe_records": [{"session": [214500017, 214500003]}], "params": {"k": 5}}'
+         -d '{"dataframe_records": [{"session": [214508194, 214524138]}], "params": {"k": 5}}'
+    # {"predictions": [{"items": [...5 ids, best first...], "scores": [...]}]}
 
 Input: a DataFrame with ``session`` (list of item ids, oldest first) and an
 optional ``user_id``. Items the model never saw are skipped (as in evaluation);

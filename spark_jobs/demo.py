@@ -1,6 +1,7 @@
-"""The demo behind ``make demo``: generate a clickstream, preprocess it, run the quality gates.
+"""The preprocessing-only demo (``make demo-preprocess``): generate a clickstream, preprocess it,
+run the quality gates. (``make demo`` runs the whole Airflow DAG: ``dags/run_demo.py``.)
 
-    python -m spark_jobs.demo --events 200000 --data-dir data/demo
+    python -m spark_jobs.demo --events 200000 --data-dir data/demo-preprocess
 
 1. :mod:`spark_jobs.generate` writes a YOOCHOOSE-like synthetic clickstream
    (daily Parquet partitions) under ``DATA_DIR/raw``;
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--days", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default="data/demo")
+    p.add_argument("--data-dir", default="data/demo-preprocess")
     args = p.parse_args(argv)
 
     import logging

@@ -120,3 +120,15 @@ def test_clear_errors_turns_domain_errors_into_a_fail_without_retry():
     with pytest.raises(KeyError):  # unexpected errors stay as they are (and are retried)
         with clear_errors():
             raise KeyError("x")
+
+
+def test_spark_conf_env_is_parsed_and_bad_entries_are_named(monkeypatch):
+    from dags import pipeline_steps as s
+
+    monkeypatch.setenv("RNNREC_SPARK_CONF", "spark.sql.shuffle.partitions=4, spark.driver.memory = 2g")
+    assert s.spark_conf_from_env() == {"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"}
+    monkeypatch.delenv("RNNREC_SPARK_CONF")
+    assert s.spark_conf_from_env() == {}
+    monkeypatch.setenv("RNNREC_SPARK_CONF", "spark.sql.shuffle.partitions=4,oops")
+    with pytest.raises(s.PipelineParamError, match="'oops' is not key=value"):
+        s.spark_conf_from_env()

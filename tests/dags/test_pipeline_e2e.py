@@ -12,6 +12,7 @@ metrics must be identical and the registry must not grow.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -56,10 +57,19 @@ def pipeline(tmp_path_factory):
     from dags.run_demo import run
 
     data = tmp_path_factory.mktemp("pipeline")
-    first = run(CONF, DATE, data, runner="python")
-    snap1 = _snapshot(data)
-    second = run(CONF, DATE, data, runner="python")
-    snap2 = _snapshot(data)
+    # tiny data: a few shuffle partitions, as `make demo` does (the DAG runs inherit the environment)
+    old = os.environ.get("RNNREC_SPARK_CONF")
+    os.environ["RNNREC_SPARK_CONF"] = "spark.sql.shuffle.partitions=2"
+    try:
+        first = run(CONF, DATE, data, runner="python")
+        snap1 = _snapshot(data)
+        second = run(CONF, DATE, data, runner="python")
+        snap2 = _snapshot(data)
+    finally:
+        if old is None:
+            os.environ.pop("RNNREC_SPARK_CONF", None)
+        else:
+            os.environ["RNNREC_SPARK_CONF"] = old
     return {"data": data, "first": first, "second": second, "snap1": snap1, "snap2": snap2}
 
 
