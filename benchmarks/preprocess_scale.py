@@ -158,6 +158,15 @@ def table_counts(out: Path) -> dict | None:
     return {k: {"events": v["events"], "sessions": v["sessions"], "items": v["items"]} for k, v in tables.items()}
 
 
+def phase_timings(out: Path) -> dict | None:
+    """The Spark job's own per-phase wall and JVM CPU seconds (``manifest.json``), if any."""
+    m = out / "manifest.json"
+    if not m.exists():
+        return None
+    man = json.loads(m.read_text())
+    return {"wall_s": man.get("timings_s"), "jvm_cpu_s": man.get("jvm_cpu_s")} if man.get("timings_s") else None
+
+
 def machine() -> dict:
     import psutil
 
@@ -202,6 +211,17 @@ def render_table(results: dict) -> str:
             ratio = (hi["wall_s"] / hi["events"]) / (lo["wall_s"] / lo["events"])
             lines.append(f"\n{impl}: time per event at {label(hi['events'])} is {ratio:.2f}x that at "
                          f"{label(lo['events'])} (1.0 = linear)")
+    phased = [r for r in rows if r.get("phases") and r["rc"] == 0]
+    if phased:
+        lines += ["", "Spark phases, wall s (JVM CPU s), from the job's `manifest.json`:", "",
+                  "| events | read | sessionize | filter | split + write | load before / after |",
+                  "|---:|---:|---:|---:|---:|---|"]
+        for r in phased:
+            w, c = r["phases"]["wall_s"], r["phases"].get("jvm_cpu_s") or {}
+            cells = [f"{w.get(k, 0):.1f} ({c[k]:.0f})" if k in c else f"{w.get(k, 0):.1f}"
+                     for k in ("read", "sessionize", "filter", "split")]
+            lines.append(f"| {r['events']:,} | {' | '.join(cells)} | "
+                         f"{r.get('load_1m_before', '?')} / {r.get('load_1m_after', '?')} |")
     gens = sorted(results.get("generate", {}).values(), key=lambda r: r["events"])
     if gens:
         lines += ["", "| generator: events | wall time (s) | peak RSS (GB) |", "|---:|---:|---:|"]
@@ -261,7 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{label(n)}] {impl}: rc {res['rc']}, {res['wall_s']} s, peak {res['peak_rss_mb']} MB", flush=True)
             rec = {"events": n, "impl": impl, **res, "tables": counts[impl],
                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            if res["rc"] == 0 and (ph := phase_timings(out)):
+                rec["phases"] = ph
+                print(f"[{label(n)}] {impl}: phases {ph}", flush=True)
             results["runs"][f"{label(n)}/{impl}"] = rec
+        stored = results["runs"].get(f"{label(n)}/pandas")
+        if impls == ["spark"] and counts.get("spark") and stored and stored.get("tables"):
+            # one side only: compare with the pandas reference's counts recorded on the same input
+            results["runs"][f"{label(n)}/spark"]["agrees"] = (
+                "counts (stored pandas run)" if counts["spark"] == stored["tables"] else "NO (counts)")
         if len(counts) == 2 and all(counts.values()):
             agrees = "counts" if counts["spark"] == counts["pandas"] else "NO (counts)"
             if agrees == "counts" and n <= parse_size(a.compare_rows_max):

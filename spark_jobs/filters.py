@@ -36,58 +36,65 @@ def stats_dict(r) -> dict:
             "ts_max": r["ts_max"].isoformat() if r["ts_max"] else None}
 
 
-def table_stats_by(df: DataFrame, group: str) -> dict[str, dict]:
-    """:func:`table_counts` for every value of ``group`` (e.g. the table name), without
-    several ``countDistinct`` in one aggregation: one small job per counted column."""
-    base = {r[group]: {"events": r["events"], "ts_min": r["ts_min"], "ts_max": r["ts_max"]}
-            for r in df.groupBy(group).agg(F.count(F.lit(1)).alias("events"), F.min("ts").alias("ts_min"),
-                                           F.max("ts").alias("ts_max")).collect()}
-    for name, col in (("sessions", "session_id"), ("items", "item_id"), ("users", "user_id")):
-        for d in base.values():
-            d[name] = 0
-        pairs = df.where(F.col(col).isNotNull()).select(group, col).distinct()
-        for r in pairs.groupBy(group).count().collect():
-            base[r[group]][name] = r["count"]
-    return {k: stats_dict(v) for k, v in base.items()}
-
-
 def table_counts(df: DataFrame) -> dict:
-    """events / sessions / items / users and the time range of a (cached) table.
+    """events / sessions / items / users and the time range of a (materialised) table.
 
-    Four small jobs instead of one: several ``countDistinct`` in one
-    aggregation make Spark expand every row once per distinct column, which
-    costs more than scanning a cached table four times.
+    Two scans: one aggregation per session (its user, size and time range;
+    local in the session layout) from which events, sessions, users and the
+    time range follow, and one per item. A session has at most one user
+    (sessionized by user, or sessions with several users were quarantined),
+    so counting distinct users over sessions counts them over events.
     """
-    r = df.agg(F.count(F.lit(1)).alias("events"), F.min("ts").alias("ts_min"), F.max("ts").alias("ts_max")).first()
-    d = {k: r[k] for k in ("events", "ts_min", "ts_max")}
-    for name, col in (("sessions", "session_id"), ("items", "item_id"), ("users", "user_id")):
-        d[name] = df.where(F.col(col).isNotNull()).select(col).distinct().count() if d["events"] else 0
+    sess = df.groupBy("session_id").agg(F.first("user_id", ignorenulls=True).alias("user_id"),
+                                        F.count(F.lit(1)).alias("n"), F.min("ts").alias("lo"),
+                                        F.max("ts").alias("hi"))
+    r = sess.agg(F.sum("n").alias("events"), F.count(F.col("session_id")).alias("sessions"),
+                 F.count_distinct("user_id").alias("users"), F.min("lo").alias("ts_min"),
+                 F.max("hi").alias("ts_max")).first()
+    d = {k: r[k] for k in ("events", "sessions", "users", "ts_min", "ts_max")}
+    d["events"] = d["events"] or 0
+    d["items"] = df.where(F.col("item_id").isNotNull()).select("item_id").distinct().count() if d["events"] else 0
     return stats_dict(d)
 
 
 def _violators(df: DataFrame, key: str, counted: str | None, lo: int, hi: int = 0) -> DataFrame:
     """Keys with fewer than ``lo`` (or more than ``hi``, 0 = unbounded) rows / distinct ``counted``."""
-    agg = F.count(F.lit(1)) if counted is None else F.countDistinct(counted)
-    sizes = df.where(F.col(key).isNotNull()).groupBy(key).agg(agg.alias("_n"))
+    base = df.where(F.col(key).isNotNull())
+    if counted is None:
+        sizes = base.groupBy(key).agg(F.count(F.lit(1)).alias("_n"))
+    else:
+        # distinct (key, counted) pairs first: in the session layout that is a local aggregation
+        sizes = base.select(key, counted).distinct().groupBy(key).agg(F.count(F.lit(1)).alias("_n"))
     bad = F.col("_n") < lo
     if hi:
         bad = bad | (F.col("_n") > hi)
     return sizes.where(bad).select(key)
 
 
+#: Above this many keys to remove, a removal is a shuffle join instead of a broadcast one.
+MAX_BROADCAST_KEYS = 2_000_000
+
+
 def apply_filters(df: DataFrame, cfg: FilterConfig, counts: dict | None = None,
                   checkpoint=None) -> tuple[DataFrame, list[dict]]:
     """Filter to a fixed point. Returns (filtered, steps) where each step records counts.
 
-    ``df`` should already be materialised (cached / checkpointed); ``counts``
-    are its :func:`table_counts` when the caller has them. A step first counts
-    the keys it would remove (a small aggregate); only when there are some does
-    it remove them (an anti-join; rows without a user are never removed by the
-    per-user rule), materialise the result with ``checkpoint`` (default
-    ``localCheckpoint``) so the plan does not grow, and recount. Rounds repeat
+    ``df`` should be in the session layout of :func:`spark_jobs.sessionize.to_layout`
+    (range-partitioned by session, sorted); ``counts`` are its
+    :func:`table_counts` when the caller has them. A step first counts the keys
+    it would remove (a small aggregate); only when there are some does it
+    remove them, materialise the result with ``checkpoint`` (default
+    :func:`spark_jobs.sessionize.checkpoint`) so the plan does not grow, and
+    recount. Removals keep the layout: short sessions are dropped with a
+    per-session window, items and users with a broadcast anti-join (rows
+    without a user are never removed by the per-user rule). Rounds repeat
     until one removes nothing.
     """
-    checkpoint = checkpoint or (lambda d: d.localCheckpoint(eager=True))
+    from pyspark.sql.window import Window
+
+    from spark_jobs.sessionize import checkpoint as layout_checkpoint, to_layout
+
+    checkpoint = checkpoint or layout_checkpoint
     steps: list[dict] = []
     if cfg.is_noop():
         return df, steps
@@ -107,7 +114,13 @@ def apply_filters(df: DataFrame, cfg: FilterConfig, counts: dict | None = None,
             drop = _violators(current, key, counted, lo, hi).cache()
             n_keys = drop.count()
             if n_keys:
-                current = checkpoint(current.join(drop, key, "left_anti"))
+                if key == "session_id":
+                    n = F.count(F.lit(1)).over(Window.partitionBy("session_id"))
+                    current = checkpoint(current.withColumn("_n", n).where(F.col("_n") >= lo).drop("_n"))
+                elif n_keys <= MAX_BROADCAST_KEYS:
+                    current = checkpoint(current.join(F.broadcast(drop), key, "left_anti"))
+                else:
+                    current = to_layout(current.join(drop, key, "left_anti"))
                 counts = table_counts(current)
                 changed = True
             drop.unpersist()

@@ -97,32 +97,43 @@ def _write(df, path: str, sort_cols: list[str] | None = None, single_file: bool 
     df.write.mode("overwrite").parquet(path)
 
 
-def write_tables(spark, rows, names: list[str], targets: dict[str, str], staging: str) -> dict[str, dict]:
-    """Write all tables in one Spark job and count them in one more pass.
+def write_split_tables(tagged, names: list[str], columns: list[str], targets: dict[str, str]) -> dict[str, dict]:
+    """Write every table of a split result and return its counts.
 
-    ``rows`` has one row per (event, table) with the table name in ``_table``.
-    A range-partitioned, sorted write with ``partitionBy("_table")`` replaces
-    one sort per table; the partition folders are then renamed to their targets.
+    ``tagged`` (from :func:`spark_jobs.splits.split`) is materialised in the
+    output order, so each table is a filter of it, written without a shuffle
+    or sort; the counts of all tables come from three scans over the
+    membership bits (:func:`spark_jobs.splits.mask_stats`). ``train_recent_1`` holds exactly the ``train_full`` rows,
+    so its files are hard links to (or copies of) ``train_full``'s.
     """
-    from spark_jobs.filters import stats_dict, table_stats_by
+    from spark_jobs.splits import mask_stats, select_table
 
-    cols = [c for c in rows.columns if c != "_table"]
-    (rows.repartitionByRange("_table", "session_id").sortWithinPartitions("_table", "session_id", "seq")
-     .write.mode("overwrite").partitionBy("_table").parquet(staging))
-    written = spark.read.parquet(staging)
-    stats = table_stats_by(written, "_table")
-    schema = rows.select(*cols).schema
+    stats = mask_stats(tagged, names)
     for name in names:
-        src = os.path.join(staging, f"_table={name}")
         os.makedirs(os.path.dirname(targets[name]), exist_ok=True)
-        if os.path.exists(src):
-            os.rename(src, targets[name])
-        else:  # an empty table still gets a readable, typed Parquet folder
-            spark.createDataFrame([], schema).coalesce(1).write.parquet(targets[name])
-            stats[name] = stats_dict({"events": 0, "sessions": 0, "items": 0, "users": 0,
-                                      "ts_min": None, "ts_max": None})
-    shutil.rmtree(staging)
-    return {name: stats[name] for name in names}
+        if name == C.recent_table(1) and C.TRAIN_FULL in names:
+            shutil.copytree(targets[C.TRAIN_FULL], targets[name], copy_function=_link_or_copy)
+            continue
+        select_table(tagged, names, name, columns).write.mode("overwrite").parquet(targets[name])
+    return stats
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+def jvm_cpu_seconds(spark) -> float | None:
+    """User + system CPU seconds of the JVM this driver launched (local mode, Linux); else None."""
+    try:
+        pid = spark.sparkContext._gateway.proc.pid
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError, IndexError):
+        return None
 
 
 def atomic_replace(tmp: str, out: str) -> None:
@@ -174,14 +185,19 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
 
     from spark_jobs import readers, sessionize as S
     from spark_jobs.filters import FilterConfig, apply_filters, table_counts
-    from spark_jobs.splits import SplitConfig, explode_tables, item_index, split, user_index
+    from spark_jobs.splits import SplitConfig, item_index, select_table, split, user_index
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}
+    cpu_start = jvm_cpu_seconds(spark)
 
     def lap(name: str) -> None:
         timings[name] = round(time.perf_counter() - t_start - sum(timings.values()), 2)
-        log.info("%s done in %.1f s", name, timings[name])
+        cpu = jvm_cpu_seconds(spark)
+        if cpu is not None and cpu_start is not None:
+            cpu_timings[name] = round(cpu - cpu_start - sum(cpu_timings.values()), 2)
+        log.info("%s done in %.1f s (JVM CPU %s s)", name, timings[name], cpu_timings.get(name, "n/a"))
 
     os.makedirs(tmp)
     steps: list[dict] = []
@@ -280,13 +296,14 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
                 raise QuarantineThresholdExceeded(
                     f"{n_conflict_rows} of {total} rows belong to sessions with more than one user id "
                     f"(> {cfg.max_bad_fraction:.2%}); re-sessionize with --sessionize-by-user")
-    ev = ev.localCheckpoint(eager=True)
+    # One shuffle into the layout every later step keeps (by session, in output order).
+    ev = S.to_layout(ev)
     read_counts = table_counts(ev)
     steps.append({"step": "sessionized", "by_user": by_user, **read_counts})
     removed_repeats = 0
     if cfg.remove_repeats:
         ev, _ = S.drop_consecutive_repeats(ev)
-        ev = ev.localCheckpoint(eager=True)
+        ev = S.checkpoint(ev)
         rep_counts = table_counts(ev)
         removed_repeats = read_counts["events"] - rep_counts["events"]
         steps.append({"step": "remove_repeats", "removed": removed_repeats, **rep_counts})
@@ -298,9 +315,9 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     last = steps[-1]
     ev, fsteps = apply_filters(ev, fcfg, {k: last[k] for k in ("events", "sessions", "items", "users", "ts_min", "ts_max")})
     steps += fsteps
-    ev = S.add_seq(ev)
     cols = list(C.EVENT_COLUMNS) + (["event_type"] if ev.where(F.col("event_type").isNotNull()).take(1) else [])
-    ev = ev.select(*cols).localCheckpoint(eager=True)
+    # seq stays a lazy per-session window (no shuffle in the layout); the split materialises it.
+    ev = S.add_seq(ev).select(*cols, "_file_idx", "_ord")
     # The last filter step (or the sessionized table when nothing was filtered) already counted this table.
     last = steps[-1]
     final_counts = {k: last[k] for k in ("events", "sessions", "items", "users", "ts_min", "ts_max")}
@@ -313,17 +330,13 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
                        recent_fractions=tuple(cfg.recent_fractions))
     tagged, names, meta = split(ev, scfg)
     split_dir = os.path.join(tmp, C.SPLITS_DIR, cfg.split)
-    targets = {"__events": os.path.join(tmp, C.EVENTS_DIR)}
-    targets.update({name: os.path.join(split_dir, name) for name in names})
-    # The full event table rides along in the same write.
-    tagged = tagged.withColumn("_tables", F.concat(F.array(F.lit("__events")), F.col("_tables")))
-    rows = explode_tables(tagged.localCheckpoint(eager=True))
-    table_stats = write_tables(spark, rows, ["__events", *names], targets, os.path.join(tmp, "_staging"))
-    table_stats.pop("__events")
+    targets = {name: os.path.join(split_dir, name) for name in names}
+    tagged.select(*cols).write.mode("overwrite").parquet(os.path.join(tmp, C.EVENTS_DIR))
+    table_stats = write_split_tables(tagged, names, cols, targets)
     for name, st in table_stats.items():
         log.info("%-18s events=%-9d sessions=%-8d items=%-7d users=%d", name, st["events"], st["sessions"],
                  st["items"], st["users"])
-    train_full = spark.read.parquet(os.path.join(split_dir, C.TRAIN_FULL))
+    train_full = select_table(tagged, names, C.TRAIN_FULL, cols)
     _write(item_index(train_full), os.path.join(split_dir, C.ITEM_INDEX), ["item_idx"], single_file=True)
     _write(user_index(train_full), os.path.join(split_dir, C.USER_INDEX), ["user_idx"], single_file=True)
     n_items, n_users = table_stats[C.TRAIN_FULL]["items"], table_stats[C.TRAIN_FULL]["users"]
@@ -335,6 +348,8 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     lap("split")
     manifest = {
         "timings_s": timings,
+        # CPU seconds of the local JVM per phase: on a shared machine less skewed than wall time
+        "jvm_cpu_s": cpu_timings,
         "inputs": [file_checksum(f) for f in files],
         "format": cfg.format,
         "parameters": dataclasses.asdict(cfg),

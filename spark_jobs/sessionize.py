@@ -53,23 +53,88 @@ def drop_consecutive_repeats(df: DataFrame) -> tuple[DataFrame, DataFrame]:
     return marked.filter(~rep).drop("_prev_item"), marked.filter(rep).drop("_prev_item")
 
 
+def checkpoint(df: DataFrame) -> DataFrame:
+    """``localCheckpoint`` that keeps the frame's partitioning and sort order known to the planner.
+
+    Under adaptive execution a checkpointed frame reports an unknown
+    partitioning, so every later window or aggregation by session would
+    shuffle and sort all events again. Checkpointing with AQE switched off for
+    that one job keeps the (range) partitioning and the ordering, and later
+    per-session windows, aggregations and filters run without any shuffle.
+    """
+    from pyspark import StorageLevel
+
+    spark = df.sparkSession
+    # The checkpoint names its columns by the analysed plan; removing "redundant" aliases
+    # would leave the partitioning on attributes it does not output (so it would be ignored).
+    rule = "org.apache.spark.sql.catalyst.optimizer.RemoveRedundantAliases"
+    excluded = spark.conf.get("spark.sql.optimizer.excludedRules", None)
+    conf = {"spark.sql.adaptive.enabled": "false",
+            "spark.sql.optimizer.excludedRules": f"{excluded},{rule}" if excluded else rule}
+    old = {k: spark.conf.get(k, None) for k in conf}
+    for k, v in conf.items():
+        spark.conf.set(k, v)
+    try:
+        # On local disk (in practice the page cache), serialized: tens of millions of rows kept
+        # as objects on the heap cost more in garbage collection than reading them back.
+        return df.localCheckpoint(eager=True, storageLevel=StorageLevel.DISK_ONLY)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+
+
+#: The events layout every step after sessionization keeps: range-partitioned by
+#: session id and sorted by (session_id, ts, original order), i.e. the output order.
+LAYOUT = ["session_id", *ORDER]
+
+
+def to_layout(df: DataFrame) -> DataFrame:
+    """Range-partition by session, sort by :data:`LAYOUT` and materialise (one shuffle)."""
+    return checkpoint(df.repartitionByRange("session_id").sortWithinPartitions(*LAYOUT))
+
+
+def with_position(df: DataFrame, order: list, name: str) -> DataFrame:
+    """Add ``name`` = 0-based position of each row in the (total, deterministic) ``order``.
+
+    A global sort plus per-partition offsets, instead of ``row_number`` over a
+    window without partitioning (which pulls every row into one task). The
+    result is materialised, so positions are stable for every later use.
+    """
+    s = checkpoint(df.orderBy(*order).withColumn("_pid", F.spark_partition_id())
+                   .withColumn("_mono", F.monotonically_increasing_id()))
+    sizes = sorted((r["_pid"], r["count"]) for r in s.groupBy("_pid").count().collect())
+    base, acc = [], 0
+    for pid, n in sizes:
+        # monotonically_increasing_id = (partition index << 33) + row number inside the partition
+        base += [F.lit(pid), F.lit(acc - (pid << 33))]
+        acc += n
+    if not base:
+        return s.withColumn(name, F.lit(None).cast("long")).drop("_pid", "_mono")
+    return s.withColumn(name, (F.create_map(*base)[F.col("_pid")] + F.col("_mono")).cast("long")).drop("_pid", "_mono")
+
+
 def sessionize_by_user(df: DataFrame, idle_gap_s: float = 1800.0) -> DataFrame:
     """Split each user's events into sessions at idle gaps > ``idle_gap_s``.
 
     Session ids are dense int64, assigned in order of (session start, user,
     session number) so re-runs give the same ids. Events without a user id
     cannot be sessionized by user and must be handled by the caller.
+
+    One shuffle of the events (by user, for the gap window); the session ids
+    come from sorting only the sessions' first events, and are joined back
+    by (user, session number) without moving the events again.
     """
     w = Window.partitionBy("user_id").orderBy(*ORDER)
     gap_us = F.unix_micros("ts") - F.unix_micros(F.lag("ts").over(w))
     new = F.when(gap_us.isNull() | (gap_us > F.lit(int(idle_gap_s * 1_000_000))), 1).otherwise(0)
-    df = df.withColumn("_new", new).withColumn("_sno", F.sum("_new").over(w)).drop("_new")
-    starts = df.groupBy("user_id", "_sno").agg(F.min(F.struct(*ORDER)).alias("_start"))
-    # One global ordering of sessions (a single-partition window over sessions, not events).
-    starts = starts.withColumn(
-        "session_id", (F.row_number().over(Window.orderBy("_start", "user_id", "_sno")) - 1).cast("long")
-    ).drop("_start")
-    return df.join(starts, ["user_id", "_sno"]).drop("_sno")
+    x = checkpoint(df.withColumn("_new", new).withColumn("_sno", F.sum("_new").over(w)))
+    starts = x.where(F.col("_new") == 1).select("user_id", "_sno", *ORDER)
+    ids = with_position(starts, [*ORDER, "user_id", "_sno"], "session_id").select("user_id", "_sno", "session_id")
+    # x is hash-partitioned by user: only the (small) session table is shuffled for this join.
+    return x.join(ids.hint("shuffle_hash"), ["user_id", "_sno"]).drop("_sno", "_new")
 
 
 def session_users(df: DataFrame) -> DataFrame:

@@ -89,35 +89,9 @@ def _to_us(ts: str) -> int:
     return round(t.timestamp() * 1_000_000)
 
 
-def _assign_time(sess: DataFrame, days: float, end_us: int | None, strict: bool):
-    """(labelled sessions, meta): label 'test' / 'train' / 'drop' for one time cut."""
-    tmax = end_us if end_us is not None else _max_us(sess)
-    if tmax is None:
-        return sess.withColumn("part", F.lit("train")), {"cut_ts": None}
-    cut = tmax - int(round(days * DAY_US))
-    if strict:
-        part = (F.when(F.col("end_us") < cut, "train").when(F.col("start_us") >= cut, "test").otherwise("drop"))
-    else:
-        # GRU4Rec: train iff the session's last event is before tmax - days.
-        part = F.when(F.col("end_us") < cut, "train").otherwise("test")
-    return sess.withColumn("part", part), {"cut_ts": _iso(cut), "tmax_ts": _iso(tmax)}
-
-
 def _assign(sess: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, dict]:
-    """Label every session 'train' | 'valid' | 'test' | 'drop'."""
+    """Label every session 'train' | 'valid' | 'test' | 'drop' (the time strategies: :func:`_time_parts`)."""
     s = cfg.strategy
-    vdays = cfg.valid_days if cfg.valid_days is not None else cfg.test_days
-    end_us = _to_us(cfg.end_ts) if cfg.end_ts else None
-    if s in ("time", "time_strict"):
-        strict = s == "time_strict"
-        sess, meta = _assign_time(sess, cfg.test_days, end_us, strict)
-        sess = sess.cache()
-        tr = sess.where("part = 'train'")
-        tr2, vmeta = _assign_time(tr, vdays, None, strict)
-        lab = tr2.select("session_id", F.when(F.col("part") == "test", "valid").otherwise(F.col("part")).alias("p2"))
-        sess = sess.join(lab, "session_id", "left").withColumn("part", F.coalesce("p2", "part")).drop("p2")
-        meta.update({"global_cut": strict, "valid_cut_ts": vmeta.get("cut_ts")})
-        return sess, meta
     if s == "last_session":
         w = Window.partitionBy("user_id").orderBy(F.col("start_us").desc(), F.col("session_id").desc())
         r = F.row_number().over(w)
@@ -171,65 +145,165 @@ def _first_after_cut(sess: DataFrame, cut: int, label: str):
     return s.withColumn("part", part).drop("_h", "_r"), {"cut_ts": _iso(cut)}
 
 
+#: Membership bits of ``_mask`` (recent fractions take the bits from 16 upwards).
+TABLE_BITS = {"train": 1, "valid": 2, "test": 4, "train_full": 8}
+
+
+def _time_parts(sess: DataFrame, cfg: SplitConfig) -> tuple:
+    """``time`` / ``time_strict`` as one column expression over a session's ``start_us`` / ``end_us``.
+
+    Same rules as :func:`_assign_time` applied twice (test cut, then the
+    validation cut inside train), with the cuts computed first as scalars, so
+    the label can be evaluated on every event (per-session window columns)
+    without joining a session table back to the events.
+    """
+    strict = cfg.strategy == "time_strict"
+    vdays = cfg.valid_days if cfg.valid_days is not None else cfg.test_days
+    end, start = F.col("end_us"), F.col("start_us")
+    tmax = _to_us(cfg.end_ts) if cfg.end_ts else _max_us(sess)
+    if tmax is None:
+        return F.lit("train"), {"cut_ts": None, "global_cut": strict, "valid_cut_ts": None}
+    cut = tmax - int(round(cfg.test_days * DAY_US))
+    vmax = _max_us(sess.where(end < cut))
+    vcut = None if vmax is None else vmax - int(round(vdays * DAY_US))
+    if strict:
+        inner = F.lit("train") if vcut is None else (
+            F.when(end < vcut, "train").when(start >= vcut, "valid").otherwise("drop"))
+        part = F.when(end < cut, inner).when(start >= cut, "test").otherwise("drop")
+    else:
+        inner = F.lit("train") if vcut is None else F.when(end < vcut, "train").otherwise("valid")
+        part = F.when(end < cut, inner).otherwise("test")
+    return part, {"cut_ts": _iso(cut), "tmax_ts": _iso(tmax), "global_cut": strict, "valid_cut_ts": _iso(vcut)}
+
+
 def split(events: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, list[str], dict]:
     """Assign every event to the tables of the split in one pass.
 
-    Returns ``(tagged, names, meta)``: ``tagged`` is ``events`` plus ``_tables``
-    (array of the table names the event belongs to: ``train``, ``valid``,
-    ``test``, ``train_full``, ``train_recent_<k>``) and ``_seq_f`` (its position
-    among the kept events of a filtered valid/test session). Computing
-    membership as columns, instead of one DataFrame per table, lets the writer
-    produce all tables with a single sorted write.
+    ``events`` is in the session layout of :func:`spark_jobs.sessionize.to_layout`
+    (with ``seq``, ``_file_idx``, ``_ord``). Returns ``(tagged, names, meta)``:
+    ``tagged`` is ``events`` (less ``_file_idx``/``_ord``) plus ``_mask`` (bit ``TABLE_BITS[name]`` /
+    ``1 << (4 + i)`` for ``train_recent_<k_i>``: the tables the event belongs
+    to) and ``_seq_f`` (its position among the kept events of a filtered
+    valid/test session), materialised and still in the session layout, so
+    every table is a filter of it written without another sort.
+
+    The time strategies label events with per-session window columns and
+    scalar cuts (no shuffle); the others label the small session table and
+    join it back (one shuffle of the events, then the layout is restored).
     """
-    sess = sessions_table(events).cache()
-    labelled, meta = _assign(sess, cfg)
-    labelled = labelled.select("session_id", "part", "start_us")
-    full_sess = labelled.where(F.col("part").isin("train", "valid"))
+    from spark_jobs.sessionize import ORDER, checkpoint, to_layout, with_position
+
+    # Every per-session window below uses the one ordered spec (frames differ), so Spark
+    # evaluates them in as few passes as possible (with ``seq``'s row_number in the first).
+    w = Window.partitionBy("session_id").orderBy(*ORDER)
+    ws = w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    ev = (events.withColumn("start_us", F.min(F.unix_micros("ts")).over(ws))
+          .withColumn("end_us", F.max(F.unix_micros("ts")).over(ws)))
+    sess = checkpoint(sessions_table(events))
+    in_layout = cfg.strategy in ("time", "time_strict")
+    if in_layout:
+        part_expr, meta = _time_parts(sess, cfg)
+        labelled = sess.withColumn("part", part_expr)
+        ev = ev.withColumn("part", part_expr)
+    else:
+        labelled, meta = _assign(sess, cfg)
+        labelled = checkpoint(labelled.select("session_id", "part", "start_us"))
+        ev = ev.join(labelled.select("session_id", "part"), "session_id")
+    full_sess = labelled.where(F.col("part").isin("train", "valid")).select("session_id", "start_us")
     n_full = full_sess.count()
-    # Recent fractions (Tan et al.): rank train_full sessions from the most recent start.
-    ranked = full_sess.withColumn(
-        "_r", F.row_number().over(Window.orderBy(F.col("start_us").desc(), F.col("session_id").desc()))
-    ).select("session_id", "_r")
-    lab = labelled.join(ranked, "session_id", "left").drop("start_us").localCheckpoint(eager=True)
-    n_drop = lab.where("part = 'drop'").count()
-    # Materialised once: the item sets below and the windows all read it.
-    ev = events.join(lab, "session_id").localCheckpoint(eager=True)
+    n_drop = labelled.where("part = 'drop'").count()
+    # Recent fractions (Tan et al.): train_full sessions ranked from the most recent start
+    # (ties: larger session id first); recent_k = the first ceil(n_full / k). Only the k
+    # boundary sessions are looked up, so the test is a comparison on every event.
+    bounds: dict[int, tuple[int, int]] = {}
+    ks = [k for k in cfg.recent_fractions] if n_full else []
+    if ks:
+        ranked = with_position(full_sess, [F.col("start_us").desc(), F.col("session_id").desc()], "_r")
+        want = {math.ceil(n_full / k) - 1: k for k in ks}
+        rows = ranked.where(F.col("_r").isin(list(want))).collect()
+        at = {r["_r"]: (r["start_us"], r["session_id"]) for r in rows}
+        bounds = {k: at[math.ceil(n_full / k) - 1] for k in ks}
     part = F.col("part")
-    train_items = ev.where(part == "train").select("item_id").distinct().withColumn("_in_train", F.lit(True))
-    full_items = (ev.where(part.isin("train", "valid")).select("item_id").distinct()
-                  .withColumn("_in_full", F.lit(True)))
-    ev = ev.join(train_items, "item_id", "left").join(full_items, "item_id", "left")
+    if not in_layout:
+        # The join moved the events: restore the layout once, before the windows below.
+        ev = to_layout(ev)
+    # Items seen in train / train_full: one small aggregation, broadcast to every event.
+    item_flags = checkpoint(ev.groupBy("item_id").agg(
+        F.max((part == "train").cast("int")).alias("_in_train"),
+        F.max(part.isin("train", "valid").cast("int")).alias("_in_full")))
+    ev = ev.join(F.broadcast(item_flags), "item_id", "left")
     # GRU4Rec's rule: valid keeps items seen in train, test items seen in train_full;
     # then sessions with fewer than min_test_session_length kept events are dropped.
-    keep = ((part == "valid") & F.col("_in_train").isNotNull()) | ((part == "test") & F.col("_in_full").isNotNull())
-    w = Window.partitionBy("session_id").orderBy("seq")
+    keep = (((part == "valid") & (F.col("_in_train") == 1)) | ((part == "test") & (F.col("_in_full") == 1)))
     ev = ev.withColumn("_keep", keep.cast("int"))
     ev = ev.withColumn("_seq_f", (F.sum("_keep").over(w.rowsBetween(Window.unboundedPreceding, 0)) - 1).cast("int"))
-    ev = ev.withColumn("_n_keep", F.sum("_keep").over(Window.partitionBy("session_id")))
+    ev = ev.withColumn("_n_keep", F.sum("_keep").over(ws))
     ok = (F.col("_keep") == 1) & (F.col("_n_keep") >= cfg.min_test_session_length)
     names = ["train", "valid", "test", "train_full"]
-    members = [
-        F.when(part == "train", F.lit("train")),
-        F.when((part == "valid") & ok, F.lit("valid")),
-        F.when((part == "test") & ok, F.lit("test")),
-        F.when(part.isin("train", "valid"), F.lit("train_full")),
-    ]
-    for k in cfg.recent_fractions if n_full else ():
+    full = part.isin("train", "valid")
+    mask = (F.when(part == "train", TABLE_BITS["train"]).otherwise(0)
+            + F.when((part == "valid") & ok, TABLE_BITS["valid"]).otherwise(0)
+            + F.when((part == "test") & ok, TABLE_BITS["test"]).otherwise(0)
+            + F.when(full, TABLE_BITS["train_full"]).otherwise(0))
+    for i, k in enumerate(ks):
         names.append(f"train_recent_{k}")
-        members.append(F.when(part.isin("train", "valid") & (F.col("_r") <= math.ceil(n_full / k)),
-                              F.lit(f"train_recent_{k}")))
-    tagged = ev.withColumn("_tables", F.array_compact(F.array(*members))).drop(
-        "part", "_r", "_in_train", "_in_full", "_keep", "_n_keep")
+        b_start, b_sid = bounds[k]
+        recent = full & ((F.col("start_us") > b_start) | ((F.col("start_us") == b_start) & (F.col("session_id") >= b_sid)))
+        mask = mask + F.when(recent, 1 << (4 + i)).otherwise(0)
+    # The original-order columns are spent (rows are in final order): not materialised.
+    tagged = ev.withColumn("_mask", mask.cast("long")).drop(
+        "part", "start_us", "end_us", "_in_train", "_in_full", "_keep", "_n_keep", "_file_idx", "_ord")
     meta.update({"strategy": cfg.strategy, "dropped_sessions": n_drop,
                  "leaks_through_time": not meta.get("global_cut", False)})
-    return tagged, names, meta
+    return checkpoint(tagged), names, meta
 
 
-def explode_tables(tagged: DataFrame) -> DataFrame:
-    """One row per (event, table) with the table's own ``seq`` (renumbered in valid/test)."""
-    out = tagged.withColumn("_table", F.explode("_tables"))
-    seq = F.when(F.col("_table").isin("valid", "test"), F.col("_seq_f")).otherwise(F.col("seq")).cast("int")
-    return out.withColumn("seq", seq).drop("_tables", "_seq_f")
+def table_bit(names: list[str], name: str) -> int:
+    """The ``_mask`` bit of table ``name`` in a :func:`split` result."""
+    if name in TABLE_BITS:
+        return TABLE_BITS[name]
+    return 1 << (4 + names.index(name) - len(TABLE_BITS))
+
+
+def select_table(tagged: DataFrame, names: list[str], name: str, columns: list[str]) -> DataFrame:
+    """One table of a :func:`split` result with its own ``seq`` (renumbered in valid/test)."""
+    rows = tagged.where((F.col("_mask").bitwiseAND(F.lit(table_bit(names, name)))) != 0)
+    seq = F.col("_seq_f") if name in ("valid", "test") else F.col("seq")
+    return rows.select(*[seq.cast("int").alias("seq") if c == "seq" else F.col(c) for c in columns])
+
+
+def mask_stats(tagged: DataFrame, names: list[str]) -> dict[str, dict]:
+    """events / sessions / items / users and time range of every table of a :func:`split` result.
+
+    Three scans in all (events and time range; sessions, whose OR-ed bits also
+    give the users; items), instead of one set of counts per table.
+    """
+    from spark_jobs.filters import stats_dict
+
+    bits = {n: table_bit(names, n) for n in names}
+
+    def has(col, b):
+        return F.col(col).bitwiseAND(F.lit(b)) != 0
+
+    aggs = []
+    for n, b in bits.items():
+        aggs += [F.sum(has("_mask", b).cast("long")).alias(f"e_{b}"),
+                 F.min(F.when(has("_mask", b), F.col("ts"))).alias(f"lo_{b}"),
+                 F.max(F.when(has("_mask", b), F.col("ts"))).alias(f"hi_{b}")]
+    r = tagged.agg(*aggs).first()
+    out = {n: {"events": r[f"e_{b}"] or 0, "ts_min": r[f"lo_{b}"], "ts_max": r[f"hi_{b}"]} for n, b in bits.items()}
+    # Sessions (a local aggregation in the session layout), then users from the sessions
+    # (a session has at most one user), then items.
+    per_sess = tagged.groupBy("session_id").agg(F.bit_or("_mask").alias("_m"),
+                                                F.first("user_id", ignorenulls=True).alias("user_id")).cache()
+    per_user = per_sess.where(F.col("user_id").isNotNull()).groupBy("user_id").agg(F.bit_or("_m").alias("_m"))
+    per_item = tagged.where(F.col("item_id").isNotNull()).groupBy("item_id").agg(F.bit_or("_mask").alias("_m"))
+    for stat, per_key in (("sessions", per_sess), ("users", per_user), ("items", per_item)):
+        r = per_key.agg(*[F.sum(has("_m", b).cast("long")).alias(f"n_{b}") for b in bits.values()]).first()
+        for n, b in bits.items():
+            out[n][stat] = r[f"n_{b}"] or 0
+    per_sess.unpersist()
+    return {n: stats_dict(d) for n, d in out.items()}
 
 
 def item_index(train_full: DataFrame) -> DataFrame:
