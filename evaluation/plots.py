@@ -21,12 +21,16 @@ def _plt():
 
 
 def _save(fig, out) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    tmp.replace(out)
-    return out
+    """Write ``fig`` atomically to ``out`` and close it (pyplot keeps every open figure)."""
+    try:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        tmp.replace(out)
+        return out
+    finally:
+        _plt().close(fig)
 
 
 def training_curve(history: list[dict], out, title: str = "training") -> Path:
@@ -40,10 +44,7 @@ def training_curve(history: list[dict], out, title: str = "training") -> Path:
     ax[1].set(xlabel="epoch", ylabel="events/s", title=f"{title}: throughput")
     for a in ax:
         a.grid(alpha=0.3)
-    try:
-        return _save(fig, out)
-    finally:
-        plt.close(fig)
+    return _save(fig, out)
 
 
 def breakdown_plot(breakdowns, out, k: int = 20, title: str = "") -> Path:
@@ -62,10 +63,7 @@ def breakdown_plot(breakdowns, out, k: int = 20, title: str = "") -> Path:
         a.set(xlabel=label, ylim=(0, 1), title=f"{title} by {label}".strip())
         a.legend(fontsize=8)
         a.grid(alpha=0.3, axis="y")
-    try:
-        return _save(fig, out)
-    finally:
-        plt.close(fig)
+    return _save(fig, out)
 
 
 def comparison_bar(rows: list[dict], out, metrics=("recall_at_20", "mrr_at_20"), title: str = "") -> Path:
@@ -84,7 +82,4 @@ def comparison_bar(rows: list[dict], out, metrics=("recall_at_20", "mrr_at_20"),
     ax.set(ylabel="test metric", title=title or "model comparison")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    try:
-        return _save(fig, out)
-    finally:
-        plt.close(fig)
+    return _save(fig, out)
