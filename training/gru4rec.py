@@ -440,9 +440,9 @@ class FastStep:
             cache.append((inp, h, r, z, n, ghn))
             state[i] = out
             inp = out
-        # scores are kept TRANSPOSED, [columns, rows]: gathering / scattering the sampled
-        # columns is then a row gather / row scatter (contiguous), ~3x cheaper on CPU than
-        # the same along dim 1 (profiled, benchmarks/README_gru4rec.md)
+        # scores are kept TRANSPOSED, [unique rows, mini-batch rows]: gathering / scattering
+        # the sampled columns is then a row gather / row scatter (contiguous), ~3x cheaper on
+        # CPU than the same along dim 1 (profiled, benchmarks/README_gru4rec.md)
         in_y = None
         if self.xe and self.native is not None:
             # scores [U, M] by MKL, then the fused softmax (training/kernels.c rnn_xe_softmax):
