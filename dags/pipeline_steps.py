@@ -254,8 +254,7 @@ def preprocess(cfg: dict, raw: dict) -> dict:
 
 def spark_conf_from_env(var: str = "RNNREC_SPARK_CONF") -> dict[str, str]:
     """Extra Spark settings for the preprocess task: ``$RNNREC_SPARK_CONF`` = ``key=value,key=value``
-    (``make demo`` sets ``spark.sql.shuffle.partitions=4``: at demo size the default partition
-    count only adds scheduling overhead)."""
+    (they override the sizing from the input, ``spark_jobs.session.sizing_conf``)."""
     out = {}
     for part in filter(None, (p.strip() for p in os.environ.get(var, "").split(","))):
         k, sep, v = part.partition("=")

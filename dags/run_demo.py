@@ -148,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
             "synthetic_start": a.start, "families": [f for f in a.families.split(",") if f],
             "epochs": a.epochs, "fractions": [int(k) for k in a.fractions.split(",") if k.strip()],
             "device": a.device, "overrides": json.loads(a.overrides)}
-    # demo-size data: a few shuffle partitions instead of Spark's scale default (measured ~30% faster)
-    os.environ.setdefault("RNNREC_SPARK_CONF", "spark.sql.shuffle.partitions=4")
     t0 = time.perf_counter()
     print(f"running DAG {DAG_ID} for the interval ending {date} (data in {data_dir})", flush=True)
     summary = run(conf, date, data_dir, a.runner)

@@ -98,23 +98,69 @@ def _write(df, path: str, sort_cols: list[str] | None = None, single_file: bool 
 
 
 def write_split_tables(tagged, names: list[str], columns: list[str], targets: dict[str, str]) -> dict[str, dict]:
-    """Write every table of a split result and return its counts.
+    """Write every table of a split result in one scan and return its counts.
 
     ``tagged`` (from :func:`spark_jobs.splits.split`) is materialised in the
-    output order, so each table is a filter of it, written without a shuffle
-    or sort; the counts of all tables come from three scans over the
-    membership bits (:func:`spark_jobs.splits.mask_stats`). ``train_recent_1`` holds exactly the ``train_full`` rows,
-    so its files are hard links to (or copies of) ``train_full``'s.
+    output order. Each event is emitted once per table it belongs to (its
+    ``_mask`` bits) and all tables are written by one job with a partitioned
+    write whose per-table writers stay open side by side
+    (``spark.sql.maxConcurrentOutputFileWriters``): no sort, so every file keeps
+    the contract order, and the checkpoint is scanned once instead of once per
+    table. The partition folders are then renamed to the ``targets``. A target
+    may be any table name of ``names`` or :data:`contract.EVENTS_DIR` (every
+    event). The counts of all tables come from three scans over the membership
+    bits (:func:`spark_jobs.splits.mask_stats`). ``train_recent_1`` holds exactly
+    the ``train_full`` rows, so its files are hard links to (or copies of)
+    ``train_full``'s.
     """
-    from spark_jobs.splits import mask_stats, select_table
+    from pyspark.sql import functions as F
+
+    from spark_jobs.splits import mask_stats, table_bit
 
     stats = mask_stats(tagged, names)
-    for name in names:
+    linked = {n for n in names if n == C.recent_table(1) and C.TRAIN_FULL in names and C.TRAIN_FULL in targets}
+    order = [n for n in targets if n not in linked]
+    if order:
+        def member(name):
+            if name == C.EVENTS_DIR:
+                return F.lit(True)
+            return F.col("_mask").bitwiseAND(F.lit(table_bit(names, name))) != 0
+
+        idx = F.array(*[F.when(member(n), F.lit(i)) for i, n in enumerate(order)])
+        renumbered = [i for i, n in enumerate(order) if n in (C.VALID, C.TEST)]
+        seq = (F.when(F.col("_t").isin(renumbered), F.col("_seq_f")).otherwise(F.col("seq"))
+               if renumbered else F.col("seq"))
+        rows = tagged.withColumn("_t", F.explode(F.filter(idx, lambda x: x.isNotNull())))
+        rows = rows.select(*[seq.cast("int").alias("seq") if c == "seq" else F.col(c) for c in columns], "_t")
+        stage = os.path.join(os.path.dirname(targets[order[0]]), f"_stage-{uuid.uuid4().hex[:8]}")
+        spark = tagged.sparkSession
+        # One open writer per table in every task instead of a sort by table: the rows keep their order.
+        conf = {"spark.sql.maxConcurrentOutputFileWriters": str(len(order) + 1)}
+        old = {k: spark.conf.get(k, None) for k in conf}
+        for k, v in conf.items():
+            spark.conf.set(k, v)
+        try:
+            rows.write.mode("overwrite").partitionBy("_t").parquet(stage)
+        finally:
+            for k, v in old.items():
+                spark.conf.unset(k) if v is None else spark.conf.set(k, v)
+        schema_only = None
+        for i, name in enumerate(order):
+            os.makedirs(os.path.dirname(targets[name]), exist_ok=True)
+            if os.path.exists(targets[name]):
+                shutil.rmtree(targets[name])
+            src = os.path.join(stage, f"_t={i}")
+            if os.path.isdir(src):
+                os.rename(src, targets[name])
+            else:  # an empty table: no partition folder; write an empty frame with the schema
+                schema_only = schema_only if schema_only is not None else rows.drop("_t").limit(0)
+                schema_only.write.mode("overwrite").parquet(targets[name])
+        shutil.rmtree(stage, ignore_errors=True)
+    for name in linked:
         os.makedirs(os.path.dirname(targets[name]), exist_ok=True)
-        if name == C.recent_table(1) and C.TRAIN_FULL in names:
-            shutil.copytree(targets[C.TRAIN_FULL], targets[name], copy_function=_link_or_copy)
-            continue
-        select_table(tagged, names, name, columns).write.mode("overwrite").parquet(targets[name])
+        if os.path.exists(targets[name]):
+            shutil.rmtree(targets[name])
+        shutil.copytree(targets[C.TRAIN_FULL], targets[name], copy_function=_link_or_copy)
     return stats
 
 
@@ -133,6 +179,22 @@ def jvm_cpu_seconds(spark) -> float | None:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (AttributeError, OSError, ValueError, IndexError):
+        return None
+
+
+def input_bytes(inputs: list[str]) -> int | None:
+    """Total size of the input files; None when any is remote or cannot be listed."""
+    from spark_jobs import readers
+
+    try:
+        files = readers.input_files(inputs)
+    except Exception:  # the job itself reports bad inputs, with context
+        return None
+    if not files or any("://" in f and not f.startswith("file://") for f in files):
+        return None
+    try:
+        return sum(os.path.getsize(f.removeprefix("file://")) for f in files)
+    except OSError:
         return None
 
 
@@ -158,14 +220,17 @@ def versions() -> dict:
 
 def run(cfg: PreprocessConfig, spark=None) -> dict:
     """Run the whole preprocessing; returns the manifest (also written to OUT)."""
-    from spark_jobs.session import get_spark
+    from spark_jobs.session import get_spark, sizing_conf
     from spark_jobs.splits import STRATEGIES
 
     if not cfg.out:
         raise ValueError("--out is required")
     if cfg.split not in STRATEGIES:
         raise ValueError(f"unknown --split {cfg.split!r}; choose one of {', '.join(STRATEGIES)}")
-    spark = spark or get_spark("rnnrec-preprocess", cfg.spark_conf)
+    if spark is None:
+        # partitions and JVM flags sized from the input; explicit settings win
+        conf = {**sizing_conf(input_bytes(cfg.input)), **cfg.spark_conf}
+        spark = get_spark("rnnrec-preprocess", conf)
     out = os.path.abspath(cfg.out)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -185,7 +250,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
 
     from spark_jobs import readers, sessionize as S
     from spark_jobs.filters import FilterConfig, apply_filters, table_counts
-    from spark_jobs.splits import SplitConfig, item_index, select_table, split, user_index
+    from spark_jobs.splits import SplitConfig, item_index, split, user_index
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -330,13 +395,13 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
                        recent_fractions=tuple(cfg.recent_fractions))
     tagged, names, meta = split(ev, scfg)
     split_dir = os.path.join(tmp, C.SPLITS_DIR, cfg.split)
-    targets = {name: os.path.join(split_dir, name) for name in names}
-    tagged.select(*cols).write.mode("overwrite").parquet(os.path.join(tmp, C.EVENTS_DIR))
+    targets = {C.EVENTS_DIR: os.path.join(tmp, C.EVENTS_DIR), **{name: os.path.join(split_dir, name) for name in names}}
     table_stats = write_split_tables(tagged, names, cols, targets)
     for name, st in table_stats.items():
         log.info("%-18s events=%-9d sessions=%-8d items=%-7d users=%d", name, st["events"], st["sessions"],
                  st["items"], st["users"])
-    train_full = select_table(tagged, names, C.TRAIN_FULL, cols)
+    # the written table: a columnar read of two columns instead of another scan of every event
+    train_full = spark.read.parquet(targets[C.TRAIN_FULL])
     _write(item_index(train_full), os.path.join(split_dir, C.ITEM_INDEX), ["item_idx"], single_file=True)
     _write(user_index(train_full), os.path.join(split_dir, C.USER_INDEX), ["user_idx"], single_file=True)
     n_items, n_users = table_stats[C.TRAIN_FULL]["items"], table_stats[C.TRAIN_FULL]["users"]

@@ -35,9 +35,10 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def spark():
     """One local SparkSession for the whole test run (JVM start costs ~9 s)."""
-    from spark_jobs.session import get_spark
+    from spark_jobs.session import get_spark, sizing_conf
 
-    s = get_spark("tests", {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"})
+    # test inputs are small: the job's own sizing for a small input (2 partitions, quick JIT)
+    s = get_spark("tests", {**sizing_conf(1 << 20, cores=2), "spark.ui.enabled": "false"})
     yield s
     s.stop()
 

@@ -50,3 +50,56 @@ def test_with_position_is_a_dense_global_rank(spark):
     df = spark.createDataFrame([(k, -k) for k in (7, 3, 9, 1, 5, 8)], "k long, v long").repartition(3)
     got = {r["k"]: r["pos"] for r in S.with_position(df, [F.col("k").desc()], "pos").collect()}
     assert got == {9: 0, 8: 1, 7: 2, 5: 3, 3: 4, 1: 5}
+
+
+def test_all_tables_written_in_one_scan_keep_contract_order_in_every_file(spark, tmp_path):
+    """The partitioned one-scan write: right rows per table, each file in (session, seq) order,
+    valid/test renumbered, an empty table still written with its schema, train_recent_1 linked."""
+    import glob
+
+    from spark_jobs import contract as C
+    from spark_jobs.preprocess import write_split_tables
+    from spark_jobs.splits import TABLE_BITS
+
+    names = ["train", "valid", "test", "train_full", "train_recent_2", "train_recent_1"]
+    rows = []
+    for s in range(300):  # sessions in reverse id order inside the frame would break the check below
+        part = "train" if s < 200 else ("valid" if s < 250 else "test")
+        for i in range(3):
+            m = TABLE_BITS[part] | (TABLE_BITS["train_full"] if part != "test" else 0)
+            if part != "test":
+                m |= (1 << 5) | ((1 << 4) if s >= 100 else 0)
+            rows.append((s, 7, s % 11, dt.datetime(2014, 4, 1, 0, i), i, i - 1 if part != "train" else None, m))
+    tagged = spark.createDataFrame(
+        rows, "session_id long, user_id long, item_id long, ts timestamp, seq int, _seq_f int, _mask long"
+    ).repartitionByRange(3, "session_id").sortWithinPartitions("session_id", "seq")
+    # no event of the valid table -> an empty table must still be written
+    tagged = tagged.where(~((F.col("_mask").bitwiseAND(2)) != 0) | (F.col("session_id") < 0))
+    targets = {C.EVENTS_DIR: str(tmp_path / "events"), **{n: str(tmp_path / "split" / n) for n in names}}
+    cols = ["session_id", "user_id", "item_id", "ts", "seq"]
+    stats = write_split_tables(tagged, names, cols, targets)
+
+    def read(name):
+        return pq.read_table(targets[name]).to_pandas()
+
+    assert len(read(C.EVENTS_DIR)) == 750 and stats["train"]["events"] == 600
+    assert read("valid").empty and pq.read_schema(glob.glob(targets["valid"] + "/*.parquet")[0]).names == cols
+    test = read("test")
+    assert sorted(test.session_id.unique()) == list(range(250, 300)) and sorted(test.seq.unique()) == [-1, 0, 1]
+    assert sorted(read("train_recent_2").session_id.unique()) == list(range(100, 200))
+    assert len(read("train_full")) == 600 and read("train_recent_1").equals(read("train_full"))
+    for f in glob.glob(str(tmp_path / "**" / "*.parquet"), recursive=True):
+        t = pq.read_table(f).to_pandas()
+        keys = list(zip(t.session_id, t.seq))
+        assert keys == sorted(keys), f
+    assert not glob.glob(str(tmp_path / "split" / "_stage-*"))
+
+
+def test_sizing_follows_the_input():
+    from spark_jobs.session import BASE_CONF, sizing_conf
+
+    small, big = sizing_conf(300_000, cores=2), sizing_conf(4 << 30, cores=2)
+    assert small["spark.sql.shuffle.partitions"] == "2" and "TieredStopAtLevel=1" in small["spark.driver.extraJavaOptions"]
+    assert big == {"spark.sql.shuffle.partitions": BASE_CONF["spark.sql.shuffle.partitions"]}
+    assert sizing_conf(100 << 20, cores=2)["spark.sql.shuffle.partitions"] == "13"
+    assert sizing_conf(None) == {}
