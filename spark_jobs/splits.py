@@ -191,7 +191,7 @@ def split(events: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, list[str], di
     scalar cuts (no shuffle); the others label the small session table and
     join it back (one shuffle of the events, then the layout is restored).
     """
-    from spark_jobs.sessionize import ORDER, checkpoint, to_layout, with_position
+    from spark_jobs.sessionize import ORDER, checkpoint, to_layout
 
     # Every per-session window below uses the one ordered spec (frames differ), so Spark
     # evaluates them in as few passes as possible (with ``seq``'s row_number in the first).
@@ -218,10 +218,7 @@ def split(events: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, list[str], di
     bounds: dict[int, tuple[int, int]] = {}
     ks = [k for k in cfg.recent_fractions] if n_full else []
     if ks:
-        ranked = with_position(full_sess, [F.col("start_us").desc(), F.col("session_id").desc()], "_r")
-        want = {math.ceil(n_full / k) - 1: k for k in ks}
-        rows = ranked.where(F.col("_r").isin(list(want))).collect()
-        at = {r["_r"]: (r["start_us"], r["session_id"]) for r in rows}
+        at = sessions_at_ranks(full_sess, sorted({math.ceil(n_full / k) - 1 for k in ks}))
         bounds = {k: at[math.ceil(n_full / k) - 1] for k in ks}
     part = F.col("part")
     if not in_layout:
@@ -256,6 +253,52 @@ def split(events: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, list[str], di
     meta.update({"strategy": cfg.strategy, "dropped_sessions": n_drop,
                  "leaks_through_time": not meta.get("global_cut", False)})
     return checkpoint(tagged), names, meta
+
+
+def sessions_at_ranks(sess: DataFrame, ranks: list[int], buckets: int = 1 << 16,
+                      max_collect: int = 2_000_000) -> dict[int, tuple[int, int]]:
+    """``(start_us, session_id)`` of the sessions at 0-based ``ranks`` in the order
+    (``start_us`` desc, ``session_id`` desc), exactly, without sorting every session.
+
+    A histogram of start times over ``buckets`` equal-width buckets (one small
+    aggregation) locates the bucket of each rank; only the sessions of those
+    buckets are collected and sorted on the driver. When they are too many
+    (start times piled into a few buckets), one global sort with positions
+    (:func:`spark_jobs.sessionize.with_position`) does it instead.
+    """
+    from spark_jobs.sessionize import with_position
+
+    order = [F.col("start_us").desc(), F.col("session_id").desc()]
+    lo, hi = sess.agg(F.min("start_us"), F.max("start_us")).first()
+    out: dict[int, tuple[int, int]] = {}
+    if lo is None:
+        return out
+    width = max(1, -(-(hi - lo + 1) // buckets))
+    b = F.floor((F.lit(hi) - F.col("start_us")) / F.lit(width)).cast("long")  # 0 = latest starts
+    hist = sorted((r[0], r[1]) for r in sess.groupBy(b.alias("_b")).count().collect())
+    where: dict[int, list[tuple[int, int]]] = {}  # bucket -> [(rank, offset in bucket)]
+    before, i = 0, 0
+    for r in sorted(ranks):
+        while i < len(hist) and before + hist[i][1] <= r:
+            before += hist[i][1]
+            i += 1
+        if i == len(hist):
+            raise ValueError(f"rank {r} is past the {before} sessions")
+        where.setdefault(hist[i][0], []).append((r, r - before))
+    sizes = dict(hist)
+    if sum(sizes[k] for k in where) > max_collect:
+        ranked = with_position(sess, order, "_r")
+        rows = ranked.where(F.col("_r").isin(list(ranks))).collect()
+        return {x["_r"]: (x["start_us"], x["session_id"]) for x in rows}
+    rows = sess.where(b.isin(list(where))).select(b.alias("_b"), "start_us", "session_id").collect()
+    per: dict[int, list[tuple[int, int]]] = {}
+    for x in rows:
+        per.setdefault(x["_b"], []).append((x["start_us"], x["session_id"]))
+    for k, wanted in where.items():
+        ordered = sorted(per[k], reverse=True)
+        for r, off in wanted:
+            out[r] = ordered[off]
+    return out
 
 
 def table_bit(names: list[str], name: str) -> int:

@@ -222,6 +222,7 @@ class FastStep:
         # fused C kernels (training/kernels.c) on CPU; the torch ops below are the fallback
         # and the reference the kernels are tested against (tests/training/test_native_kernels.py)
         self.native = None
+        self._mm = None
         if device.type == "cpu" and cfg.native_kernels:
             from training import native
             self.native = native.load()
@@ -237,6 +238,8 @@ class FastStep:
             self._ngru = model.embedding != "onehot"
             self._nin = torch.empty(k, dtype=torch.uint8)
             self._nzq = torch.zeros(k)
+            # the step's products through MKL's sgemm in C, independent ones on both cores at once
+            self._mm = native.MatmulJobs(self.native) if getattr(self.native, "has_blas", False) else None
 
     # ---- optimizer ---------------------------------------------------------------------
     def _new_opt_state(self) -> dict[str, torch.Tensor]:
@@ -409,12 +412,18 @@ class FastStep:
                 h = state[i]
                 Hs = h.shape[1]
                 W_ih, W_hh, b_ih, b_hh = self._layer[i][:4]
-                gi = inp @ W_ih.t()  # biases are added in the kernel (cheaper than addmm's)
-                gh = h @ W_hh.t()
-                out, r, z, n, ghn = (torch.empty(M, Hs) for _ in range(5))
                 hm = hid_masks[i]
                 hm = hm.contiguous() if hm is not None else None
                 h = h.contiguous()
+                inp = inp.contiguous()
+                if self._mm is not None:  # the input and hidden products side by side
+                    gi, gh = torch.empty(M, 3 * Hs), torch.empty(M, 3 * Hs)
+                    self._mm.run([(0, 1, M, 3 * Hs, inp.shape[1], inp.data_ptr(), W_ih.data_ptr(), gi.data_ptr()),
+                                  (0, 1, M, 3 * Hs, Hs, h.data_ptr(), W_hh.data_ptr(), gh.data_ptr())], 1)
+                else:
+                    gi = inp @ W_ih.t()  # biases are added in the kernel (cheaper than addmm's)
+                    gh = h @ W_hh.t()
+                out, r, z, n, ghn = (torch.empty(M, Hs) for _ in range(5))
                 self.native.rnn_gru_gates_fwd(
                     gi.data_ptr(), gh.data_ptr(), b_ih.data_ptr(), b_hh.data_ptr(), h.data_ptr(),
                     hm.data_ptr() if hm is not None else None,
@@ -454,15 +463,30 @@ class FastStep:
                 self._ndby, self._nw = torch.empty(U), torch.empty(U)
                 self._nin = torch.empty(U, dtype=torch.uint8)
             dBy, in_y = self._ndby[:U], self._nin[:U]
-            dS = O @ inp.t()  # the kernel adds the biases
+            mm = self._mm
+            if mm is not None:  # scores by halves of the unique rows, one per core
+                Hd = O.shape[1]
+                inp = inp.contiguous()
+                dS = torch.empty(U, M)
+                U1 = U // 2
+                mm.run([(0, 1, U1, M, Hd, O.data_ptr(), inp.data_ptr(), dS.data_ptr()),
+                        (0, 1, U - U1, M, Hd, O.data_ptr() + 4 * U1 * Hd, inp.data_ptr(),
+                         dS.data_ptr() + 4 * U1 * M)], 1)
+            else:
+                dS = O @ inp.t()  # the kernel adds the biases
             lq = self.logq_w is not None
             loss = torch.tensor(self.native.rnn_xe_softmax(
                 dS.data_ptr(), self._By.data_ptr(), uniq.data_ptr(), U, M, inv_y.data_ptr(), y.contiguous().data_ptr(),
                 self.logp.data_ptr() if lq else None, c.logq, c.logq * c.sample_alpha, C,
                 1.0 / self.B, dBy.data_ptr(), in_y.data_ptr(), self._nw.data_ptr(),
                 self._nzq.data_ptr()), dtype=torch.float32)
-            dout = dS.t() @ O
-            dO = dS @ inp
+            if mm is not None:  # dX = dS^T O and dO = dS X side by side
+                dout, dO = torch.empty(M, Hd), torch.empty(U, Hd)
+                mm.run([(1, 0, M, Hd, U, dS.data_ptr(), O.data_ptr(), dout.data_ptr()),
+                        (0, 0, U, Hd, M, dS.data_ptr(), inp.data_ptr(), dO.data_ptr())], 1)
+            else:
+                dout = dS.t() @ O
+                dO = dS @ inp
         else:
             S = torch.addmm(m.By.data.index_select(0, uniq).unsqueeze(1), O, inp.t())  # [U, M]
             dout, dO, dBy, loss = self._output_grad(S, inv_y, y, uniq.shape[0], M, O, inp)
@@ -534,9 +558,17 @@ class FastStep:
                     dout.data_ptr(), hm.data_ptr() if hm is not None else None, h.data_ptr(),
                     r.data_ptr(), z.data_ptr(), n.data_ptr(), ghn.data_ptr(), M, Hs,
                     dgi.data_ptr(), dgh.data_ptr(), gb_ih.data_ptr(), gb_hh.data_ptr())
-                torch.mm(dgh.t(), h, out=gW_hh)
-                torch.mm(dgi.t(), xin, out=gW_ih)
-                dout = dgi @ W_ih
+                if self._mm is not None:  # weight gradients on one core, the input gradient on the other
+                    Hin = W_ih.shape[1]
+                    xin = xin.contiguous()
+                    dout = torch.empty(M, Hin)
+                    self._mm.run([(1, 0, 3 * Hs, Hs, M, dgh.data_ptr(), h.data_ptr(), gW_hh.data_ptr()),
+                                  (1, 0, 3 * Hs, Hin, M, dgi.data_ptr(), xin.data_ptr(), gW_ih.data_ptr()),
+                                  (0, 0, M, Hin, 3 * Hs, dgi.data_ptr(), W_ih.data_ptr(), dout.data_ptr())], 1)
+                else:
+                    torch.mm(dgh.t(), h, out=gW_hh)
+                    torch.mm(dgi.t(), xin, out=gW_ih)
+                    dout = dgi @ W_ih
             return dout * emb_mask if emb_mask is not None else dout
         self.gflat.zero_()
         dx = None

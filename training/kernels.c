@@ -325,3 +325,65 @@ void rnn_add_rows(float *dst, const int64_t *idx, const float *src, int64_t k, i
         for (int64_t j = 0; j < D; j++) d[j] += s[j];
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Matrix products on both cores at once.
+ *
+ * At batch 32 every product of the step is skinny (one dimension 32 or 100): MKL splitting one
+ * such product over two threads gains little (measured: 2 threads slower than 1 at batch 32).
+ * But the step has independent products (the two GRU input/hidden products; the output layer's
+ * dX = dS^T O and dO = dS X; the GRU weight gradients and the input gradient) and the score
+ * product splits by rows. rnn_mm_jobs runs a list of products as two groups, one per OpenMP
+ * thread, each a single-threaded MKL sgemm (torch's own MKL: the address of its exported
+ * Fortran `sgemm_` is handed over by training/native.py). With one thread it runs them in order.
+ */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *,
+                         const int *);
+typedef int (*mkl_threads_local_fn)(int);
+static sgemm_fn g_sgemm = 0;
+static mkl_threads_local_fn g_mkl_local = 0;
+
+void rnn_set_blas(void *sgemm, void *mkl_local) {
+    g_sgemm = (sgemm_fn)sgemm;
+    g_mkl_local = (mkl_threads_local_fn)mkl_local;
+}
+
+/* Row-major C[M,N] = op(A) op(B); ta: A is stored [K,M] (op = transpose), else [M,K];
+ * tb: B is stored [N,K], else [K,N]. Column-major BLAS computes C^T = op(B)^T op(A)^T. */
+static void mm_rowmajor(int ta, int tb, int M, int N, int K, const float *A, const float *B, float *C) {
+    const float one = 1.0f, zero = 0.0f;
+    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+    const int lda = ta ? M : K, ldb = tb ? K : N, ldc = N;
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { memset(C, 0, sizeof(float) * (size_t)M * (size_t)N); return; }
+    g_sgemm(&tB, &tA, &N, &M, &K, &one, B, &ldb, A, &lda, &zero, C, &ldc);
+}
+
+/* desc: n jobs x 8 int64 (ta, tb, M, N, K, A, B, C addresses); jobs [0, split) run on one
+ * thread, [split, n) on the other. Returns 0, or -1 when no BLAS was handed over. */
+int rnn_mm_jobs(int64_t n, int64_t split, const int64_t *desc) {
+    if (!g_sgemm) return -1;
+#ifdef _OPENMP
+    int nt = omp_get_max_threads() >= 2 && split > 0 && split < n ? 2 : 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = thread_id();
+        int64_t lo = nt == 1 ? 0 : (t == 0 ? 0 : split), hi = nt == 1 ? n : (t == 0 ? split : n);
+        if (g_mkl_local) g_mkl_local(1);
+        for (int64_t j = lo; j < hi; ++j) {
+            const int64_t *d = desc + 8 * j;
+            mm_rowmajor((int)d[0], (int)d[1], (int)d[2], (int)d[3], (int)d[4], (const float *)(intptr_t)d[5],
+                        (const float *)(intptr_t)d[6], (float *)(intptr_t)d[7]);
+        }
+        if (g_mkl_local) g_mkl_local(0);
+    }
+#else
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t *d = desc + 8 * j;
+        mm_rowmajor((int)d[0], (int)d[1], (int)d[2], (int)d[3], (int)d[4], (const float *)(intptr_t)d[5],
+                    (const float *)(intptr_t)d[6], (float *)(intptr_t)d[7]);
+    }
+#endif
+    return 0;
+}

@@ -110,8 +110,47 @@ def load():
     lib.rnn_adagrad_rows.restype = None
     lib.rnn_adagrad_rows.argtypes = [f32p, f32p, f32p, i64p, u8p, ctypes.c_int64, ctypes.c_int64,
                                      f32p, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    lib.rnn_mm_jobs.restype = ctypes.c_int
+    lib.rnn_mm_jobs.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.rnn_set_blas.restype = None
+    lib.rnn_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.has_blas = _hand_over_blas(lib)
     _lib = lib
     return lib
+
+
+def _hand_over_blas(lib) -> bool:
+    """Give the kernels torch's own MKL ``sgemm_`` (exported by libtorch_cpu); False if absent."""
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        sgemm = ctypes.cast(torch_cpu.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        log.info("torch's MKL sgemm_ not found: the step's products stay in torch")
+        return False
+    # (not mkl_set_num_threads_local: it crashes the interpreter at exit; inside the two-thread
+    # region MKL runs single-threaded by itself)
+    lib.rnn_set_blas(sgemm, None)
+    return True
+
+
+class MatmulJobs:
+    """Row-major products run by ``rnn_mm_jobs``: two groups, one per core (see kernels.c).
+
+    A job is ``(ta, tb, M, N, K, A, B, C)`` with byte addresses: ``C[M,N] = op(A) @ op(B)``,
+    ``ta``: A is stored ``[K, M]``; ``tb``: B is stored ``[N, K]``. All buffers contiguous float32.
+    """
+
+    def __init__(self, lib, capacity: int = 8):
+        self.lib = lib
+        self.buf = (ctypes.c_int64 * (8 * capacity))()
+        self.addr = ctypes.addressof(self.buf)
+
+    def run(self, jobs: list[tuple], split: int) -> None:
+        b = self.buf
+        for i, j in enumerate(jobs):
+            b[8 * i:8 * i + 8] = j
+        if self.lib.rnn_mm_jobs(len(jobs), split, self.addr) != 0:
+            raise RuntimeError("rnn_mm_jobs: no BLAS was handed over")
 
 
 def why_not() -> str:

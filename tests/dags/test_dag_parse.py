@@ -122,6 +122,26 @@ def test_clear_errors_turns_domain_errors_into_a_fail_without_retry():
             raise KeyError("x")
 
 
+def test_every_expected_error_is_matched_by_name_including_subclasses():
+    """clear_errors matches by (module, class name) to stay import-free: each name must
+    resolve to the real exception class, and a subclass must be matched too."""
+    import importlib
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from dags.pipeline_steps import EXPECTED_ERRORS, clear_errors
+
+    for mod, name in sorted(EXPECTED_ERRORS):
+        cls = getattr(importlib.import_module(mod), name)
+        assert issubclass(cls, Exception) and (cls.__module__, cls.__qualname__) == (mod, name)
+        sub = type("Sub" + name, (cls,), {})
+        err = sub.__new__(sub)  # some take a report object: build it without their __init__
+        Exception.__init__(err, "boom")
+        with pytest.raises(AirflowFailException, match="Sub" + name):
+            with clear_errors():
+                raise err
+
+
 def test_spark_conf_env_is_parsed_and_bad_entries_are_named(monkeypatch):
     from dags import pipeline_steps as s
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from pyspark.sql import functions as F
 
@@ -103,3 +104,21 @@ def test_sizing_follows_the_input():
     assert big == {"spark.sql.shuffle.partitions": BASE_CONF["spark.sql.shuffle.partitions"]}
     assert sizing_conf(100 << 20, cores=2)["spark.sql.shuffle.partitions"] == "13"
     assert sizing_conf(None) == {}
+
+
+def test_sessions_at_ranks_equals_a_full_sort_with_ties_and_the_fallback(spark):
+    import random
+
+    from spark_jobs.splits import sessions_at_ranks
+
+    rnd = random.Random(3)
+    rows = [(sid, 1_396_000_000_000_000 + rnd.choice([0, 1, 5, 10 ** 6, rnd.randrange(10 ** 11)]))
+            for sid in rnd.sample(range(10 ** 6), 2000)]
+    sess = spark.createDataFrame(rows, "session_id long, start_us long")
+    expected = sorted(((st, sid) for sid, st in rows), reverse=True)
+    ranks = [0, 1, 7, 499, 1000, 1999]
+    want = {r: expected[r] for r in ranks}
+    assert sessions_at_ranks(sess, ranks, buckets=64) == want
+    assert sessions_at_ranks(sess, ranks, max_collect=0) == want  # the global-sort fallback
+    with pytest.raises(ValueError, match="past"):
+        sessions_at_ranks(sess, [2000])

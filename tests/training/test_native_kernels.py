@@ -37,10 +37,44 @@ def _batches(n_items, B, NS, H, n, seed=0, p_drop=0.4):
     return out
 
 
+@pytest.fixture
+def threads(request):
+    """torch/OpenMP threads for one test (1: products in order; 2: two groups side by side)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @needs_lib
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_matmul_jobs_equal_torch_products_in_every_layout(threads):
+    assert lib.has_blas, "torch's MKL sgemm_ was not found in libtorch_cpu"
+    mj = native.MatmulJobs(lib)
+    g = torch.Generator().manual_seed(0)
+    jobs, refs, outs = [], [], []
+    for ta in (0, 1):
+        for tb in (0, 1):
+            M, N, K = 37, 53, 29
+            A = torch.randn((K, M) if ta else (M, K), generator=g)
+            B = torch.randn((N, K) if tb else (K, N), generator=g)
+            C = torch.full((M, N), float("nan"))
+            jobs.append((ta, tb, M, N, K, A.data_ptr(), B.data_ptr(), C.data_ptr()))
+            refs.append((A.t() if ta else A) @ (B.t() if tb else B))
+            outs.append((A, B, C))
+    for split in (0, 1, 3, 4):  # all on one side, uneven groups, all on the other
+        for _, _, C in outs:
+            C.fill_(float("nan"))
+        mj.run(jobs, split)
+        for (_, _, C), ref in zip(outs, refs):
+            torch.testing.assert_close(C, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("M", [24, 17])  # full batch; a shrunk final batch
-def test_kernels_step_equals_torch_step_at_realistic_size(nesterov, M):
+def test_kernels_step_equals_torch_step_at_realistic_size(nesterov, M, threads):
     n_items, B, NS, H = 400, 24, 96, 37  # H = 4 AVX blocks + 5 scalar columns
     cfg = GRU4RecConfig(layers=[H], batch_size=B, n_sample=NS, nesterov=nesterov)  # official best
     support = np.random.default_rng(1).integers(1, 500, n_items)
@@ -52,7 +86,7 @@ def test_kernels_step_equals_torch_step_at_realistic_size(nesterov, M):
         c.native_kernels = use
         m = copy.deepcopy(m0)
         step = FastStep(m, c, support, torch.device("cpu"))
-        assert (step.native is not None) == use
+        assert (step.native is not None) == use and (step._mm is not None) == (use and lib.has_blas)
         state = m.init_state(M)
         ls, snaps = [], []
         for x, y, masks in _batches(n_items, B, NS, H, 6):
