@@ -290,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             # one side only: compare with the pandas reference's counts recorded on the same input
             results["runs"][f"{label(n)}/spark"]["agrees"] = (
                 "counts (stored pandas run)" if counts["spark"] == stored["tables"] else "NO (counts)")
+        stored_spark = results["runs"].get(f"{label(n)}/spark")
+        if impls == ["pandas"] and counts.get("pandas") and stored_spark and stored_spark.get("tables"):
+            # the reference run after the Spark one: check the stored Spark counts against it
+            ok = counts["pandas"] == stored_spark["tables"]
+            results["runs"][f"{label(n)}/pandas"]["agrees"] = "counts (stored spark run)" if ok else "NO (counts)"
+            stored_spark["agrees"] = "counts (later pandas run)" if ok else "NO (counts)"
         if len(counts) == 2 and all(counts.values()):
             agrees = "counts" if counts["spark"] == counts["pandas"] else "NO (counts)"
             if agrees == "counts" and n <= parse_size(a.compare_rows_max):

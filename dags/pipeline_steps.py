@@ -191,16 +191,6 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
 
 # --------------------------------------------------------------------------- data steps
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def ingest(cfg: dict) -> dict:
     """The raw input of this run: the given files, or a generated clickstream (made once, shared)."""
     p = cfg["params"]
@@ -224,30 +214,63 @@ def ingest(cfg: dict) -> dict:
     return {"input": [str(raw)], "format": "synthetic", "n_files": len(meta.get("per_day", {}))}
 
 
-def preprocess(cfg: dict, raw: dict) -> dict:
-    """Sessionize, filter, split with a global time cut at the interval end (1 test day)."""
-    from spark_jobs.preprocess import PreprocessConfig, run
+def preprocess_config(cfg: dict, raw: dict):
+    """The preprocessing of this interval: ``time_strict`` split with the cut at the interval end."""
+    from spark_jobs.preprocess import PreprocessConfig
 
     p = cfg["params"]
     out = Path(cfg["root"]) / "processed"
-    pc = PreprocessConfig(input=list(raw["input"]), format=raw["format"], out=str(out), split="time_strict",
-                          end_ts=cfg["interval_end"], test_days=float(p["test_days"]),
-                          min_item_support=int(p["min_item_support"]),
-                          min_session_length=int(p["min_session_length"]),
-                          recent_fractions=list(cfg["fractions"]),
-                          # no Spark UI for a batch task (it only hunts for a free port)
-                          spark_conf={"spark.ui.enabled": os.environ.get("RNNREC_SPARK_UI", "false"),
-                                      **spark_conf_from_env()})
+    return PreprocessConfig(input=list(raw["input"]), format=raw["format"], out=str(out), split="time_strict",
+                            end_ts=cfg["interval_end"], test_days=float(p["test_days"]),
+                            min_item_support=int(p["min_item_support"]),
+                            min_session_length=int(p["min_session_length"]),
+                            recent_fractions=list(cfg["fractions"]),
+                            # no Spark UI for a batch task (it only hunts for a free port)
+                            spark_conf={"spark.ui.enabled": os.environ.get("RNNREC_SPARK_UI", "false"),
+                                        **spark_conf_from_env()})
+
+
+def preprocess(cfg: dict, raw: dict) -> dict:
+    """Sessionize, filter, split with a global time cut at the interval end (1 test day)."""
+    from spark_jobs.preprocess import run
+
+    pc = preprocess_config(cfg, raw)
     from pyspark.sql import SparkSession
 
     had_session = SparkSession.getActiveSession() is not None
     try:
-        manifest = run(pc)
+        run(pc)
     finally:
         # `airflow dags test` runs every task in one process: a session left running keeps a JVM
         # (GBs of heap, GC threads) competing with training for the cores. Stop only our own.
         if not had_session and SparkSession.getActiveSession() is not None:
             SparkSession.getActiveSession().stop()
+    return preprocess_result(cfg)
+
+
+def write_submit_config(cfg: dict, raw: dict) -> str:
+    """The same preprocessing as a YAML file for ``spark-submit spark_jobs/preprocess.py --config``
+    (cluster mode): every option, including a list of inputs, travels as one path. The
+    in-process Spark settings are left out; the cluster's come from the Spark connection."""
+    import dataclasses
+
+    import yaml
+
+    conf = dataclasses.asdict(preprocess_config(cfg, raw))
+    conf.pop("spark_conf")
+    path = Path(cfg["root"]) / "spark_submit_preprocess.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(yaml.safe_dump(conf, sort_keys=True))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def preprocess_result(cfg: dict) -> dict:
+    """What the preprocess step hands on, read from the manifest it wrote; an empty training or
+    test table for this interval fails with the reason."""
+    out = Path(cfg["root"]) / "processed"
+    manifest = json.loads((out / "manifest.json").read_text())
     tables = manifest["splits"]["time_strict"]["tables"]
     for t in ("train_full", "test"):
         if tables[t]["events"] == 0:
@@ -308,6 +331,7 @@ def plan_finetune(cfg: dict, pretrained: list[dict]) -> list[dict]:
 def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
     """Train one candidate into models/<candidate> (replaced atomically) and log it as a child run."""
     from evaluation import mlflow_logging as ml
+    from spark_jobs.contract import replace_dir
     from training.train import train
 
     ml.configure(cfg["data_dir"])
@@ -317,7 +341,7 @@ def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
         try:
             train(spec["family"], spec["split_dir"], tmp, sets=spec["sets"], init_from=spec["init_from"],
                   show_progress=False)
-            _replace_dir(tmp, dest)
+            replace_dir(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logged = ml.log_training(rid, dest)
@@ -328,6 +352,7 @@ def evaluate_one(cfg: dict, trained: dict) -> dict:
     """Evaluate a candidate on valid (selection) and test (reporting); log both to its run."""
     from evaluation import mlflow_logging as ml
     from evaluation.evaluate import evaluate
+    from spark_jobs.contract import replace_dir
 
     ml.configure(cfg["data_dir"])
     dest = Path(cfg["root"]) / "eval" / trained["candidate"]
@@ -341,7 +366,7 @@ def evaluate_one(cfg: dict, trained: dict) -> dict:
                 out[k if table == "test" else f"valid_{k}"] = m[k]
         out["eval_dir"] = str(dest)
         (tmp / "result.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for table in ("valid", "test"):

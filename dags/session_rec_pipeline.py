@@ -194,36 +194,26 @@ def _spark_submit_preprocess(cfg, raw):
     """Preprocessing on a Spark cluster (only when RNNREC_SPARK_CONN_ID is set)."""
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-    x = "ti.xcom_pull(task_ids='resolve')"
+    @task
+    def spark_submit_config(cfg: dict, raw: dict) -> str:
+        """The job's options as one YAML file (a list of inputs cannot be templated into args)."""
+        return _steps().write_submit_config(cfg, raw)
+
     submit = SparkSubmitOperator(
         task_id="preprocess_spark_submit", conn_id=_SPARK_CONN, retries=1,
         application=os.path.join(_ROOT, "spark_jobs", "preprocess.py"),
         py_files=os.environ.get("RNNREC_SPARK_PY_FILES"),  # a zip of spark_jobs/ for the executors
-        application_args=[
-            "--input", "{{ ti.xcom_pull(task_ids='ingest')['input'] | join(' ') }}",
-            "--format", "{{ ti.xcom_pull(task_ids='ingest')['format'] }}",
-            "--out", "{{ %s['root'] }}/processed" % x, "--split", "time_strict",
-            "--end-ts", "{{ %s['interval_end'] }}" % x,
-            "--test-days", "{{ %s['params']['test_days'] }}" % x,
-            "--min-item-support", "{{ %s['params']['min_item_support'] }}" % x,
-            "--min-session-length", "{{ %s['params']['min_session_length'] }}" % x,
-            "--recent-fractions", "{{ %s['fractions'] | join(',') }}" % x,
-        ],
+        application_args=["--config", "{{ ti.xcom_pull(task_ids='spark_submit_config') }}"],
     )
 
     @task
     def preprocess_result(cfg: dict) -> dict:
         """Read back what spark-submit wrote (the same dict the in-process step returns)."""
-        import json
-        from pathlib import Path
+        s = _steps()
+        with s.clear_errors():
+            return s.preprocess_result(cfg)
 
-        out = Path(cfg["root"]) / "processed"
-        m = json.loads((out / "manifest.json").read_text())
-        tables = m["splits"]["time_strict"]["tables"]
-        return {"processed": str(out), "split_dir": str(out / "splits" / "time_strict"),
-                "counts": {t: tables[t]["events"] for t in tables}}
-
-    raw >> submit
+    spark_submit_config(cfg, raw) >> submit
     res = preprocess_result(cfg)
     submit >> res
     return res

@@ -222,15 +222,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Swap ``tmp`` in as ``dest`` (old copy moved aside first, then removed)."""
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class QualityRun:
     """One ephemeral GX context: every validation of one run goes into the same Data Docs."""
 
@@ -316,7 +307,7 @@ class QualityRun:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _replace_dir(tmp, dest)
+        C.replace_dir(tmp, dest)
         return dest / "index.html"
 
 

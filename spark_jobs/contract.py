@@ -26,6 +26,11 @@ Every events table has the columns of :data:`EVENT_COLUMNS`, sorted by
 """
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
+from pathlib import Path
+
 import pyarrow as pa
 
 #: name -> pyarrow type of every events table.
@@ -71,3 +76,19 @@ DEFAULT_RECENT_FRACTIONS = (256, 64, 16, 4, 1)
 def recent_table(k: int) -> str:
     """Name of the table holding the most recent 1/k of train_full sessions."""
     return f"train_recent_{k}"
+
+
+def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Swap the finished folder ``tmp`` in as ``dest`` (same filesystem: two renames).
+
+    Every output folder of the pipeline is written this way: a reader sees the old
+    output or the new one, never a half-written one; the old one is removed afterwards.
+    """
+    tmp, dest = Path(tmp), Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -73,6 +73,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from spark_jobs.contract import replace_dir
+
 #: Schema of a generated day (ground truth, before any preprocessing).
 GENERATED_SCHEMA = pa.schema(
     [
@@ -486,16 +488,6 @@ def source_sha256() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap ``tmp`` into ``out``: the old output stays intact until the new one is complete."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def write(
     out: str | Path,
     n_events: int,
@@ -570,7 +562,7 @@ def write(
                 bar.update(table.num_rows)
         # "_" prefix: Spark and pyarrow datasets skip it when reading the folder
         (tmp / "_generator.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

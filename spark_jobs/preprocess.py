@@ -198,17 +198,6 @@ def input_bytes(inputs: list[str]) -> int | None:
         return None
 
 
-def atomic_replace(tmp: str, out: str) -> None:
-    """Swap the finished ``tmp`` folder in place of ``out`` (same filesystem: renames)."""
-    old = None
-    if os.path.exists(out):
-        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def versions() -> dict:
     import pyarrow
     import pyspark
@@ -236,7 +225,7 @@ def run(cfg: PreprocessConfig, spark=None) -> dict:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     try:
         manifest = _run(spark, cfg, tmp)
-        atomic_replace(tmp, out)
+        C.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -424,6 +413,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
         "events": final_counts,
         "splits": {cfg.split: split_meta},
         "versions": versions(),
+        "spark_master": spark.sparkContext.master,
     }
     with open(os.path.join(tmp, C.MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, default=str)

@@ -510,11 +510,7 @@ def preprocess(
             (split_dir / C.SPLIT_META).write_text(json.dumps(split_meta, indent=2, sort_keys=True))
             manifest["seconds"] = round(time.perf_counter() - t0, 3)
             (tmp / C.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            if out.exists():
-                os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            C.replace_dir(tmp, out)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

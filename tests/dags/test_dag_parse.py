@@ -152,3 +152,21 @@ def test_spark_conf_env_is_parsed_and_bad_entries_are_named(monkeypatch):
     monkeypatch.setenv("RNNREC_SPARK_CONF", "spark.sql.shuffle.partitions=4,oops")
     with pytest.raises(s.PipelineParamError, match="'oops' is not key=value"):
         s.spark_conf_from_env()
+
+
+def test_spark_submit_config_carries_every_option_including_several_inputs(tmp_path, monkeypatch):
+    """Cluster mode hands the job its options as one YAML file: read back by the job's own CLI
+    it must give the in-process configuration (less the in-process Spark settings)."""
+    import dataclasses
+
+    from dags import pipeline_steps as s
+    from spark_jobs.preprocess import config_from_args
+
+    monkeypatch.delenv("RNNREC_SPARK_CONF", raising=False)
+    cfg = {"root": str(tmp_path / "run"), "interval_start": "2014-04-05T00:00:00+00:00",
+           "interval_end": "2014-04-06T00:00:00+00:00", "fractions": [4, 16],
+           "params": {"test_days": 1.0, "min_item_support": 5, "min_session_length": 2}}
+    raw = {"input": [str(tmp_path / "a dir" / "x.csv"), str(tmp_path / "y.csv")], "format": "gru4rec"}
+    got = config_from_args(["--config", s.write_submit_config(cfg, raw)])
+    want = dataclasses.replace(s.preprocess_config(cfg, raw), spark_conf={})
+    assert got == want and got.input == raw["input"] and got.recent_fractions == [4, 16]
