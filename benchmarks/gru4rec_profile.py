@@ -1,10 +1,12 @@
 """Profile GRU4Rec training steps on CPU (where does the time go?).
 
 Run: python -m benchmarks.gru4rec_profile SPLIT_DIR [--steps 600] [--set key=value ...]
-        [--threads N] [--profile | --kernels]
+        [--threads N] [--profile | --kernels | --phases]
 Prints events/s for a few hundred steps (after a warm-up epoch) and, with --profile, the
-torch.profiler op table (torch ops only: the C kernels are invisible to it), or, with
---kernels, the CPU time per step spent in each fused C kernel (training/kernels.c).
+torch.profiler op table (torch ops only: the C kernels are invisible to it), with
+--kernels, the CPU time per step spent in each fused C kernel (training/kernels.c), or, with
+--phases, the wall time per step of each phase of the whole-step C path (rnn_train_chunk;
+RNNREC_NATIVE_CHUNK=0 turns that path off, to profile the per-step path instead).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--phases", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
     if a.threads:
@@ -68,6 +71,23 @@ def main(argv=None):
                   f"{spent[name] / st['steps'] * 1e6:8.1f} us/step")
         print(f"  {'(torch ops + Python)':22s}            "
               f"{(cpu - sum(spent.values())) / st['steps'] * 1e6:8.1f} us/step")
+    elif a.phases:
+        import ctypes
+        if fam.step.chunk is None:
+            raise SystemExit("--phases: this configuration does not run the whole-step C path")
+        lib = fam.step.native
+        lib.rnn_chunk_profile.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        times = (ctypes.c_double * 8)()
+        lib.rnn_chunk_profile(1, None)
+        st = fam.run_epoch(1)
+        lib.rnn_chunk_profile(0, ctypes.addressof(times))
+        names = ["A coalesce, state reset, input rows", "B+C output rows, GRU forward",
+                 "D scores + softmax", "E output-layer gradient products", "F GRU backward",
+                 "G1 input-row grads, dense Adagrad", "G2 Wy/By row Adagrad"]
+        tot = sum(times[:7])
+        print(f"wall per step: {st['seconds'] / st['steps'] * 1e6:.1f} us, of which in the phases {tot / st['steps'] * 1e6:.1f} us")
+        for k, nm in enumerate(names):
+            print(f"  {nm:38s} {times[k] / st['steps'] * 1e6:8.1f} us/step {100 * times[k] / tot:5.1f}%")
     elif a.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -98,7 +98,20 @@ class GRU4RecFamily:
             c1 = min(sch.n_steps, c0 + chunk)
             samples = store.take(c1 - c0) if store is not None else None
             emb_m, hid_m = self._masks(c1 - c0, B, gen)
-            for t in range(c0, c1):
+            t_next = c0
+            if self.step.chunk is not None and B + c.n_sample >= 2:
+                # the full-batch steps of this chunk in one C call (the tail steps, where the
+                # batch shrinks, stay on the per-step path below)
+                full = n_valid[c0:c1] == B
+                f1 = c0 + (int(np.argmin(full)) if not full.all() else c1 - c0)
+                if f1 > c0:
+                    k = f1 - c0
+                    done = self.step.run_chunk(
+                        X[c0:f1], Y[c0:f1], samples[:k] if samples is not None else None, keep[c0:f1],
+                        emb_m[:k] if emb_m is not None else None,
+                        [m[:k] if m is not None else None for m in hid_m], state, losses[c0:f1])
+                    t_next = f1 if done == k else c1  # stopped at a non-finite loss: report it
+            for t in range(t_next, c1):
                 k = t - c0
                 M = int(n_valid[t])
                 if M == B:

@@ -25,7 +25,9 @@ first layer's input weights are a per-item table ``Wx0`` [n_items, 3H]).
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 
 import numpy as np
 import torch
@@ -240,6 +242,73 @@ class FastStep:
             self._nzq = torch.zeros(k)
             # the step's products through MKL's sgemm in C, independent ones on both cores at once
             self._mm = native.MatmulJobs(self.native) if getattr(self.native, "has_blas", False) else None
+        # whole steps in one C call (training/kernels.c rnn_train_chunk) where this setting has it
+        self.chunk = self._chunk_ctx()
+
+    # ---- the whole-step C path ---------------------------------------------------------
+    def _chunk_ctx(self):
+        """``native.ChunkCtx`` for ``rnn_train_chunk``, or None when this configuration has no
+        whole-step C path (it needs: CPU kernels with MKL, tied embedding, cross-entropy,
+        Adagrad; ``RNNREC_NATIVE_CHUNK=0`` turns it off)."""
+        m, c = self.m, self.cfg
+        if self.native is None or self._mm is None or os.environ.get("RNNREC_NATIVE_CHUNK", "1") == "0":
+            return None
+        from training import native
+        L = len(m.layers)
+        if m.embedding != "tied" or not self.xe or c.optimizer != "adagrad" or L > native.MAXL:
+            return None
+        st = self.opt_state
+        ctx = native.ChunkCtx()
+        ctx.B, ctx.S, ctx.L, ctx.n_items = self.B, c.n_sample, L, m.n_items
+        ctx.D, ctx.n_flat, ctx.nesterov = m.Wy.shape[1], self.flat.numel(), int(c.nesterov)
+        mom = c.momentum > 0
+        ctx.Wy, ctx.By = m.Wy.data.data_ptr(), self._By.data_ptr()
+        ctx.Wy_acc, ctx.By_acc = st["Wy.acc"].data_ptr(), st["By.acc"].data_ptr()
+        ctx.Wy_mom = st["Wy.mom"].data_ptr() if mom else None
+        ctx.By_mom = st["By.mom"].data_ptr() if mom else None
+        ctx.flat, ctx.gflat, ctx.dacc = self.flat.data_ptr(), self.gflat.data_ptr(), st["dense.acc"].data_ptr()
+        ctx.dmom = st["dense.mom"].data_ptr() if mom else None
+        for i in range(L):
+            ctx.H[i] = m.layers[i]
+            for k, t in zip(("W_ih", "W_hh", "b_ih", "b_hh", "gW_ih", "gW_hh", "gb_ih", "gb_hh"), self._layer[i]):
+                getattr(ctx, k)[i] = t.data_ptr()
+        # kept alive here: the context holds their addresses
+        self._chunk_keep = []
+        if self.logq_w is not None:
+            w_in, w_ex = c.logq, c.logq * c.sample_alpha
+            self._chunk_keep = [torch.exp(-w_in * self.logp), torch.exp(-w_ex * self.logp)]
+            ctx.logp = self.logp.data_ptr()
+            ctx.eq_in, ctx.eq_ex = (t.data_ptr() for t in self._chunk_keep)
+            ctx.w_in, ctx.w_extra = w_in, w_ex
+        slot = torch.full((m.n_items,), -1, dtype=torch.int64)
+        self._chunk_keep.append(slot)
+        ctx.slot = slot.data_ptr()
+        ctx.lr, ctx.eps, ctx.momentum, ctx.inv_b = c.learning_rate, c.adagrad_eps, c.momentum, 1.0 / self.B
+        return ctx
+
+    def run_chunk(self, X: torch.Tensor, Y: torch.Tensor, samples: torch.Tensor | None,
+                  keep: torch.Tensor, emb: torch.Tensor | None, hid: list, state: list[torch.Tensor],
+                  losses: torch.Tensor) -> int:
+        """``n = X.shape[0]`` full-batch steps in one C call (same mathematics as ``n`` calls of
+        this object after ``state[i] *= keep[t]``): X, Y ``[n, B]`` inputs / targets, samples
+        ``[n, n_sample]``, keep ``[n, B]`` (or ``[n, B, 1]``), emb ``[n, B, D]`` / hid[i]
+        ``[n, B, H_i]`` dropout masks (or None); state tensors ``[B, H_i]`` are updated in place;
+        losses ``[n]`` gets each step's loss. Returns the number of steps run (fewer than n only
+        when a step's scores were not finite: that step's loss is NaN and nothing was updated)."""
+        from training import native
+        n = X.shape[0]
+        if X.shape != (n, self.B) or Y.shape != (n, self.B) or losses.shape != (n,):
+            raise ValueError("run_chunk: X, Y must be [n, batch_size] and losses [n]")
+        P = native.ptr
+        hid_a = (ctypes.c_void_p * native.MAXL)(*[P(h) for h in hid])
+        st_a = (ctypes.c_void_p * native.MAXL)(*[P(h) for h in state])
+        done = self.native.rnn_train_chunk(
+            ctypes.addressof(self.chunk), n, P(X), P(Y), P(samples) if self.cfg.n_sample > 0 else None,
+            P(keep), P(emb), ctypes.addressof(hid_a), ctypes.addressof(st_a), P(losses))
+        if done < 0:
+            raise RuntimeError("rnn_train_chunk: no BLAS handed over, or out of memory")
+        self.opt_state["step"] += done
+        return int(done)
 
     # ---- optimizer ---------------------------------------------------------------------
     def _new_opt_state(self) -> dict[str, torch.Tensor]:

@@ -387,3 +387,402 @@ int rnn_mm_jobs(int64_t n, int64_t split, const int64_t *desc) {
 #endif
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * A run of whole training steps in one call (the official best setting's path: tied
+ * embedding, sampled softmax cross-entropy (+logQ), Adagrad (+momentum / Nesterov), any number
+ * of GRU layers).
+ *
+ * Why: at batch 32 one step is ~1-2 ms of arithmetic, and driving it from Python (~40 tensor
+ * ops and ctypes calls per step, plus the per-step loop of the epoch) added ~0.5-0.7 ms. Here
+ * the steps of a chunk run inside ONE OpenMP parallel region: the same products (torch's MKL
+ * sgemm, single-threaded per thread) and the same element-wise kernels as the per-step path
+ * (FastStep in training/gru4rec.py, which stays the reference and runs the shrunk tail batches),
+ * with each phase split between the threads and a barrier between phases:
+ *   A  coalesce [x, targets, samples] into unique rows (thread 0) | reset states (all)
+ *   B  gather the unique output rows O and the inputs Wy[x] (* embedding dropout)
+ *   C  per layer: gi = x W_ih^T (thread 0) | gh = h W_hh^T (thread 1); gates by rows
+ *   D  scores O out^T by halves of the unique rows; softmax folded onto the unique rows
+ *      (as rnn_xe_softmax), loss, dS, bias gradients
+ *   E  dout = dS^T O (thread 0) | dO = dS out (thread 1)
+ *   F  per layer, top down: gate backward by rows; gW_hh + half of dx (thread 0) | gW_ih +
+ *      the other half (thread 1); bias gradients by columns
+ *   G  input rows' gradient added to dO (thread 0), dense Adagrad by chunks (all); then the
+ *      Adagrad update of the touched Wy / By rows by halves
+ * Threads: min(2, omp_get_max_threads()); results depend only on that number (fixed splits,
+ * reductions in thread order), so a resumed run equals an uninterrupted one.
+ * ------------------------------------------------------------------------------------------- */
+#define RNN_MAXL 8
+
+typedef struct {
+    int64_t B, S, L, n_items, D, n_flat, nesterov;
+    int64_t H[RNN_MAXL];
+    float *Wy, *By, *Wy_acc, *Wy_mom, *By_acc, *By_mom;     /* *_mom NULL: no momentum */
+    float *flat, *gflat, *dacc, *dmom;                       /* dense block (all GRU weights) */
+    float *W_ih[RNN_MAXL], *W_hh[RNN_MAXL], *b_ih[RNN_MAXL], *b_hh[RNN_MAXL];
+    float *gW_ih[RNN_MAXL], *gW_hh[RNN_MAXL], *gb_ih[RNN_MAXL], *gb_hh[RNN_MAXL];
+    const float *logp;      /* [n_items] log support, NULL: no logQ correction */
+    const float *eq_in;     /* [n_items] exp(-w_in * logp) (NULL when logp is NULL) */
+    const float *eq_ex;     /* [n_items] exp(-w_extra * logp) */
+    int64_t *slot;          /* [n_items] scratch, all -1 */
+    float lr, eps, momentum, w_in, w_extra, inv_b;
+} rnn_ctx;
+
+static void split_range(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
+    *lo = n * t / nt;
+    *hi = n * (t + 1) / nt;
+}
+
+/* optional wall-clock time per phase (thread 0's view, barrier waits included) */
+static int g_prof = 0;
+static double g_pt[8];
+static double wall_now(void) {
+#ifdef _OPENMP
+    return omp_get_wtime();
+#else
+    return 0.0;
+#endif
+}
+#define PT(k) do { if (g_prof && t == 0) { double now_ = wall_now(); g_pt[k] += now_ - t_last; t_last = now_; } } while (0)
+
+/* on: profile the phases from now on (0: stop); out[8] (or NULL) receives the seconds so far
+ * per phase (A; B+C: output rows, GRU forward; D; E; F; G1; G2; unused -- see rnn_train_chunk),
+ * then zeroes them */
+void rnn_chunk_profile(int on, double *out) {
+    if (out) memcpy(out, g_pt, sizeof g_pt);
+    memset(g_pt, 0, sizeof g_pt);
+    g_prof = on;
+}
+
+static float *salloc(size_t nfloat) {
+    size_t bytes = (nfloat * sizeof(float) + 63) / 64 * 64;
+    return (float *)aligned_alloc(64, bytes ? bytes : 64);
+}
+
+/* Runs steps 0..n-1; every step is a full batch of B rows. X, Y [n, B] inputs / targets,
+ * smp [n, S] extra negatives (NULL when S == 0), keep [n, B] (0: the slot starts a new
+ * session), emb [n, B, D] embedding dropout mask or NULL, hid[l] [n, B, H_l] or NULL; state[l]
+ * [B, H_l] is read and replaced by the final state. losses [n] receives each step's loss.
+ * Returns the number of steps run: n, or (k + 1) when step k's scores were not finite (its
+ * loss is NaN and no update was applied), or -1 when no BLAS was handed over / out of memory. */
+int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int64_t *Y,
+                        const int64_t *smp, const float *keep, const float *emb,
+                        const float *const *hid, float *const *state, float *losses) {
+    if (!g_sgemm) return -1;
+    const int64_t B = c->B, S = c->S, C = B + S, L = c->L, D = c->D;
+    const int64_t Umax = B + C;
+    int nt = 1;
+#ifdef _OPENMP
+    nt = omp_get_max_threads() >= 2 ? 2 : 1;
+#endif
+    int64_t Hmax = D, Hsum = 0;
+    for (int64_t l = 0; l < L; l++) { Hmax = c->H[l] > Hmax ? c->H[l] : Hmax; Hsum += c->H[l]; }
+    /* scratch */
+    int64_t *uniq = (int64_t *)malloc(sizeof(int64_t) * Umax);
+    int64_t *inv = (int64_t *)malloc(sizeof(int64_t) * Umax);
+    uint8_t *in_out = (uint8_t *)malloc((size_t)Umax);
+    float *O = salloc(Umax * D), *dO = salloc(Umax * D), *Ssc = salloc(Umax * B);
+    float *wsum = salloc(Umax), *dby = salloc(Umax), *inp = salloc(B * D);
+    float *gi = salloc(B * 3 * Hmax), *gh = salloc(B * 3 * Hmax);
+    float *dgi = salloc(B * 3 * Hmax), *dgh = salloc(B * 3 * Hmax);
+    float *dA = salloc(B * Hmax), *dBuf = salloc(B * Hmax);
+    float *cache = salloc(4 * B * Hsum);          /* r, z, n, ghn per layer */
+    float *spare = salloc(B * Hsum);              /* the other state buffer per layer */
+    float *red = salloc(6 * 2 * B + 8);           /* per-thread max / sums; mx, sum, diag */
+    int64_t U = 0, stop = n;
+    float *cur[RNN_MAXL], *nxt[RNN_MAXL], *rC[RNN_MAXL], *zC[RNN_MAXL], *nC[RNN_MAXL], *gC[RNN_MAXL];
+    if (!uniq || !inv || !in_out || !O || !dO || !Ssc || !wsum || !dby || !inp || !gi || !gh ||
+        !dgi || !dgh || !dA || !dBuf || !cache || !spare || !red) {
+        stop = -1;
+        goto done;
+    }
+    for (int64_t l = 0, off = 0; l < L; off += c->H[l], l++) {
+        const int64_t h = c->H[l];
+        cur[l] = state[l];
+        nxt[l] = spare + B * off;
+        rC[l] = cache + 4 * B * off;
+        zC[l] = rC[l] + B * h;
+        nC[l] = zC[l] + B * h;
+        gC[l] = nC[l] + B * h;
+    }
+    float *pmx = red, *psum = red + 2 * B, *mx = red + 4 * B, *sum = red + 5 * B;
+    float *diag = red + 6 * B;
+    float chk2[2] = {0.0f, 0.0f};
+
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = thread_id();
+        const int other = nt > 1 ? 1 : 0; /* the thread that takes the second of a pair of jobs */
+        double t_last = g_prof && t == 0 ? wall_now() : 0.0;
+        for (int64_t s = 0; s < n; s++) {
+            const int64_t *x = X + s * B, *yt = Y + s * B, *ys = smp ? smp + s * S : NULL;
+            const float *kp = keep + s * B;
+            int64_t lo, hi;
+            /* A: coalesce (thread 0) | state reset (by rows) */
+            if (t == 0) {
+                int64_t u = 0;
+                for (int64_t i = 0; i < B + C; i++) {
+                    const int64_t r = i < B ? x[i] : (i < 2 * B ? yt[i - B] : ys[i - 2 * B]);
+                    int64_t q = c->slot[r];
+                    if (q < 0) { q = u++; c->slot[r] = q; uniq[q] = r; }
+                    inv[i] = q;
+                }
+                for (int64_t k = 0; k < u; k++) c->slot[uniq[k]] = -1;
+                memset(wsum, 0, sizeof(float) * u);
+                memset(in_out, 0, (size_t)u);
+                for (int64_t k = 0; k < C; k++) {
+                    const int64_t item = k < B ? yt[k] : ys[k - B];
+                    const int64_t q = inv[B + k];
+                    wsum[q] += c->logp ? (k < B ? c->eq_in : c->eq_ex)[item] : 1.0f;
+                    in_out[q] = 1;
+                }
+                U = u;
+            }
+            split_range(B, t, nt, &lo, &hi);
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t h = c->H[l];
+                for (int64_t i = lo; i < hi; i++) {
+                    float *row = cur[l] + i * h;
+                    const float k = kp[i];
+                    for (int64_t j = 0; j < h; j++) row[j] *= k;
+                }
+            }
+            /* inputs: rows of Wy (tied), times the embedding dropout mask */
+            for (int64_t i = lo; i < hi; i++) {
+                const float *w = c->Wy + x[i] * D;
+                float *o = inp + i * D;
+                if (emb) {
+                    const float *m = emb + (s * B + i) * D;
+                    for (int64_t j = 0; j < D; j++) o[j] = w[j] * m[j];
+                } else {
+                    memcpy(o, w, sizeof(float) * D);
+                }
+            }
+#pragma omp barrier
+            PT(0);
+            /* B: the unique output rows */
+            split_range(U, t, nt, &lo, &hi);
+            for (int64_t u = lo; u < hi; u++) memcpy(O + u * D, c->Wy + uniq[u] * D, sizeof(float) * D);
+            /* C: GRU layers (the gathers above are not read until phase D) */
+            const float *xin = inp;
+            int64_t hin = D;
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t h = c->H[l];
+                if (t == 0) mm_rowmajor(0, 1, (int)B, (int)(3 * h), (int)hin, xin, c->W_ih[l], gi);
+                if (t == other) mm_rowmajor(0, 1, (int)B, (int)(3 * h), (int)h, cur[l], c->W_hh[l], gh);
+#pragma omp barrier
+                split_range(B, t, nt, &lo, &hi);
+                if (hi > lo)
+                    rnn_gru_gates_fwd(gi + lo * 3 * h, gh + lo * 3 * h, c->b_ih[l], c->b_hh[l],
+                                      cur[l] + lo * h, hid[l] ? hid[l] + (s * B + lo) * h : NULL,
+                                      hi - lo, h, nxt[l] + lo * h, rC[l] + lo * h, zC[l] + lo * h,
+                                      nC[l] + lo * h, gC[l] + lo * h);
+#pragma omp barrier
+            PT(1);
+                xin = nxt[l];
+                hin = h;
+            }
+            const float *out = nxt[L - 1];
+            /* D: scores of own unique rows, bias, max over the output rows, finiteness */
+            split_range(U, t, nt, &lo, &hi);
+            if (hi > lo) mm_rowmajor(0, 1, (int)(hi - lo), (int)B, (int)D, O + lo * D, out, Ssc + lo * B);
+            {
+                float *lmx = pmx + t * B;
+                float lchk = 0.0f;
+                for (int64_t r = 0; r < B; r++) lmx[r] = -INFINITY;
+                for (int64_t u = lo; u < hi; u++) {
+                    float *sr = Ssc + u * B;
+                    const float bu = c->By[uniq[u]];
+                    for (int64_t r = 0; r < B; r++) {
+                        sr[r] += bu;
+                        lchk += sr[r] * 0.0f;
+                    }
+                    if (in_out[u])
+                        for (int64_t r = 0; r < B; r++) lmx[r] = sr[r] > lmx[r] ? sr[r] : lmx[r];
+                }
+                chk2[t] = lchk;
+            }
+#pragma omp barrier
+            {
+                float lmxa[B];
+                for (int64_t r = 0; r < B; r++) {
+                    float m = -INFINITY;
+                    for (int k = 0; k < nt; k++) m = pmx[k * B + r] > m ? pmx[k * B + r] : m;
+                    lmxa[r] = m;
+                }
+                float tot = 0.0f;
+                for (int k = 0; k < nt; k++) tot += chk2[k];
+                if (!isfinite(tot)) {
+                    if (t == 0) { losses[s] = NAN; stop = s + 1; }
+                    break; /* every thread sees the same total: all leave together */
+                }
+                /* the target's score, before own rows are overwritten by the exponentials */
+                for (int64_t r = 0; r < B; r++) {
+                    const int64_t u = inv[B + r];
+                    if (u >= lo && u < hi)
+                        diag[r] = Ssc[u * B + r] - (c->logp ? c->w_in * c->logp[yt[r]] : 0.0f);
+                }
+                float *ls = psum + t * B;
+                for (int64_t r = 0; r < B; r++) ls[r] = 0.0f;
+                for (int64_t u = lo; u < hi; u++) {
+                    float *sr = Ssc + u * B;
+                    const float w = wsum[u];
+                    for (int64_t r = 0; r < B; r++) {
+                        const float e = w * exp_nonpos(sr[r] - lmxa[r]);
+                        sr[r] = e;
+                        ls[r] += e;
+                    }
+                }
+                if (t == 0) memcpy(mx, lmxa, sizeof(float) * B);
+            }
+#pragma omp barrier
+            {
+                float lsc[B];
+                for (int64_t r = 0; r < B; r++) {
+                    float sm = 0.0f;
+                    for (int k = 0; k < nt; k++) sm += psum[k * B + r];
+                    lsc[r] = c->inv_b / sm;
+                    if (t == 0) sum[r] = sm;
+                }
+                for (int64_t u = lo; u < hi; u++) {
+                    float *sr = Ssc + u * B;
+                    for (int64_t r = 0; r < B; r++) sr[r] *= lsc[r];
+                }
+                for (int64_t r = 0; r < B; r++) {
+                    const int64_t u = inv[B + r];
+                    if (u >= lo && u < hi) Ssc[u * B + r] -= c->inv_b;
+                }
+                for (int64_t u = lo; u < hi; u++) {
+                    const float *sr = Ssc + u * B;
+                    float part[8] = {0};
+                    int64_t r = 0;
+                    for (; r + 8 <= B; r += 8)
+                        for (int k = 0; k < 8; k++) part[k] += sr[r + k];
+                    float tt = 0.0f;
+                    for (; r < B; r++) tt += sr[r];
+                    for (int k = 0; k < 8; k++) tt += part[k];
+                    dby[u] = tt;
+                }
+            }
+#pragma omp barrier
+            PT(2);
+            if (t == 0) {
+                double loss = 0.0;
+                for (int64_t r = 0; r < B; r++) loss += (double)(mx[r] + logf(sum[r]) - diag[r]);
+                losses[s] = (float)(loss * c->inv_b);
+            }
+            /* E: gradient of the top layer's output | of the unique output rows */
+            if (t == 0) mm_rowmajor(1, 0, (int)B, (int)D, (int)U, Ssc, O, dA);
+            if (t == other) mm_rowmajor(0, 0, (int)U, (int)D, (int)B, Ssc, out, dO);
+#pragma omp barrier
+            PT(3);
+            /* F: layers top down; dA holds d loss / d (layer output) */
+            float *dcur = dA, *dnext = dBuf;
+            for (int64_t l = L - 1; l >= 0; l--) {
+                const int64_t h = c->H[l], hi_in = l ? c->H[l - 1] : D;
+                const float *lx = l ? nxt[l - 1] : inp;
+                split_range(B, t, nt, &lo, &hi);
+                for (int64_t i = lo; i < hi; i++) {
+                    /* rnn_gru_gates_bwd on own rows, without its bias sums (done by columns below) */
+                    const float *d = dcur + i * h, *hh = cur[l] + i * h, *rr = rC[l] + i * h;
+                    const float *zz = zC[l] + i * h, *nn = nC[l] + i * h, *gg = gC[l] + i * h;
+                    const float *mk = hid[l] ? hid[l] + (s * B + i) * h : NULL;
+                    float *di = dgi + i * 3 * h, *dh = dgh + i * 3 * h;
+                    for (int64_t j = 0; j < h; j++) {
+                        float dv = mk ? d[j] * mk[j] : d[j];
+                        float rv = rr[j], zv = zz[j], nv = nn[j];
+                        float dpn = dv * (1.0f - zv) * (1.0f - nv * nv);
+                        float dpr = dpn * gg[j] * (rv * (1.0f - rv));
+                        float dpz = dv * (hh[j] - nv) * (zv * (1.0f - zv));
+                        di[j] = dpr; di[h + j] = dpz; di[2 * h + j] = dpn;
+                        dh[j] = dpr; dh[h + j] = dpz; dh[2 * h + j] = dpn * rv;
+                    }
+                }
+#pragma omp barrier
+                /* bias gradients: column sums in row order (as rnn_gru_gates_bwd) */
+                split_range(3 * h, t, nt, &lo, &hi);
+                for (int64_t j = lo; j < hi; j++) {
+                    float a = 0.0f, b = 0.0f;
+                    for (int64_t i = 0; i < B; i++) { a += dgi[i * 3 * h + j]; b += dgh[i * 3 * h + j]; }
+                    c->gb_ih[l][j] = a;
+                    c->gb_hh[l][j] = b;
+                }
+                const int64_t B1 = nt > 1 ? B / 2 : B;
+                if (t == 0) {
+                    mm_rowmajor(1, 0, (int)(3 * h), (int)h, (int)B, dgh, cur[l], c->gW_hh[l]);
+                    mm_rowmajor(0, 0, (int)B1, (int)hi_in, (int)(3 * h), dgi, c->W_ih[l], dnext);
+                }
+                if (t == other) {
+                    mm_rowmajor(1, 0, (int)(3 * h), (int)hi_in, (int)B, dgi, lx, c->gW_ih[l]);
+                    if (B1 < B)
+                        mm_rowmajor(0, 0, (int)(B - B1), (int)hi_in, (int)(3 * h), dgi + B1 * 3 * h,
+                                    c->W_ih[l], dnext + B1 * hi_in);
+                }
+#pragma omp barrier
+            PT(4);
+                float *tmp = dcur; dcur = dnext; dnext = tmp;
+            }
+            /* G: the input rows' gradient (times the embedding mask) onto dO, dense Adagrad */
+            if (t == 0) {
+                for (int64_t i = 0; i < B; i++) {
+                    float *d = dO + inv[i] * D;
+                    const float *g = dcur + i * D;
+                    if (emb) {
+                        const float *m = emb + (s * B + i) * D;
+                        for (int64_t j = 0; j < D; j++) {
+                            /* rounded product, then the sum (no FMA contraction): bit-compatible
+                             * with the per-step path, whose dx * mask is a separate torch op */
+                            float p_ = g[j] * m[j];
+                            __asm__("" : "+x"(p_));
+                            d[j] += p_;
+                        }
+                    } else {
+                        for (int64_t j = 0; j < D; j++) d[j] += g[j];
+                    }
+                }
+            }
+            {
+                /* 64-float aligned halves of the dense block */
+                int64_t nb = (c->n_flat + 63) / 64, a, b;
+                split_range(nb, t, nt, &a, &b);
+                a *= 64; b *= 64;
+                if (b > c->n_flat) b = c->n_flat;
+                if (b > a)
+                    adagrad_row(c->flat + a, c->dacc + a, c->dmom ? c->dmom + a : NULL, c->gflat + a,
+                                b - a, c->lr, c->eps, c->momentum, (int)c->nesterov);
+            }
+#pragma omp barrier
+            PT(5);
+            split_range(U, t, nt, &lo, &hi);
+            for (int64_t u = lo; u < hi; u++) {
+                if (u + 4 < hi) {
+                    const int64_t p = uniq[u + 4] * D;
+                    for (int64_t d = 0; d < D; d += 16) {
+                        __builtin_prefetch(c->Wy + p + d, 1);
+                        __builtin_prefetch(c->Wy_acc + p + d, 1);
+                        if (c->Wy_mom) __builtin_prefetch(c->Wy_mom + p + d, 1);
+                    }
+                }
+                const int64_t r = uniq[u];
+                adagrad_row(c->Wy + r * D, c->Wy_acc + r * D, c->Wy_mom ? c->Wy_mom + r * D : NULL,
+                            dO + u * D, D, c->lr, c->eps, c->momentum, (int)c->nesterov);
+                if (in_out[u])
+                    adagrad_row(c->By + r, c->By_acc + r, c->By_mom ? c->By_mom + r : NULL, dby + u, 1,
+                                c->lr, c->eps, c->momentum, (int)c->nesterov);
+            }
+#pragma omp barrier
+            PT(6);
+            if (t == 0)
+                for (int64_t l = 0; l < L; l++) { float *tmp = cur[l]; cur[l] = nxt[l]; nxt[l] = tmp; }
+#pragma omp barrier
+        }
+    }
+    /* the final state where the caller expects it */
+    for (int64_t l = 0; l < L; l++)
+        if (cur[l] != state[l]) memcpy(state[l], cur[l], sizeof(float) * B * c->H[l]);
+done:
+    free(uniq); free(inv); free(in_out); free(O); free(dO); free(Ssc); free(wsum); free(dby);
+    free(inp); free(gi); free(gh); free(dgi); free(dgh); free(dA); free(dBuf); free(cache);
+    free(spare); free(red);
+    return stop;
+}

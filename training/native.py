@@ -114,6 +114,9 @@ def load():
     lib.rnn_mm_jobs.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.rnn_set_blas.restype = None
     lib.rnn_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.rnn_train_chunk.restype = ctypes.c_int64
+    lib.rnn_train_chunk.argtypes = [ctypes.c_void_p, ctypes.c_int64, i64p, i64p, i64p, f32p, f32p,
+                                    ctypes.c_void_p, ctypes.c_void_p, f32p]
     lib.has_blas = _hand_over_blas(lib)
     _lib = lib
     return lib
@@ -151,6 +154,24 @@ class MatmulJobs:
             b[8 * i:8 * i + 8] = j
         if self.lib.rnn_mm_jobs(len(jobs), split, self.addr) != 0:
             raise RuntimeError("rnn_mm_jobs: no BLAS was handed over")
+
+
+MAXL = 8  # RNN_MAXL in kernels.c
+
+
+class ChunkCtx(ctypes.Structure):
+    """Mirror of ``rnn_ctx`` in kernels.c: sizes, parameter / optimizer-state / scratch addresses
+    and hyperparameters of :func:`rnn_train_chunk` (the whole-step path)."""
+
+    _P = ctypes.c_void_p
+    _fields_ = [(k, ctypes.c_int64) for k in ("B", "S", "L", "n_items", "D", "n_flat", "nesterov")] + [
+        ("H", ctypes.c_int64 * MAXL)] + [
+        (k, ctypes.c_void_p) for k in ("Wy", "By", "Wy_acc", "Wy_mom", "By_acc", "By_mom",
+                                       "flat", "gflat", "dacc", "dmom")] + [
+        (k, ctypes.c_void_p * MAXL) for k in ("W_ih", "W_hh", "b_ih", "b_hh",
+                                              "gW_ih", "gW_hh", "gb_ih", "gb_hh")] + [
+        (k, ctypes.c_void_p) for k in ("logp", "eq_in", "eq_ex", "slot")] + [
+        (k, ctypes.c_float) for k in ("lr", "eps", "momentum", "w_in", "w_extra", "inv_b")]
 
 
 def why_not() -> str:

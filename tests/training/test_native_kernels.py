@@ -190,3 +190,157 @@ def test_auto_threads_never_oversubscribe():
     assert pick_threads(0, cpus=2, load=1.0) == 1  # one core busy
     assert pick_threads(0, cpus=2, load=7.5) == 1  # never below one
     assert pick_threads(0, cpus=16, load=4.2) == 12
+
+
+def _run_both(cfg, n_items, n_steps, seed=0, p_emb=0.0):
+    """The same n_steps full-batch steps through FastStep (per step, after state *= keep) and
+    through one run_chunk call, from the same weights; returns both (model, step, losses, state)."""
+    B, NS, D = cfg.batch_size, cfg.n_sample, cfg.layers[-1]
+    g = torch.Generator().manual_seed(seed)
+    pop = torch.arange(n_items, 0, -1, dtype=torch.float32) ** 1.2  # skewed: duplicate samples
+    X = torch.randint(0, n_items, (n_steps, B), generator=g)
+    Y = torch.randint(0, n_items, (n_steps, B), generator=g)
+    smp = torch.multinomial(pop, n_steps * NS, replacement=True, generator=g).view(n_steps, NS) if NS else None
+    keep = (torch.rand(n_steps, B, 1, generator=g) > 0.3).float()  # session starts reset slots
+    emb = ((torch.rand(n_steps, B, D, generator=g) >= p_emb).float() / (1 - p_emb)) if p_emb else None
+    hid = [(torch.rand(n_steps, B, h, generator=g) >= cfg.dropout_hidden).float() / (1 - cfg.dropout_hidden)
+           if cfg.dropout_hidden else None for h in cfg.layers]
+    support = np.random.default_rng(1).integers(1, 500, n_items)
+    m0 = GRU4RecModel(n_items, cfg)
+    m0.reset_parameters(torch.Generator().manual_seed(5))
+    init = [torch.randn(B, h, generator=g) * 0.5 for h in cfg.layers]
+    out = {}
+    for chunk in (False, True):
+        m = copy.deepcopy(m0)
+        step = FastStep(m, cfg, support, torch.device("cpu"))
+        assert step.chunk is not None, "this configuration must have the whole-step path"
+        state = [h.clone() for h in init]
+        losses = torch.full((n_steps,), float("nan"))
+        if chunk:
+            assert step.run_chunk(X, Y, smp, keep, emb, hid, state, losses) == n_steps
+        else:
+            for t in range(n_steps):
+                for h in state:
+                    h.mul_(keep[t])
+                y = torch.cat([Y[t], smp[t]]) if NS else Y[t]
+                masks = {"embed": emb[t] if emb is not None else None,
+                         "hidden": [h[t] if h is not None else None for h in hid]}
+                losses[t] = step(X[t], y, state, masks)
+        out[chunk] = (m, step, losses, state)
+    return m0, out
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("variant", ["best", "nesterov", "two_layers_embed_dropout", "no_logq_no_momentum",
+                                     "no_samples"])
+def test_whole_step_chunk_equals_per_step_path(variant, threads):
+    n_items = 400
+    kw = {"best": {}, "nesterov": {"nesterov": True},
+          "two_layers_embed_dropout": {"layers": [29, 37], "dropout_embed": 0.25},
+          "no_logq_no_momentum": {"logq": 0.0, "momentum": 0.0},
+          "no_samples": {"n_sample": 0}}[variant]
+    cfg = GRU4RecConfig(**{"layers": [37], "batch_size": 24, "n_sample": 96, **kw})  # H: 4 AVX blocks + 5
+    m0, out = _run_both(cfg, n_items, n_steps=7, p_emb=cfg.dropout_embed)
+    (ma, sa, la, sta), (mb, sb, lb, stb) = out[False], out[True]
+    assert torch.isfinite(lb).all()
+    np.testing.assert_allclose(lb.numpy(), la.numpy(), rtol=2e-5)
+    # float rounding only (the split products, the exp table of the logQ weights); Adagrad's
+    # g / sqrt(sum g^2) amplifies last-bit differences of tiny gradients, so momenta and weights
+    # are compared at 1e-4, still ~1000x below one update (lr 0.2); a wrong mask, row or
+    # reset moves them by 1e-2 or more
+    for (n, a), (_, b) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), n
+    for k in sa.opt_state:
+        assert torch.allclose(sa.opt_state[k].float(), sb.opt_state[k].float(), rtol=1e-4, atol=1e-4), k
+    for h1, h2 in zip(sta, stb):
+        assert torch.allclose(h1, h2, rtol=1e-4, atol=2e-5)
+    # the weights moved, the rows never touched did not
+    assert not torch.allclose(mb.Wy, m0.Wy)
+    assert int(sb.opt_state["step"]) == 7
+
+
+@needs_lib
+def test_whole_step_chunk_stops_at_non_finite_scores():
+    cfg = GRU4RecConfig(layers=[10], batch_size=8, n_sample=16)
+    m = GRU4RecModel(60, cfg)
+    m.reset_parameters(torch.Generator().manual_seed(0))
+    step = FastStep(m, cfg, np.ones(60), torch.device("cpu"))
+    X = torch.randint(0, 60, (5, 8), generator=torch.Generator().manual_seed(1))
+    Y = X.roll(1, 0)
+    smp = torch.randint(0, 60, (5, 16), generator=torch.Generator().manual_seed(2))
+    state = m.init_state(8)
+    losses = torch.zeros(5)
+    m.By.data[Y[2, 3]] = float("nan")  # a target of step 2 (and maybe earlier steps' rows)
+    first = min(t for t in range(5) if bool(torch.isin(torch.cat([Y[t], smp[t], X[t]]), Y[2, 3]).any()))
+    done = step.run_chunk(X, Y, smp, torch.ones(5, 8), None, [None], state, losses)
+    assert done == first + 1 and torch.isnan(losses[first]) and torch.isfinite(losses[:first]).all()
+
+
+def test_whole_step_chunk_only_for_its_configuration():
+    cfg = GRU4RecConfig(layers=[10], batch_size=8, n_sample=16)
+    for kw in ({"loss": "bpr-max", "final_act": "elu-0.5"}, {"embedding": "separate", "embedding_dim": 10},
+               {"optimizer": "adam"}):
+        c = copy.deepcopy(cfg)
+        for k, v in kw.items():
+            setattr(c, k, v)
+        m = GRU4RecModel(60, c)
+        assert FastStep(m, c, np.ones(60), torch.device("cpu")).chunk is None, kw
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypatch):
+    """The epoch loop's wiring of the C path: chunks of steps cut at CHECK_EVERY, the resets,
+    the samples and the dropout masks of each step, the shrinking tail back on the per-step path.
+    Per-step losses are compared over the first 30 steps (6 chunk boundaries): a mask, sample or
+    reset taken from the wrong step changes the next loss by 1e-2 or more, while float rounding
+    differences only grow slowly (training on this tiny table is chaotic: after ~100 steps they
+    reach 1e-3 in the weights, so later steps are compared loosely)."""
+    from training.data import ItemIndex, SessionData
+    from training.families import GRU4RecFamily
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(2, 12, size=300)
+    off = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    n_items = 150
+    items = (rng.zipf(1.3, off[-1]) % n_items).astype(np.int64)
+    data = SessionData(items=items, offsets=off, session_ids=np.arange(300), start_ts=np.arange(300), user_ids=None)
+    idx = ItemIndex(np.arange(n_items) + 100, np.ones(n_items, np.int64))
+    support = np.bincount(items, minlength=n_items)
+    cfg = GRU4RecConfig(batch_size=16, layers=[24], n_sample=40, dropout_embed=0.1)
+    monkeypatch.setattr(GRU4RecFamily, "CHECK_EVERY", 5)
+    res = {}
+    for chunk in (True, False):
+        fam = GRU4RecFamily(cfg, idx, data, support, torch.device("cpu"))
+        fam.init_weights(7)
+        step, seen, n_chunks = fam.step, [], [0]
+        if chunk:
+            real_chunk = step.run_chunk
+
+            def run_chunk(X, Y, smp, keep, emb, hid, state, losses):
+                done = real_chunk(X, Y, smp, keep, emb, hid, state, losses)
+                seen.extend(losses[:done].tolist())
+                n_chunks[0] += 1
+                return done
+            step.run_chunk = run_chunk
+        else:
+            step.chunk = None
+        real_call = step.__call__
+
+        class Spy:  # records per-step losses (the tail steps take this path in both runs)
+            chunk = step.chunk
+            run_chunk = staticmethod(step.run_chunk)
+
+            def __call__(self, x, y, state, masks):
+                loss = real_call(x, y, state, masks)
+                seen.append(float(loss))
+                return loss
+        fam.step = Spy()
+        st = fam.run_epoch(0)
+        res[chunk] = (st, seen, n_chunks[0], step.optimizer_state())
+    (sa, la, na, oa), (sb, lb, nb, ob) = res[True], res[False]
+    assert na >= 6 and nb == 0 and sa["steps"] == sb["steps"] > 60 and sa["events"] == sb["events"]
+    assert len(la) == len(lb) == sa["steps"]
+    np.testing.assert_allclose(la[:30], lb[:30], rtol=1e-5)
+    np.testing.assert_allclose(la, lb, rtol=2e-3)
+    assert int(oa["step"]) == int(ob["step"]) == sa["steps"]
