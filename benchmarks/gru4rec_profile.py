@@ -98,6 +98,8 @@ def main(argv=None):
         st = fam.run_epoch(1)
         cpu = time.process_time() - c0
         print(f"cpu_seconds={cpu:.2f} events_per_cpu_s={st['events'] / cpu:.0f}")
+    from benchmarks.machine import cpu_label
+    print(f"machine: {cpu_label()}; whole-step C path: {fam.step.chunk is not None}")
     print(f"threads={torch.get_num_threads()} events={st['events']} steps={st['steps']} "
           f"sec={st['seconds']:.2f} events/s={st['events_per_s']:.0f}")
 

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.machine import cpu_info
 from evaluation.loop import evaluate_sessions
 from evaluation.scorer import GRU4RecScorer
 from training.config import resolve_config
@@ -79,7 +80,8 @@ def main(argv=None):
     ev = {"eval_events": res.n_events, "eval_wall_s": res.seconds, "eval_events_per_s": res.n_events / res.seconds,
           "eval_events_per_cpu_s": res.n_events / cpu, "load1": os.getloadavg()[0]}
     print(ev, flush=True)
-    out = {"threads": a.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+    out = {"threads": a.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "machine": cpu_info(),
+           "whole_step_c_path": fam.step.chunk is not None,
            "train": rows, "eval": ev}
     with open(a.out + ".tmp", "w") as f:
         json.dump(out, f, indent=2)

@@ -182,7 +182,9 @@ def machine() -> dict:
         java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
     except (OSError, IndexError):
         java = None
-    return {"nproc": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
+    from benchmarks.machine import cpu_info
+
+    return {**cpu_info(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
             "python": platform.python_version(), "java": java, "os": platform.platform()}
 
 

@@ -5,7 +5,9 @@
  * (profile in benchmarks/README_gru4rec.md). These kernels do in one pass what took 5-12 torch
  * ops: coalescing the touched item rows, the sampled softmax cross-entropy (+logQ) gradient
  * scattered straight onto the unique rows, and the Adagrad(+momentum/Nesterov) update of the
- * touched rows in place. The matrix products stay in torch (MKL).
+ * touched rows in place. The matrix products go through torch's own MKL sgemm, called from
+ * here (rnn_mm_jobs: independent products on both cores). rnn_train_chunk (end of the file)
+ * runs whole steps of the official best setting, a chunk of them per call.
  *
  * Plain C, no torch headers: compiles in about a second; every pointer is a contiguous
  * float32 / int64 / uint8 buffer owned by a torch tensor on the Python side.
@@ -78,6 +80,18 @@ static inline float sigmoidf_(float x) { return 1.0f / (1.0f + exp_clamped(-x));
 
 /* tanh via exp: absolute error ~1e-7 (relative error grows near 0, irrelevant here) */
 static inline float tanhf_(float x) { return 1.0f - 2.0f / (exp_clamped(2.0f * x) + 1.0f); }
+
+/* sum of s[0..n) with 8 independent partial sums: vectorisable without reassociation */
+static inline float row_sum8(const float *s, int64_t n) {
+    float part[8] = {0};
+    int64_t r = 0;
+    for (; r + 8 <= n; r += 8)
+        for (int k = 0; k < 8; k++) part[k] += s[r + k];
+    float t = 0.0f;
+    for (; r < n; r++) t += s[r];
+    for (int k = 0; k < 8; k++) t += part[k];
+    return t;
+}
 
 /* Sampled softmax cross-entropy (+ logQ) on the U unique output rows, in place.
  *
@@ -169,17 +183,7 @@ double rnn_xe_softmax(float *S, const float *by, const int64_t *uniq, int64_t U,
     }
     for (int64_t r = 0; r < M; r++) S[col[r] * M + r] -= inv_b;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t u = 0; u < U; u++) {
-        const float *s = S + u * M;
-        float part[8] = {0}; /* 8 independent partial sums: vectorisable without reassociation */
-        int64_t r = 0;
-        for (; r + 8 <= M; r += 8)
-            for (int k = 0; k < 8; k++) part[k] += s[r + k];
-        float t = 0.0f;
-        for (; r < M; r++) t += s[r];
-        for (int k = 0; k < 8; k++) t += part[k];
-        dby[u] = t;
-    }
+    for (int64_t u = 0; u < U; u++) dby[u] = row_sum8(S + u * M, M);
     return loss * inv_b;
 }
 
@@ -212,15 +216,13 @@ void rnn_gru_gates_fwd(const float *restrict gi, const float *restrict gh,
     }
 }
 
-/* Backward of the gates: dout [M, H] = d loss / d out -> dgi, dgh [M, 3H] (d loss / d gi, gh)
- * and the bias gradients gb_ih, gb_hh [3H] (column sums, overwritten). */
-void rnn_gru_gates_bwd(const float *restrict dout, const float *restrict mask,
-                       const float *restrict h, const float *restrict r_, const float *restrict z_,
-                       const float *restrict n_, const float *restrict ghn, int64_t M, int64_t H,
-                       float *restrict dgi, float *restrict dgh, float *restrict gb_ih,
-                       float *restrict gb_hh) {
-    memset(gb_ih, 0, sizeof(float) * 3 * H);
-    memset(gb_hh, 0, sizeof(float) * 3 * H);
+/* Backward of the gates on M rows: dout [M, H] = d loss / d out -> dgi, dgh [M, 3H]
+ * (d loss / d gi, gh). */
+static void gru_gates_bwd_rows(const float *restrict dout, const float *restrict mask,
+                               const float *restrict h, const float *restrict r_,
+                               const float *restrict z_, const float *restrict n_,
+                               const float *restrict ghn, int64_t M, int64_t H,
+                               float *restrict dgi, float *restrict dgh) {
     for (int64_t i = 0; i < M; i++) {
         const float *d = dout + i * H, *hh = h + i * H, *rr = r_ + i * H, *zz = z_ + i * H;
         const float *nn = n_ + i * H, *gg = ghn + i * H;
@@ -235,8 +237,20 @@ void rnn_gru_gates_bwd(const float *restrict dout, const float *restrict mask,
             di[j] = dpr; di[H + j] = dpz; di[2 * H + j] = dpn;
             dh[j] = dpr; dh[H + j] = dpz; dh[2 * H + j] = dpn * rv;
         }
-        for (int64_t j = 0; j < 3 * H; j++) { gb_ih[j] += di[j]; gb_hh[j] += dh[j]; }
     }
+}
+
+/* The same, plus the bias gradients gb_ih, gb_hh [3H] (column sums, overwritten). */
+void rnn_gru_gates_bwd(const float *restrict dout, const float *restrict mask,
+                       const float *restrict h, const float *restrict r_, const float *restrict z_,
+                       const float *restrict n_, const float *restrict ghn, int64_t M, int64_t H,
+                       float *restrict dgi, float *restrict dgh, float *restrict gb_ih,
+                       float *restrict gb_hh) {
+    gru_gates_bwd_rows(dout, mask, h, r_, z_, n_, ghn, M, H, dgi, dgh);
+    memset(gb_ih, 0, sizeof(float) * 3 * H);
+    memset(gb_hh, 0, sizeof(float) * 3 * H);
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < 3 * H; j++) { gb_ih[j] += dgi[i * 3 * H + j]; gb_hh[j] += dgh[i * 3 * H + j]; }
 }
 
 /* Adagrad (+ momentum, + Nesterov) on rows of a [n, D] table, in place:
@@ -652,17 +666,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                     const int64_t u = inv[B + r];
                     if (u >= lo && u < hi) Ssc[u * B + r] -= c->inv_b;
                 }
-                for (int64_t u = lo; u < hi; u++) {
-                    const float *sr = Ssc + u * B;
-                    float part[8] = {0};
-                    int64_t r = 0;
-                    for (; r + 8 <= B; r += 8)
-                        for (int k = 0; k < 8; k++) part[k] += sr[r + k];
-                    float tt = 0.0f;
-                    for (; r < B; r++) tt += sr[r];
-                    for (int k = 0; k < 8; k++) tt += part[k];
-                    dby[u] = tt;
-                }
+                for (int64_t u = lo; u < hi; u++) dby[u] = row_sum8(Ssc + u * B, B);
             }
 #pragma omp barrier
             PT(2);
@@ -682,22 +686,10 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 const int64_t h = c->H[l], hi_in = l ? c->H[l - 1] : D;
                 const float *lx = l ? nxt[l - 1] : inp;
                 split_range(B, t, nt, &lo, &hi);
-                for (int64_t i = lo; i < hi; i++) {
-                    /* rnn_gru_gates_bwd on own rows, without its bias sums (done by columns below) */
-                    const float *d = dcur + i * h, *hh = cur[l] + i * h, *rr = rC[l] + i * h;
-                    const float *zz = zC[l] + i * h, *nn = nC[l] + i * h, *gg = gC[l] + i * h;
-                    const float *mk = hid[l] ? hid[l] + (s * B + i) * h : NULL;
-                    float *di = dgi + i * 3 * h, *dh = dgh + i * 3 * h;
-                    for (int64_t j = 0; j < h; j++) {
-                        float dv = mk ? d[j] * mk[j] : d[j];
-                        float rv = rr[j], zv = zz[j], nv = nn[j];
-                        float dpn = dv * (1.0f - zv) * (1.0f - nv * nv);
-                        float dpr = dpn * gg[j] * (rv * (1.0f - rv));
-                        float dpz = dv * (hh[j] - nv) * (zv * (1.0f - zv));
-                        di[j] = dpr; di[h + j] = dpz; di[2 * h + j] = dpn;
-                        dh[j] = dpr; dh[h + j] = dpz; dh[2 * h + j] = dpn * rv;
-                    }
-                }
+                if (hi > lo)
+                    gru_gates_bwd_rows(dcur + lo * h, hid[l] ? hid[l] + (s * B + lo) * h : NULL,
+                                       cur[l] + lo * h, rC[l] + lo * h, zC[l] + lo * h, nC[l] + lo * h,
+                                       gC[l] + lo * h, hi - lo, h, dgi + lo * 3 * h, dgh + lo * 3 * h);
 #pragma omp barrier
                 /* bias gradients: column sums in row order (as rnn_gru_gates_bwd) */
                 split_range(3 * h, t, nt, &lo, &hi);
@@ -742,7 +734,8 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 }
             }
             {
-                /* 64-float aligned halves of the dense block */
+                /* 64-float aligned halves of the dense block (measured: on one thread it took
+                 * longer, 44 vs 35 us: the weights and gradients were last written by both cores) */
                 int64_t nb = (c->n_flat + 63) / 64, a, b;
                 split_range(nb, t, nt, &a, &b);
                 a *= 64; b *= 64;
