@@ -237,7 +237,9 @@ def update_readme(results: dict) -> None:
     if start not in text:
         text += f"\n{start}\n{end}\n"
     m = results["machine"]
-    block = (f"{start}\nMachine: {m['nproc']} cores ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}, "
+    fam = (f", family {m['cpu_family']} model {m['cpu_model']}, {m['vector_isa']}"
+           if m.get("cpu_family") is not None else "")
+    block = (f"{start}\nMachine: {m['nproc']} cores ({m['cpu']}{fam}), {m['ram_gb']} GB RAM, Python {m['python']}, "
              f"{m['java']}. Last run: {results['date']}.\n\nCommand: `{results['command']}`\n\n"
              f"{render_table(results)}\n{end}")
     pre, rest = text.split(start, 1)
