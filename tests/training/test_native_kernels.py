@@ -233,14 +233,16 @@ def _run_both(cfg, n_items, n_steps, seed=0, p_emb=0.0):
 @needs_lib
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("variant", ["best", "nesterov", "two_layers_embed_dropout", "no_logq_no_momentum",
-                                     "no_samples"])
+                                     "no_samples", "no_dropout_batch_1"])
 def test_whole_step_chunk_equals_per_step_path(variant, threads):
     n_items = 400
     kw = {"best": {}, "nesterov": {"nesterov": True},
           "two_layers_embed_dropout": {"layers": [29, 37], "dropout_embed": 0.25},
           "no_logq_no_momentum": {"logq": 0.0, "momentum": 0.0},
-          "no_samples": {"n_sample": 0}}[variant]
+          "no_samples": {"n_sample": 0},
+          "no_dropout_batch_1": {"dropout_hidden": 0.0, "batch_size": 1}}[variant]
     cfg = GRU4RecConfig(**{"layers": [37], "batch_size": 24, "n_sample": 96, **kw})  # H: 4 AVX blocks + 5
+    # (batch 1: one thread gets no rows in the split phases, half-products of 0 rows)
     m0, out = _run_both(cfg, n_items, n_steps=7, p_emb=cfg.dropout_embed)
     (ma, sa, la, sta), (mb, sb, lb, stb) = out[False], out[True]
     assert torch.isfinite(lb).all()
