@@ -76,7 +76,6 @@ def main(argv=None):
         if fam.step.chunk is None:
             raise SystemExit("--phases: this configuration does not run the whole-step C path")
         lib = fam.step.native
-        lib.rnn_chunk_profile.argtypes = [ctypes.c_int, ctypes.c_void_p]
         times = (ctypes.c_double * 8)()
         lib.rnn_chunk_profile(1, None)
         st = fam.run_epoch(1)

@@ -170,21 +170,13 @@ def phase_timings(out: Path) -> dict | None:
 def machine() -> dict:
     import psutil
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from benchmarks.machine import cpu_info
+
     try:
         java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
     except (OSError, IndexError):
         java = None
-    from benchmarks.machine import cpu_info
-
-    return {**cpu_info(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
+    return {**cpu_info(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "java": java, "os": platform.platform()}
 
 

@@ -32,14 +32,14 @@ static int n_threads(int64_t work) { (void)work; return 1; }
 static int thread_id(void) { return 0; }
 #endif
 
-/* rows = a[0..ka) followed by b[0..kb) -> unique rows in first-occurrence order (uniq[0..U))
- * and each row's position among them (inv[ka + kb]). slot: scratch of n_items int64 that must hold -1 everywhere on entry;
- * restored to -1 on exit. Returns U. */
-int64_t rnn_coalesce2(const int64_t *a, int64_t ka, const int64_t *b, int64_t kb, int64_t *slot,
-                      int64_t *uniq, int64_t *inv) {
+/* rows = a[0..ka) followed by b[0..kb) and c[0..kc) -> unique rows in first-occurrence order
+ * (uniq[0..U)) and each row's position among them (inv[ka + kb + kc]). slot: scratch of n_items
+ * int64 that must hold -1 everywhere on entry; restored to -1 on exit. Returns U. */
+static int64_t coalesce3(const int64_t *a, int64_t ka, const int64_t *b, int64_t kb, const int64_t *c,
+                         int64_t kc, int64_t *slot, int64_t *uniq, int64_t *inv) {
     int64_t U = 0;
-    for (int64_t i = 0; i < ka + kb; i++) {
-        int64_t r = i < ka ? a[i] : b[i - ka];
+    for (int64_t i = 0; i < ka + kb + kc; i++) {
+        int64_t r = i < ka ? a[i] : (i < ka + kb ? b[i - ka] : c[i - ka - kb]);
         int64_t s = slot[r];
         if (s < 0) {
             s = U++;
@@ -50,6 +50,11 @@ int64_t rnn_coalesce2(const int64_t *a, int64_t ka, const int64_t *b, int64_t kb
     }
     for (int64_t u = 0; u < U; u++) slot[uniq[u]] = -1;
     return U;
+}
+
+int64_t rnn_coalesce2(const int64_t *a, int64_t ka, const int64_t *b, int64_t kb, int64_t *slot,
+                      int64_t *uniq, int64_t *inv) {
+    return coalesce3(a, ka, b, kb, NULL, 0, slot, uniq, inv);
 }
 
 /* exp(x) for x <= 0 (callers subtract the row max first), Cephes-style polynomial on the
@@ -94,6 +99,34 @@ static inline float row_sum8(const float *s, int64_t n) {
     return t;
 }
 
+/* Rows of the folded softmax (shared by rnn_xe_softmax and rnn_train_chunk). */
+/* s[0..M) += bu (the bias: addmm with a broadcast bias measured 1.8x slower than the plain
+ * product); into lmx[r] the running max when the row is an output column (in_out); returns the
+ * sum of s * 0, which stays 0 unless a score is NaN/inf */
+static inline float softmax_bias_max_row(float *s, float bu, int in_out, int64_t M, float *lmx) {
+    float chk = 0.0f;
+    for (int64_t r = 0; r < M; r++) {
+        s[r] += bu;
+        chk += s[r] * 0.0f;
+    }
+    if (in_out)
+        for (int64_t r = 0; r < M; r++) lmx[r] = s[r] > lmx[r] ? s[r] : lmx[r];
+    return chk;
+}
+
+/* s[r] = w exp(s[r] - mx[r]), added into ls[r] */
+static inline void softmax_exp_row(float *s, float w, const float *mx, int64_t M, float *ls) {
+    for (int64_t r = 0; r < M; r++) {
+        const float e = w * exp_nonpos(s[r] - mx[r]);
+        s[r] = e;
+        ls[r] += e;
+    }
+}
+
+static inline void scale_row(float *s, const float *scale, int64_t M) {
+    for (int64_t r = 0; r < M; r++) s[r] *= scale[r];
+}
+
 /* Sampled softmax cross-entropy (+ logQ) on the U unique output rows, in place.
  *
  * The softmax runs over C = M + n_sample columns, but several columns are the same item
@@ -134,17 +167,7 @@ double rnn_xe_softmax(float *S, const float *by, const int64_t *uniq, int64_t U,
         float lchk = 0.0f;
         for (int64_t r = 0; r < M; r++) lmx[r] = -INFINITY;
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < U; u++) {
-            float *s = S + u * M;
-            const float bu = by[uniq[u]]; /* the bias is added here: addmm with a broadcast
-                                             bias measured 1.8x slower than the plain product */
-            for (int64_t r = 0; r < M; r++) {
-                s[r] += bu;
-                lchk += s[r] * 0.0f; /* stays 0 unless NaN/inf */
-            }
-            if (in_out[u])
-                for (int64_t r = 0; r < M; r++) lmx[r] = s[r] > lmx[r] ? s[r] : lmx[r];
-        }
+        for (int64_t u = 0; u < U; u++) lchk += softmax_bias_max_row(S + u * M, by[uniq[u]], in_out[u], M, lmx);
         pchk[t] = lchk;
     }
     float chk = 0.0f;
@@ -160,15 +183,7 @@ double rnn_xe_softmax(float *S, const float *by, const int64_t *uniq, int64_t U,
         float *ls = psum[thread_id()];
         for (int64_t r = 0; r < M; r++) ls[r] = 0.0f;
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < U; u++) {
-            float *s = S + u * M;
-            const float w = wsum[u];
-            for (int64_t r = 0; r < M; r++) {
-                float e = w * exp_nonpos(s[r] - mx[r]);
-                s[r] = e;
-                ls[r] += e;
-            }
-        }
+        for (int64_t u = 0; u < U; u++) softmax_exp_row(S + u * M, wsum[u], mx, M, ls);
     }
     for (int t = 0; t < nt; t++)
         for (int64_t r = 0; r < M; r++) sum[r] += psum[t][r];
@@ -178,10 +193,7 @@ double rnn_xe_softmax(float *S, const float *by, const int64_t *uniq, int64_t U,
         scale[r] = inv_b / sum[r];
     }
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t u = 0; u < U; u++) {
-        float *s = S + u * M;
-        for (int64_t r = 0; r < M; r++) s[r] *= scale[r];
-    }
+    for (int64_t u = 0; u < U; u++) scale_row(S + u * M, scale, M);
     for (int64_t r = 0; r < M; r++) S[col[r] * M + r] -= inv_b;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t u = 0; u < U; u++) dby[u] = row_sum8(S + u * M, M);
@@ -241,6 +253,18 @@ static void gru_gates_bwd_rows(const float *restrict dout, const float *restrict
     }
 }
 
+/* Bias gradients gb_ih, gb_hh [3H] = column sums of dgi, dgh [M, 3H] (row order), columns
+ * [lo, hi) only (overwritten). */
+static void gru_bias_grads(const float *dgi, const float *dgh, int64_t M, int64_t H, int64_t lo,
+                           int64_t hi, float *gb_ih, float *gb_hh) {
+    for (int64_t j = lo; j < hi; j++) {
+        float a = 0.0f, b = 0.0f;
+        for (int64_t i = 0; i < M; i++) { a += dgi[i * 3 * H + j]; b += dgh[i * 3 * H + j]; }
+        gb_ih[j] = a;
+        gb_hh[j] = b;
+    }
+}
+
 /* The same, plus the bias gradients gb_ih, gb_hh [3H] (column sums, overwritten). */
 void rnn_gru_gates_bwd(const float *restrict dout, const float *restrict mask,
                        const float *restrict h, const float *restrict r_, const float *restrict z_,
@@ -248,10 +272,7 @@ void rnn_gru_gates_bwd(const float *restrict dout, const float *restrict mask,
                        float *restrict dgi, float *restrict dgh, float *restrict gb_ih,
                        float *restrict gb_hh) {
     gru_gates_bwd_rows(dout, mask, h, r_, z_, n_, ghn, M, H, dgi, dgh);
-    memset(gb_ih, 0, sizeof(float) * 3 * H);
-    memset(gb_hh, 0, sizeof(float) * 3 * H);
-    for (int64_t i = 0; i < M; i++)
-        for (int64_t j = 0; j < 3 * H; j++) { gb_ih[j] += dgi[i * 3 * H + j]; gb_hh[j] += dgh[i * 3 * H + j]; }
+    gru_bias_grads(dgi, dgh, M, H, 0, 3 * H, gb_ih, gb_hh);
 }
 
 /* Adagrad (+ momentum, + Nesterov) on rows of a [n, D] table, in place:
@@ -300,11 +321,30 @@ static void adagrad_row(float *restrict w, float *restrict a, float *restrict m,
     }
 }
 
+/* Row u of the U rows of G onto table row rows[u] (u itself when rows is NULL), skipped when
+ * mask[u] == 0; prefetches the table row AHEAD positions later (below `end`): the rows are
+ * scattered over the table, otherwise every row waits for its cache misses one by one. */
+static inline void adagrad_table_row(float *W, float *acc, float *mom, const int64_t *rows,
+                                     const uint8_t *mask, int64_t u, int64_t end, int64_t D,
+                                     const float *G, float lr, float eps, float momentum, int nesterov) {
+    const int64_t AHEAD = 4;
+    if (rows && u + AHEAD < end) {
+        const int64_t p = rows[u + AHEAD] * D;
+        for (int64_t d = 0; d < D; d += 16) {
+            __builtin_prefetch(W + p + d, 1);
+            __builtin_prefetch(acc + p + d, 1);
+            if (mom) __builtin_prefetch(mom + p + d, 1);
+        }
+    }
+    if (mask && !mask[u]) return;
+    const int64_t r = rows ? rows[u] : u;
+    adagrad_row(W + r * D, acc + r * D, mom ? mom + r * D : NULL, G + u * D, D, lr, eps, momentum,
+                nesterov);
+}
+
 void rnn_adagrad_rows(float *W, float *acc, float *mom, const int64_t *rows, const uint8_t *mask,
                       int64_t U, int64_t D, const float *G, float lr, float eps, float momentum,
                       int nesterov) {
-    const int64_t AHEAD = 4; /* rows are scattered over the table: prefetch a few rows ahead,
-                                otherwise every row waits for its cache misses one by one */
     if (!rows && U == 1 && D >= PAR_MIN) {
         /* one dense block (the GRU weights): split it into chunks across the threads */
         const int64_t CH = 4096;
@@ -316,29 +356,34 @@ void rnn_adagrad_rows(float *W, float *acc, float *mom, const int64_t *rows, con
     }
     /* rows are unique, so threads never write the same row */
 #pragma omp parallel for schedule(static) if (U * D >= PAR_MIN)
-    for (int64_t u = 0; u < U; u++) {
-        if (rows && u + AHEAD < U) {
-            const int64_t p = rows[u + AHEAD] * D;
-            for (int64_t d = 0; d < D; d += 16) {
-                __builtin_prefetch(W + p + d, 1);
-                __builtin_prefetch(acc + p + d, 1);
-                if (mom) __builtin_prefetch(mom + p + d, 1);
-            }
-        }
-        if (mask && !mask[u]) continue;
-        const int64_t r = rows ? rows[u] : u;
-        adagrad_row(W + r * D, acc + r * D, mom ? mom + r * D : NULL, G + u * D, D, lr, eps,
-                    momentum, nesterov);
-    }
+    for (int64_t u = 0; u < U; u++)
+        adagrad_table_row(W, acc, mom, rows, mask, u, U, D, G, lr, eps, momentum, nesterov);
 }
 
-/* dst[idx[i], :] += src[i, :] for i < k (duplicates accumulate in order) */
-void rnn_add_rows(float *dst, const int64_t *idx, const float *src, int64_t k, int64_t D) {
+/* dst[idx[i], :] += src[i, :] (* mask[i, :] when mask is not NULL) for i < k (duplicates
+ * accumulate in order) */
+static void add_rows(float *dst, const int64_t *idx, const float *src, const float *mask, int64_t k,
+                     int64_t D) {
     for (int64_t i = 0; i < k; i++) {
         float *d = dst + idx[i] * D;
         const float *s = src + i * D;
-        for (int64_t j = 0; j < D; j++) d[j] += s[j];
+        if (mask) {
+            const float *m = mask + i * D;
+            for (int64_t j = 0; j < D; j++) {
+                /* rounded product, then the sum (no FMA contraction): bit-compatible with the
+                 * per-step path, whose dx * mask is a separate torch op */
+                float p = s[j] * m[j];
+                __asm__("" : "+x"(p));
+                d[j] += p;
+            }
+        } else {
+            for (int64_t j = 0; j < D; j++) d[j] += s[j];
+        }
     }
+}
+
+void rnn_add_rows(float *dst, const int64_t *idx, const float *src, int64_t k, int64_t D) {
+    add_rows(dst, idx, src, NULL, k, D);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -535,14 +580,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
             int64_t lo, hi;
             /* A: coalesce (thread 0) | state reset (by rows) */
             if (t == 0) {
-                int64_t u = 0;
-                for (int64_t i = 0; i < B + C; i++) {
-                    const int64_t r = i < B ? x[i] : (i < 2 * B ? yt[i - B] : ys[i - 2 * B]);
-                    int64_t q = c->slot[r];
-                    if (q < 0) { q = u++; c->slot[r] = q; uniq[q] = r; }
-                    inv[i] = q;
-                }
-                for (int64_t k = 0; k < u; k++) c->slot[uniq[k]] = -1;
+                const int64_t u = coalesce3(x, B, yt, B, ys, S, c->slot, uniq, inv);
                 memset(wsum, 0, sizeof(float) * u);
                 memset(in_out, 0, (size_t)u);
                 for (int64_t k = 0; k < C; k++) {
@@ -593,7 +631,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                                       hi - lo, h, nxt[l] + lo * h, rC[l] + lo * h, zC[l] + lo * h,
                                       nC[l] + lo * h, gC[l] + lo * h);
 #pragma omp barrier
-            PT(1);
+                PT(1);
                 xin = nxt[l];
                 hin = h;
             }
@@ -605,16 +643,8 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 float *lmx = pmx + t * B;
                 float lchk = 0.0f;
                 for (int64_t r = 0; r < B; r++) lmx[r] = -INFINITY;
-                for (int64_t u = lo; u < hi; u++) {
-                    float *sr = Ssc + u * B;
-                    const float bu = c->By[uniq[u]];
-                    for (int64_t r = 0; r < B; r++) {
-                        sr[r] += bu;
-                        lchk += sr[r] * 0.0f;
-                    }
-                    if (in_out[u])
-                        for (int64_t r = 0; r < B; r++) lmx[r] = sr[r] > lmx[r] ? sr[r] : lmx[r];
-                }
+                for (int64_t u = lo; u < hi; u++)
+                    lchk += softmax_bias_max_row(Ssc + u * B, c->By[uniq[u]], in_out[u], B, lmx);
                 chk2[t] = lchk;
             }
 #pragma omp barrier
@@ -639,15 +669,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 }
                 float *ls = psum + t * B;
                 for (int64_t r = 0; r < B; r++) ls[r] = 0.0f;
-                for (int64_t u = lo; u < hi; u++) {
-                    float *sr = Ssc + u * B;
-                    const float w = wsum[u];
-                    for (int64_t r = 0; r < B; r++) {
-                        const float e = w * exp_nonpos(sr[r] - lmxa[r]);
-                        sr[r] = e;
-                        ls[r] += e;
-                    }
-                }
+                for (int64_t u = lo; u < hi; u++) softmax_exp_row(Ssc + u * B, wsum[u], lmxa, B, ls);
                 if (t == 0) memcpy(mx, lmxa, sizeof(float) * B);
             }
 #pragma omp barrier
@@ -659,10 +681,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                     lsc[r] = c->inv_b / sm;
                     if (t == 0) sum[r] = sm;
                 }
-                for (int64_t u = lo; u < hi; u++) {
-                    float *sr = Ssc + u * B;
-                    for (int64_t r = 0; r < B; r++) sr[r] *= lsc[r];
-                }
+                for (int64_t u = lo; u < hi; u++) scale_row(Ssc + u * B, lsc, B);
                 for (int64_t r = 0; r < B; r++) {
                     const int64_t u = inv[B + r];
                     if (u >= lo && u < hi) Ssc[u * B + r] -= c->inv_b;
@@ -694,12 +713,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
 #pragma omp barrier
                 /* bias gradients: column sums in row order (as rnn_gru_gates_bwd) */
                 split_range(3 * h, t, nt, &lo, &hi);
-                for (int64_t j = lo; j < hi; j++) {
-                    float a = 0.0f, b = 0.0f;
-                    for (int64_t i = 0; i < B; i++) { a += dgi[i * 3 * h + j]; b += dgh[i * 3 * h + j]; }
-                    c->gb_ih[l][j] = a;
-                    c->gb_hh[l][j] = b;
-                }
+                gru_bias_grads(dgi, dgh, B, h, lo, hi, c->gb_ih[l], c->gb_hh[l]);
                 const int64_t B1 = nt > 1 ? B / 2 : B;
                 if (t == 0) {
                     mm_rowmajor(1, 0, (int)(3 * h), (int)h, (int)B, dgh, cur[l], c->gW_hh[l]);
@@ -712,28 +726,11 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                                     c->W_ih[l], dnext + B1 * hi_in);
                 }
 #pragma omp barrier
-            PT(4);
+                PT(4);
                 float *tmp = dcur; dcur = dnext; dnext = tmp;
             }
             /* G: the input rows' gradient (times the embedding mask) onto dO, dense Adagrad */
-            if (t == 0) {
-                for (int64_t i = 0; i < B; i++) {
-                    float *d = dO + inv[i] * D;
-                    const float *g = dcur + i * D;
-                    if (emb) {
-                        const float *m = emb + (s * B + i) * D;
-                        for (int64_t j = 0; j < D; j++) {
-                            /* rounded product, then the sum (no FMA contraction): bit-compatible
-                             * with the per-step path, whose dx * mask is a separate torch op */
-                            float p_ = g[j] * m[j];
-                            __asm__("" : "+x"(p_));
-                            d[j] += p_;
-                        }
-                    } else {
-                        for (int64_t j = 0; j < D; j++) d[j] += g[j];
-                    }
-                }
-            }
+            if (t == 0) add_rows(dO, inv, dcur, emb ? emb + s * B * D : NULL, B, D);
             {
                 /* 64-float aligned halves of the dense block (measured: on one thread it took
                  * longer, 44 vs 35 us: the weights and gradients were last written by both cores) */
@@ -749,20 +746,10 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
             PT(5);
             split_range(U, t, nt, &lo, &hi);
             for (int64_t u = lo; u < hi; u++) {
-                if (u + 4 < hi) {
-                    const int64_t p = uniq[u + 4] * D;
-                    for (int64_t d = 0; d < D; d += 16) {
-                        __builtin_prefetch(c->Wy + p + d, 1);
-                        __builtin_prefetch(c->Wy_acc + p + d, 1);
-                        if (c->Wy_mom) __builtin_prefetch(c->Wy_mom + p + d, 1);
-                    }
-                }
-                const int64_t r = uniq[u];
-                adagrad_row(c->Wy + r * D, c->Wy_acc + r * D, c->Wy_mom ? c->Wy_mom + r * D : NULL,
-                            dO + u * D, D, c->lr, c->eps, c->momentum, (int)c->nesterov);
-                if (in_out[u])
-                    adagrad_row(c->By + r, c->By_acc + r, c->By_mom ? c->By_mom + r : NULL, dby + u, 1,
-                                c->lr, c->eps, c->momentum, (int)c->nesterov);
+                adagrad_table_row(c->Wy, c->Wy_acc, c->Wy_mom, uniq, NULL, u, hi, D, dO, c->lr, c->eps,
+                                  c->momentum, (int)c->nesterov);
+                adagrad_table_row(c->By, c->By_acc, c->By_mom, uniq, in_out, u, hi, 1, dby, c->lr, c->eps,
+                                  c->momentum, (int)c->nesterov);
             }
 #pragma omp barrier
             PT(6);

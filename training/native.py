@@ -117,6 +117,8 @@ def load():
     lib.rnn_train_chunk.restype = ctypes.c_int64
     lib.rnn_train_chunk.argtypes = [ctypes.c_void_p, ctypes.c_int64, i64p, i64p, i64p, f32p, f32p,
                                     ctypes.c_void_p, ctypes.c_void_p, f32p]
+    lib.rnn_chunk_profile.restype = None
+    lib.rnn_chunk_profile.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.has_blas = _hand_over_blas(lib)
     _lib = lib
     return lib
@@ -163,7 +165,6 @@ class ChunkCtx(ctypes.Structure):
     """Mirror of ``rnn_ctx`` in kernels.c: sizes, parameter / optimizer-state / scratch addresses
     and hyperparameters of :func:`rnn_train_chunk` (the whole-step path)."""
 
-    _P = ctypes.c_void_p
     _fields_ = [(k, ctypes.c_int64) for k in ("B", "S", "L", "n_items", "D", "n_flat", "nesterov")] + [
         ("H", ctypes.c_int64 * MAXL)] + [
         (k, ctypes.c_void_p) for k in ("Wy", "By", "Wy_acc", "Wy_mom", "By_acc", "By_mom",
