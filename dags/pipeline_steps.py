@@ -35,30 +35,43 @@ from typing import Any
 log = logging.getLogger("dags.pipeline_steps")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEVICES = ("auto", "cpu", "cuda")
-TRAIN_TABLES = ("train_full", "train")
 
-#: defaults of the DAG's Params (``dags.run_demo`` / ``make demo`` pass smaller demo-size values)
-DEFAULT_PARAMS: dict[str, Any] = {
-    "dataset": "synthetic",
-    "input": [],
-    "format": "synthetic",
-    "data_dir": "",
-    "synthetic_events": 200_000,
-    "synthetic_days": 8,
-    "synthetic_start": "2014-04-01",
-    "seed": 0,
-    "families": ["gru4rec", "pop"],
-    "epochs": 3,
-    "fractions": [4],
-    "device": "auto",
-    "train_table": "train_full",
-    "overrides": {},
-    "min_item_support": 5,
-    "min_session_length": 2,
-    "test_days": 1.0,
-    "register": True,
+#: The DAG's Params: the ONE place their defaults and schemas live (``session_rec_pipeline``
+#: builds its ``Param``s from this; ``dags.run_demo`` / ``make demo`` pass smaller values).
+#: Family names come from ``training.registry`` (validated in :func:`resolve`).
+PARAM_SPECS: dict[str, dict[str, Any]] = {
+    "dataset": {"default": "synthetic", "type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                "description": "Name for outputs, MLflow experiment (rnnrec-<dataset>) and registry models."},
+    "input": {"default": [], "type": "array", "items": {"type": "string"},
+              "description": "Raw files/folders/globs. Empty = generate a synthetic clickstream."},
+    "format": {"default": "synthetic", "type": "string", "description": "Reader format (spark_jobs.readers.FORMATS)."},
+    "data_dir": {"default": "", "type": "string",
+                 "description": "Output root; empty = $RNNREC_DATA_DIR or <repo>/data."},
+    "synthetic_events": {"default": 200_000, "type": "integer", "minimum": 1000, "maximum": 50_000_000},
+    "synthetic_days": {"default": 8, "type": "integer", "minimum": 3, "maximum": 400},
+    "synthetic_start": {"default": "2014-04-01", "type": "string", "format": "date"},
+    "seed": {"default": 0, "type": "integer", "minimum": 0},
+    "families": {"default": ["gru4rec", "pop"], "type": "array", "items": {"type": "string"}, "minItems": 1,
+                 "description": "Model families to train (training.registry: python -m training.train --list)."},
+    "epochs": {"default": 3, "type": ["integer", "null"], "minimum": 0,
+               "description": "Epochs for trainable families; null = each family's default."},
+    "fractions": {"default": [4], "type": "array", "items": {"type": "integer", "minimum": 1},
+                  "description": "Recent fractions k: fine-tune on the most recent 1/k of the sessions."},
+    "device": {"default": "auto", "type": "string", "enum": ["auto", "cpu", "cuda"]},
+    "train_table": {"default": "train_full", "type": "string", "enum": ["train_full", "train"],
+                    "description": "train_full (final models) or train (validation not seen in training)."},
+    "overrides": {"default": {}, "type": "object",
+                  "description": 'Per-family typed config overrides, e.g. {"gru4rec": {"layers": [100], '
+                                 '"batch_size": 32}} (keys: python -m training.train --list).'},
+    "min_item_support": {"default": 5, "type": "integer", "minimum": 0},
+    "min_session_length": {"default": 2, "type": "integer", "minimum": 0},
+    "test_days": {"default": 1.0, "type": "number", "exclusiveMinimum": 0},
+    "register": {"default": True, "type": "boolean",
+                 "description": "Register models and move the 'champion' alias."},
 }
+DEFAULT_PARAMS: dict[str, Any] = {k: v["default"] for k, v in PARAM_SPECS.items()}
+DEVICES = tuple(PARAM_SPECS["device"]["enum"])
+TRAIN_TABLES = tuple(PARAM_SPECS["train_table"]["enum"])
 
 
 class PipelineParamError(ValueError):
@@ -70,7 +83,8 @@ class PipelineParamError(ValueError):
 EXPECTED_ERRORS = {
     ("expectations.derive", "ContractError"), ("expectations.runner", "GateFailed"),
     ("spark_jobs.preprocess", "QuarantineThresholdExceeded"), ("spark_jobs.readers", "InputError"),
-    ("training.config", "ConfigError"), ("training.data", "DataError"), ("training.families", "NonFiniteLoss"),
+    ("training.config", "ConfigError"), ("training.data", "DataError"), ("training.trainer", "NonFiniteLoss"),
+    ("training.registry", "UnknownFamily"),
 }
 
 
@@ -114,22 +128,11 @@ def interval_key(start: str, end: str) -> str:
     return f"{f(start)}Z_{f(end)}Z"
 
 
-def overrides_to_sets(values: dict[str, Any]) -> list[str]:
-    out = []
-    for k, v in values.items():
-        if isinstance(v, (list, tuple)):
-            v = ",".join(str(x) for x in v)
-        elif isinstance(v, bool):
-            v = "true" if v else "false"
-        out.append(f"{k}={v}")
-    return out
-
-
 def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, interval_end) -> dict:
     """Validate the run's Params and fix every path of this data interval. Returns the run config."""
     from spark_jobs.readers import FORMATS
-    from training.config import CONFIG_CLASSES, resolve_config
-    from training.families import FAMILIES
+    from training import registry
+    from training.config import resolve_config
 
     p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items()}}
     unknown = sorted(set(p) - set(DEFAULT_PARAMS))
@@ -148,10 +151,10 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
             raise PipelineParamError(f"param 'input': path(s) not found: {missing}")
     fams = list(p["families"] or [])
     if not fams:
-        raise PipelineParamError("param 'families' is empty: name at least one of " + ", ".join(sorted(FAMILIES)))
-    bad = [f for f in fams if f not in FAMILIES or f not in CONFIG_CLASSES]
+        raise PipelineParamError("param 'families' is empty: name at least one of " + ", ".join(registry.names()))
+    bad = [f for f in fams if f not in registry.names()]
     if bad:
-        raise PipelineParamError(f"param 'families': unknown {bad}; registered families: {sorted(FAMILIES)}")
+        raise PipelineParamError(f"param 'families': unknown {bad}; registered families: {registry.names()}")
     if len(set(fams)) != len(fams):
         raise PipelineParamError(f"param 'families' lists a family twice: {fams}")
     fr = p["fractions"] or []
@@ -169,22 +172,21 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
     extra = sorted(set(ov) - set(fams))
     if extra:
         raise PipelineParamError(f"param 'overrides' names family {extra} that is not in 'families' {fams}")
-    sets: dict[str, list[str]] = {}
+    overrides: dict[str, dict[str, Any]] = {}
     for f in fams:
-        s = overrides_to_sets(ov.get(f, {}))
-        default_epochs = CONFIG_CLASSES[f]().n_epochs
-        if p["epochs"] is not None and default_epochs > 0 and "n_epochs" not in ov.get(f, {}):
-            s.append(f"n_epochs={p['epochs']}")  # parameter-free families (POP) keep 0 epochs
-        s += [f"device={p['device']}", f"train_table={p['train_table']}"]
-        try:
-            resolve_config(f, None, None, s)
+        o = dict(ov.get(f, {}))
+        if p["epochs"] is not None and registry.get(f).trainable and "n_epochs" not in o:
+            o["n_epochs"] = p["epochs"]  # parameter-free families (POP) keep 0 epochs
+        o.update(device=p["device"], train_table=p["train_table"])
+        try:  # typed: the same dataclass the training step fills, so errors surface here
+            resolve_config(f, overrides=o)
         except Exception as e:  # ConfigError names the key
             raise PipelineParamError(f"param 'overrides' for {f!r}: {e}") from None
-        sets[f] = s
+        overrides[f] = o
     data_dir = Path(p["data_dir"] or os.environ.get("RNNREC_DATA_DIR") or ROOT / "data").resolve()
     start, end = _iso(interval_start), _iso(interval_end)
     root = data_dir / "pipeline" / p["dataset"] / interval_key(start, end)
-    return {"params": p, "inputs": inputs, "sets": sets, "families": fams, "fractions": fr,
+    return {"params": p, "inputs": inputs, "overrides": overrides, "families": fams, "fractions": fr,
             "data_dir": str(data_dir), "root": str(root), "dag_id": dag_id, "dag_run_id": dag_run_id,
             "interval_start": start, "interval_end": end}
 
@@ -260,9 +262,9 @@ def write_submit_config(cfg: dict, raw: dict) -> str:
     conf.pop("spark_conf")
     path = Path(cfg["root"]) / "spark_submit_preprocess.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(yaml.safe_dump(conf, sort_keys=True))
-    os.replace(tmp, path)
+    from spark_jobs.contract import write_text
+
+    write_text(path, yaml.safe_dump(conf, sort_keys=True))
     return str(path)
 
 
@@ -284,13 +286,12 @@ def preprocess_result(cfg: dict) -> dict:
 def spark_conf_from_env(var: str = "RNNREC_SPARK_CONF") -> dict[str, str]:
     """Extra Spark settings for the preprocess task: ``$RNNREC_SPARK_CONF`` = ``key=value,key=value``
     (they override the sizing from the input, ``spark_jobs.session.sizing_conf``)."""
-    out = {}
-    for part in filter(None, (p.strip() for p in os.environ.get(var, "").split(","))):
-        k, sep, v = part.partition("=")
-        if not sep or not k.strip():
-            raise PipelineParamError(f"${var}: {part!r} is not key=value (e.g. spark.sql.shuffle.partitions=4)")
-        out[k.strip()] = v.strip()
-    return out
+    from spark_jobs.contract import parse_key_values
+
+    try:
+        return parse_key_values(os.environ.get(var, ""), f"${var} (e.g. spark.sql.shuffle.partitions=4)")
+    except ValueError as e:
+        raise PipelineParamError(str(e)) from None
 
 
 def gates(cfg: dict, prep: dict) -> dict:
@@ -313,7 +314,7 @@ def start_tracking(cfg: dict, prep: dict, quality: dict) -> str:
 # --------------------------------------------------------------------------- training
 
 def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
-    return [{"candidate": f, "family": f, "fraction": None, "sets": cfg["sets"][f], "init_from": None,
+    return [{"candidate": f, "family": f, "fraction": None, "overrides": cfg["overrides"][f], "init_from": None,
              "split_dir": prep["split_dir"]} for f in cfg["families"]]
 
 
@@ -322,9 +323,9 @@ def plan_finetune(cfg: dict, pretrained: list[dict]) -> list[dict]:
     specs = []
     for pre in pretrained:
         for k in cfg["fractions"]:
-            sets = [s for s in pre["sets"] if not s.startswith("train_table=")] + [f"train_table=train_recent_{k}"]
             specs.append({"candidate": f"{pre['family']}-recent{k}", "family": pre["family"], "fraction": k,
-                          "sets": sets, "init_from": pre["run_dir"], "split_dir": pre["split_dir"]})
+                          "overrides": {**pre["overrides"], "train_table": f"train_recent_{k}"},
+                          "init_from": pre["run_dir"], "split_dir": pre["split_dir"]})
     return specs
 
 
@@ -339,7 +340,7 @@ def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     with ml.child_run(parent_run_id, spec["candidate"], family=spec["family"], fraction=spec["fraction"]) as rid:
         try:
-            train(spec["family"], spec["split_dir"], tmp, sets=spec["sets"], init_from=spec["init_from"],
+            train(spec["family"], spec["split_dir"], tmp, overrides=spec["overrides"], init_from=spec["init_from"],
                   show_progress=False)
             replace_dir(tmp, dest)
         finally:
@@ -352,7 +353,7 @@ def evaluate_one(cfg: dict, trained: dict) -> dict:
     """Evaluate a candidate on valid (selection) and test (reporting); log both to its run."""
     from evaluation import mlflow_logging as ml
     from evaluation.evaluate import evaluate
-    from spark_jobs.contract import replace_dir
+    from spark_jobs.contract import replace_dir, write_json
 
     ml.configure(cfg["data_dir"])
     dest = Path(cfg["root"]) / "eval" / trained["candidate"]
@@ -365,7 +366,7 @@ def evaluate_one(cfg: dict, trained: dict) -> dict:
             for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20"):
                 out[k if table == "test" else f"valid_{k}"] = m[k]
         out["eval_dir"] = str(dest)
-        (tmp / "result.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+        write_json(tmp / "result.json", out)
         replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

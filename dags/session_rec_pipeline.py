@@ -18,7 +18,11 @@ resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking 
 **Manual trigger** (Params are validated; a bad value fails `resolve` with the reason):
 
     airflow dags trigger session_rec_pipeline -l 2014-04-08T00:00:00+00:00 \
-        -c '{"families": ["gru4rec", "pop"], "epochs": 1, "fractions": [4], "device": "cpu"}'
+        -c '{"families": ["gru4rec", "pop"], "epochs": 1, "fractions": [4], "device": "cpu",
+              "overrides": {"gru4rec": {"layers": [100], "learning_rate": 0.1}}}'
+
+Families: `python -m training.train --list` (names and every config key, from
+`training/registry.py`); `overrides` values are typed and checked by `resolve`.
 
 **Backfill** (the scheduler runs it; unpause the DAG first). On one GPU keep one run
 at a time: the `gpu` pool already serialises training, and `--max-active-runs 1`
@@ -54,33 +58,13 @@ DAG_ID = "session_rec_pipeline"
 _SPARK_CONN = os.environ.get("RNNREC_SPARK_CONN_ID", "")
 _K8S_IMAGE = os.environ.get("RNNREC_K8S_TRAIN_IMAGE", "")
 
-PARAMS = {
-    "dataset": Param("synthetic", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                     description="Name for outputs, MLflow experiment (rnnrec-<dataset>) and registry models."),
-    "input": Param([], type="array", items={"type": "string"},
-                   description="Raw files/folders/globs. Empty = generate a synthetic clickstream."),
-    "format": Param("synthetic", type="string", description="Reader format (spark_jobs.readers.FORMATS)."),
-    "data_dir": Param("", type="string", description="Output root; empty = $RNNREC_DATA_DIR or <repo>/data."),
-    "synthetic_events": Param(200_000, type="integer", minimum=1000, maximum=50_000_000),
-    "synthetic_days": Param(8, type="integer", minimum=3, maximum=400),
-    "synthetic_start": Param("2014-04-01", type="string", format="date"),
-    "seed": Param(0, type="integer", minimum=0),
-    "families": Param(["gru4rec", "pop"], type="array", items={"type": "string"}, minItems=1,
-                      description="Model families to train (training.families.FAMILIES)."),
-    "epochs": Param(3, type=["integer", "null"], minimum=0,
-                    description="Epochs for trainable families; null = each family's default."),
-    "fractions": Param([4], type="array", items={"type": "integer", "minimum": 1},
-                       description="Recent fractions k: fine-tune on the most recent 1/k of the sessions."),
-    "device": Param("auto", type="string", enum=["auto", "cpu", "cuda"]),
-    "train_table": Param("train_full", type="string", enum=["train_full", "train"],
-                         description="train_full (final models) or train (validation not seen in training)."),
-    "overrides": Param({}, type="object",
-                       description='Per-family config overrides, e.g. {"gru4rec": {"layers": [100], "batch_size": 32}}.'),
-    "min_item_support": Param(5, type="integer", minimum=0),
-    "min_session_length": Param(2, type="integer", minimum=0),
-    "test_days": Param(1.0, type="number", exclusiveMinimum=0),
-    "register": Param(True, type="boolean", description="Register models and move the 'champion' alias."),
-}
+def _params() -> dict:
+    """The Params from ``dags.pipeline_steps.PARAM_SPECS`` (stdlib-only import: the defaults
+    and schemas exist once, beside the code that validates them)."""
+    from dags.pipeline_steps import PARAM_SPECS
+
+    return {k: Param(spec["default"], **{a: v for a, v in spec.items() if a != "default"})
+            for k, spec in PARAM_SPECS.items()}
 
 
 def _steps():
@@ -95,7 +79,7 @@ def _steps():
     start_date=datetime(2014, 4, 1),
     catchup=False,
     doc_md=__doc__,
-    params=PARAMS,
+    params=_params(),
     tags=["rnnrec", "training"],
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
 )

@@ -29,10 +29,11 @@ import pyarrow.parquet as pq
 
 from evaluation.loop import evaluate_sessions
 from evaluation.metrics import DEFAULT_KS, TIE_MODES, metrics_from_ranks, rank_from_counts
+from spark_jobs import contract as C
 from training import checkpoint as ck
 from training.data import read_events
-from training.families import load_scorer
-from training.train import pick_device
+from training.registry import load_scorer
+from training.device import pick_device
 
 log = logging.getLogger("evaluation")
 
@@ -71,7 +72,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             for r in rows:
                 f.write(",".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n")
 
-    ck._atomic(path, w)
+    C.atomic_write(path, w)
 
 
 def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conservative",
@@ -113,7 +114,7 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
         "n_ties": pa.array(res.ties.astype(np.int64), pa.int64()),
         "rank": pa.array(rank, pa.float64()),
     })
-    ck._atomic(out / "per_event.parquet", lambda tmp: pq.write_table(per_event, tmp))
+    C.atomic_write(out / "per_event.parquet", lambda tmp: pq.write_table(per_event, tmp))
     return metrics
 
 

@@ -3,7 +3,7 @@
 The logged model holds no pickled model object: only the training checkpoint
 (``state_dict`` + resolved config + item index, see ``training/checkpoint.py``)
 as an artifact, plus this class. ``load_context`` rebuilds the family's scorer
-(``training.families.load_scorer``), the same object evaluation uses, so serving
+(``training.registry.load_scorer``), the same object evaluation uses, so serving
 ranks exactly as the offline metrics were computed.
 
 From Python::
@@ -45,7 +45,7 @@ class SessionRecModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from training import checkpoint as ck
-        from training.families import load_scorer
+        from training.registry import load_scorer
 
         ckpt = ck.load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.device = torch.device("cpu")  # serving: one session at a time, CPU is the sane default

@@ -92,3 +92,57 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- shared helpers
+# Every file and folder the project writes goes through these two (temp + rename), and every
+# ``key=value`` option list through parse_key_values.
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write ``path`` atomically: ``write(tmp_path)`` fills a temp file in the same folder,
+    which is then renamed over ``path`` (readers see the old file or the new one)."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return atomic_write(path, w)
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    import json
+
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def parse_key_values(items, source: str) -> dict[str, str]:
+    """``["a=1", "b=x"]`` or ``"a=1,b=x"`` -> ``{"a": "1", "b": "x"}`` (values stay strings:
+    the consumer types them). A malformed item raises ValueError naming ``source``."""
+    if isinstance(items, str):
+        items = items.split(",")
+    out: dict[str, str] = {}
+    for it in items or []:
+        it = it.strip()
+        if not it:
+            continue
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"{source}: {it!r} is not key=value")
+        out[k.strip()] = v.strip()
+    return out

@@ -13,9 +13,6 @@ what evaluation loads), ``config.json``, ``item_index.parquet`` and
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from spark_jobs import contract as C
 from training.data import ItemIndex
 
 FORMAT_VERSION = 1
@@ -31,38 +29,23 @@ CKPT_DIR = "checkpoints"
 FINAL = "model.pt"
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: Path, obj: Any) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic(Path(path), w)
+    C.write_json(path, obj)
 
 
 def epoch_path(run_dir: Path, epoch: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"epoch_{epoch:04d}.pt"
 
 
-def save_checkpoint(run_dir: Path, ckpt: dict) -> Path:
+def save_checkpoint(run_dir: Path, ckpt: dict, final: bool = True) -> Path:
+    """Write ``checkpoints/epoch_XXXX.pt`` and (unless ``final`` is False, e.g. an epoch that
+    did not improve the early-stopping metric) ``model.pt``."""
     run_dir = Path(run_dir)
     ckpt = dict(ckpt, format_version=FORMAT_VERSION)
     p = epoch_path(run_dir, ckpt["epoch"])
-    _atomic(p, lambda tmp: torch.save(ckpt, tmp))
-    _atomic(run_dir / FINAL, lambda tmp: torch.save(ckpt, tmp))
+    C.atomic_write(p, lambda tmp: torch.save(ckpt, tmp))
+    if final:
+        C.atomic_write(run_dir / FINAL, lambda tmp: torch.save(ckpt, tmp))
     return p
 
 
@@ -104,4 +87,4 @@ def write_item_index(path: Path, index: ItemIndex) -> None:
         "item_idx": pa.array(np.arange(index.n_items, dtype=np.int32), pa.int32()),
         "support": pa.array(index.support, pa.int64()),
     })
-    _atomic(Path(path), lambda tmp: pq.write_table(t, tmp))
+    C.atomic_write(path, lambda tmp: pq.write_table(t, tmp))

@@ -1,33 +1,41 @@
-"""Flat dataclass configs shared by every model family, loaded from YAML/JSON and ``--set``.
+"""Flat dataclass configs for every model family, and the ONE way values get into them.
 
-One dataclass per model family; every field has a documented default (the
-papers' or the official code's setting). A run's config is resolved as::
+Each family's dataclass lives in its own module and subclasses :class:`CommonConfig`
+(or :class:`TrainConfig` when it is trained by gradient descent); every field has a
+documented default (the papers' or the official code's setting). A run's config is
+resolved as::
 
-    defaults  <-  --init-from checkpoint's config (if any)  <-  --config FILE  <-  --set key=value ...
+    defaults  <-  --init-from checkpoint's config  <-  --config FILE  <-  overrides  <-  --set key=value
 
-and the resolved dict is written beside every checkpoint (``config.json``) so
-that MLflow and the evaluator see exactly what ran. Values from files and the
-command line are coerced by the field's declared type; no ``eval``/``exec``.
+* typed overrides (a dict: DAG Params, YAML/JSON files, Python callers) must already have
+  the field's type (an int for an int field, a list for a list field; an int is accepted
+  for a float);
+* ``--set key=value`` strings are parsed by the field's type (``layers=100,100``,
+  ``nesterov=true``, ``learning_rate=0.05``).
 
-Adding a family (HRNN, user-based GRU, Tan, Villatel, ...) = one more dataclass
-subclassing :class:`CommonConfig` and an entry in ``training.registry``.
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and
+where it came from. No ``eval``/``exec``. The resolved dict is written beside every
+checkpoint (``config.json``) so MLflow and the evaluator see exactly what ran.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from spark_jobs.contract import parse_key_values
 
 
 @dataclass
 class CommonConfig:
-    """Fields every trainable family shares."""
+    """Fields every family shares."""
 
-    model: str = "gru4rec"
-    #: which SPLIT_DIR table to train on: train_full (final runs), train (tuning), train_recent_<k>
+    model: str = ""
+    #: which SPLIT_DIR table to train on: train_full (final runs), train (selection against
+    #: valid), train_recent_<k> (Tan et al.'s recent-fraction fine-tuning)
     train_table: str = "train_full"
     n_epochs: int = 10
     batch_size: int = 32
@@ -38,135 +46,128 @@ class CommonConfig:
     num_threads: int = 0
     #: session order in an epoch: "time" (by first event, the official default) or "random"
     session_order: str = "time"
-    #: bf16 autocast on CUDA for the evaluation pass only (training stays fp32 for accuracy)
+    #: bf16 autocast on CUDA for the evaluation pass only
     eval_mixed_precision: bool = False
 
 
 @dataclass
-class GRU4RecConfig(CommonConfig):
-    """GRU4Rec (Hidasi et al. 2016 + the later official versions).
+class TrainConfig(CommonConfig):
+    """Fields of the one trainer (``training.trainer``) for gradient-trained families."""
 
-    Defaults = the official best RSC15 setting (``rsc15_xe_shared_100_best``).
-    """
-
-    model: str = "gru4rec"
-    layers: list[int] = field(default_factory=lambda: [100])
-    #: "tied" (constrained: input embedding = output weights), "separate" (own table of
-    #: size ``embedding_dim``) or "onehot" (1-of-N input straight into the first GRU layer)
-    embedding: str = "tied"
-    embedding_dim: int = 0
-    #: top1 | bpr | top1-max | bpr-max | cross-entropy
-    loss: str = "cross-entropy"
-    #: linear | tanh | relu | elu-<alpha> | leaky-<slope> | softmax (cross-entropy only)
-    final_act: str = "softmax"
-    bpreg: float = 0.0
-    logq: float = 1.0
-    #: drop probabilities (not keep probabilities)
-    dropout_embed: float = 0.0
-    dropout_hidden: float = 0.4
-    #: adagrad (with optional momentum, touched-rows-only for item tables) or adam
-    optimizer: str = "adagrad"
-    learning_rate: float = 0.2
-    momentum: float = 0.2
-    #: Nesterov look-ahead on top of the momentum; the official code uses plain (heavy-ball) momentum
+    #: adagrad (row-sparse for item tables, optional (Nesterov) momentum) | adam
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    momentum: float = 0.0
     nesterov: bool = False
     adagrad_eps: float = 1e-6
-    n_sample: int = 2048
-    sample_alpha: float = 0.5
-    #: rows of negative samples generated at once (official: 10M ids / n_sample)
-    sample_store_size: int = 10_000_000
-    #: fused C kernels for the CPU training step (training/kernels.c, built on first use with
-    #: gcc); false, or no compiler, = the pure-torch step (same mathematics, ~3x slower)
-    native_kernels: bool = True
-
-
-@dataclass
-class PopConfig(CommonConfig):
-    """POP: always recommend the most popular training items (no parameters to learn)."""
-
-    model: str = "pop"
-    n_epochs: int = 0
-
-
-CONFIG_CLASSES: dict[str, type] = {"gru4rec": GRU4RecConfig, "pop": PopConfig}
+    adam_eps: float = 1e-8
+    #: L2 on every parameter (families may give groups their own, e.g. user parameters only)
+    weight_decay: float = 0.0
+    #: clip the global gradient norm to this value (0 = off; Donkers et al. use 5.0)
+    grad_clip: float = 0.0
+    #: constant | polynomial (TF polynomial_decay: learning_rate -> lr_end over lr_decay_steps
+    #: optimizer steps with power lr_power; Villatel et al.: 0.01 -> 0.001, 50k steps, 0.5)
+    lr_schedule: str = "constant"
+    lr_decay_steps: int = 0
+    lr_end: float = 0.0
+    lr_power: float = 1.0
+    #: bf16 autocast for training on CUDA (ignored on CPU)
+    amp: bool = False
+    #: early stopping: stop after this many epochs without improvement of early_stop_metric
+    #: on early_stop_table (0 = off). That table must share no session with train_table
+    #: (``valid`` lies inside ``train_full``: use ``train_table=train``).
+    early_stop_patience: int = 0
+    early_stop_metric: str = "mrr_at_20"
+    early_stop_table: str = "valid"
+    #: how a step is computed: "torch" (autograd, the reference), "compiled" (torch.compile
+    #: of the autograd loss); families with a fast path add their own values and "auto"
+    train_path: str = "torch"
 
 
 class ConfigError(ValueError):
-    """A config file or --set override that cannot be applied (names the key and reason)."""
+    """A config file or override that cannot be applied (names the key and reason)."""
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is list:
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _from_string(name: str, tp: Any, value: str, source: str) -> Any:
+    """Parse a ``--set`` string by the field's type."""
+    if typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
-        if isinstance(value, str):
-            parts = [p for p in value.replace("/", ",").strip("[]").split(",") if p.strip()]
-            value = parts
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {name!r}: expected a list, got {value!r}")
-        return [_coerce(name, inner, v) for v in value]
+        parts = [p.strip() for p in value.replace("/", ",").strip("[]").split(",") if p.strip()]
+        return [_from_string(name, inner, p, source) for p in parts]
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        s = str(value).strip().lower()
+        s = value.strip().lower()
         if s in ("1", "true", "yes", "on"):
             return True
         if s in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"config key {name!r}: {value!r} is not a boolean")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key {name!r}: expected int, got bool")
+    elif tp is int:
         try:
             f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key {name!r}: {value!r} is not an int") from None
-        if f != int(f):
-            raise ConfigError(f"config key {name!r}: {value!r} is not an int")
-        return int(f)
-    if tp is float:
+            if f == int(f):
+                return int(f)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    elif tp is float:
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key {name!r}: {value!r} is not a number") from None
-    if tp is str:
-        return str(value)
-    raise ConfigError(f"config key {name!r}: unsupported type {tp}")
+        except ValueError:
+            pass
+    elif tp is str:
+        return value
+    article = "an" if _type_name(tp)[0] in "aeiou" else "a"
+    raise ConfigError(f"{source}: config key {name!r}: {value!r} is not {article} {_type_name(tp)}")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def _typed(name: str, tp: Any, value: Any, source: str) -> Any:
+    """Check a typed value (from JSON / YAML / a DAG Param) against the field's type."""
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: config key {name!r}: expected a list of {_type_name(inner)}, "
+                              f"got {value!r}")
+        return [_typed(name, inner, v, source) for v in value]
+    ok = (isinstance(value, bool) if tp is bool else
+          isinstance(value, int) and not isinstance(value, bool) if tp is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
+          isinstance(value, str) if tp is str else False)
+    if not ok:
+        raise ConfigError(f"{source}: config key {name!r}: expected {_type_name(tp)}, got "
+                          f"{type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any], source: str) -> Any:
-    """Return a copy of ``cfg`` with ``overrides`` applied; unknown keys are errors."""
-    types = _field_types(type(cfg))
+def apply_overrides(cfg: Any, overrides: dict[str, Any], source: str, *, strings: bool = False) -> Any:
+    """A copy of ``cfg`` with ``overrides`` applied (typed values, or ``--set`` strings when
+    ``strings``); unknown keys and wrongly typed values raise :class:`ConfigError`."""
+    types = field_types(type(cfg))
     updates = {}
     for k, v in overrides.items():
+        if k == "model":
+            if v != cfg.model:
+                raise ConfigError(f"{source}: model {v!r} does not match {cfg.model!r}")
+            continue
         if k not in types:
-            raise ConfigError(
-                f"{source}: unknown config key {k!r} for {type(cfg).__name__}; "
-                f"known keys: {', '.join(sorted(types))}"
-            )
-        updates[k] = _coerce(k, types[k], v)
+            raise ConfigError(f"{source}: unknown config key {k!r} for {type(cfg).__name__}; "
+                              f"known keys: {', '.join(sorted(types))}")
+        updates[k] = _from_string(k, types[k], v, source) if strings and isinstance(v, str) else \
+            _typed(k, types[k], v, source)
     return dataclasses.replace(cfg, **updates)
-
-
-def parse_set(items: list[str]) -> dict[str, str]:
-    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}`` (values typed later by the dataclass)."""
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ConfigError(f"--set {it!r}: expected key=value")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a flat YAML or JSON mapping (by suffix)."""
     p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
     text = p.read_text()
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -184,25 +185,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_config(
-    model: str,
-    base: dict[str, Any] | None = None,
-    config_file: str | Path | None = None,
-    sets: list[str] | None = None,
-) -> Any:
-    """Build the resolved config: defaults <- base (e.g. init-from) <- file <- --set."""
-    if model not in CONFIG_CLASSES:
-        raise ConfigError(f"unknown model {model!r}; known: {', '.join(sorted(CONFIG_CLASSES))}")
-    cfg = CONFIG_CLASSES[model]()
+def resolve_config(model: str, base: dict[str, Any] | None = None, config_file: str | Path | None = None,
+                   sets: list[str] | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """defaults <- base (a saved config, e.g. --init-from) <- file <- overrides <- --set."""
+    from training import registry
+
+    try:
+        cls = registry.config_class(model)
+    except registry.UnknownFamily as e:
+        raise ConfigError(str(e)) from None
+    cfg = cls()
     if base:
-        cfg = apply_overrides(cfg, {k: v for k, v in base.items() if k != "model"}, "checkpoint config")
+        cfg = config_from_dict(dict(base, model=model), "checkpoint config")
     if config_file:
-        data = read_config_file(config_file)
-        if "model" in data and data["model"] != model:
-            raise ConfigError(f"{config_file}: model {data['model']!r} does not match --model {model!r}")
-        cfg = apply_overrides(cfg, {k: v for k, v in data.items() if k != "model"}, str(config_file))
+        cfg = apply_overrides(cfg, read_config_file(config_file), str(config_file))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "overrides")
     if sets:
-        cfg = apply_overrides(cfg, parse_set(sets), "--set")
+        try:
+            kv = parse_key_values(sets, "--set")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        cfg = apply_overrides(cfg, kv, "--set", strings=True)
     return cfg
 
 
@@ -210,9 +214,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(d: dict[str, Any]) -> Any:
-    """Rebuild a config saved with :func:`config_to_dict` (checkpoint / config.json)."""
+def config_from_dict(d: dict[str, Any], source: str = "saved config") -> Any:
+    """Rebuild a config saved with :func:`config_to_dict` (checkpoint / config.json). Keys a
+    family has retired (``Config.RETIRED_KEYS``) are dropped."""
+    from training import registry
+
     model = d.get("model")
-    if model not in CONFIG_CLASSES:
-        raise ConfigError(f"saved config names unknown model {model!r}")
-    return apply_overrides(CONFIG_CLASSES[model](), {k: v for k, v in d.items() if k != "model"}, "saved config")
+    try:
+        cls = registry.config_class(model)
+    except registry.UnknownFamily as e:
+        raise ConfigError(f"{source}: {e}") from None
+    retired = getattr(cls, "RETIRED_KEYS", ())
+    return apply_overrides(cls(), {k: v for k, v in d.items() if k not in retired}, source)

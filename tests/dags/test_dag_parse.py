@@ -77,12 +77,27 @@ def test_resolve_keys_outputs_by_interval_and_builds_per_family_overrides(tmp_pa
                    overrides={"gru4rec": {"layers": [64, 32], "batch_size": 16}})
     assert cfg["root"] == str(tmp_path / "pipeline" / "synthetic" / "20140407T000000Z_20140408T000000Z")
     assert cfg["interval_end"] == "2014-04-08T00:00:00+00:00"
-    assert "layers=64,32" in cfg["sets"]["gru4rec"] and "n_epochs=2" in cfg["sets"]["gru4rec"]
-    assert not any(s.startswith("n_epochs") for s in cfg["sets"]["pop"])  # POP has nothing to train
+    # typed values all the way (no "key=value" strings): what the training step receives
+    assert cfg["overrides"]["gru4rec"] == {"layers": [64, 32], "batch_size": 16, "n_epochs": 2,
+                                           "device": "auto", "train_table": "train_full"}
+    assert "n_epochs" not in cfg["overrides"]["pop"]  # POP has nothing to train
     from training.config import resolve_config
 
-    c = resolve_config("gru4rec", None, None, cfg["sets"]["gru4rec"])
+    c = resolve_config("gru4rec", overrides=cfg["overrides"]["gru4rec"])
     assert c.layers == [64, 32] and c.batch_size == 16 and c.n_epochs == 2
+
+
+def test_dag_params_and_step_defaults_come_from_one_source():
+    """The DAG's Params are built from pipeline_steps.PARAM_SPECS: change a default there and
+    both the DAG and resolve() see it."""
+    from dags import pipeline_steps as s
+    from dags.session_rec_pipeline import _params
+
+    ps = _params()
+    assert set(ps) == set(s.PARAM_SPECS) == set(s.DEFAULT_PARAMS)
+    for k, p in ps.items():
+        assert p.value == s.DEFAULT_PARAMS[k], k
+    assert s.DEVICES == ("auto", "cpu", "cuda")
 
 
 @pytest.mark.parametrize("params, needle", [
@@ -93,6 +108,8 @@ def test_resolve_keys_outputs_by_interval_and_builds_per_family_overrides(tmp_pa
     ({"dataset": "a b"}, "param 'dataset'"),
     ({"overrides": {"gru4rec": {"no_such_key": 1}}}, "no_such_key"),
     ({"overrides": {"gru4rec": {"batch_size": "many"}}}, "batch_size"),
+    ({"overrides": {"gru4rec": {"batch_size": "32"}}}, "expected int, got str"),  # typed: no string round trip
+    ({"overrides": {"gru4rec": {"layers": 100}}}, "expected a list of int"),
     ({"overrides": {"hrnn": {"x": 1}}}, "not in 'families'"),
     ({"input": ["/definitely/not/here/*.csv"], "format": "csv"}, "path(s) not found"),
     ({"format": "xml", "input": ["/"]}, "param 'format'"),
@@ -110,7 +127,7 @@ def test_clear_errors_turns_domain_errors_into_a_fail_without_retry():
     from airflow.sdk.exceptions import AirflowFailException
 
     from dags.pipeline_steps import clear_errors
-    from training.families import NonFiniteLoss
+    from training.trainer import NonFiniteLoss
 
     with pytest.raises(AirflowFailException) as e:
         with clear_errors():

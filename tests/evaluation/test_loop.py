@@ -9,11 +9,11 @@ import torch
 from evaluation.evaluate import evaluate
 from evaluation.loop import evaluate_sessions
 from evaluation.metrics import ranks
-from evaluation.scorer import GRU4RecScorer, PopScorer, Scorer
+from training.baselines.pop import PopScorer
 from tests.training.toy import events_table, toy_split, write_split
-from training.config import GRU4RecConfig
 from training.data import SessionData, read_events, read_item_index
-from training.gru4rec import GRU4RecModel
+from training.families.gru4rec import GRU4RecConfig, GRU4RecModel
+from training.scoring import RNNScorer, Scorer
 from training.train import train
 
 
@@ -32,7 +32,7 @@ def test_parallel_evaluation_equals_each_session_alone():
     data = SessionData(items=items, offsets=off, session_ids=np.arange(5) + 50,
                        start_ts=np.arange(5), user_ids=None)
     m = _model()
-    sc = GRU4RecScorer(m, torch.device("cpu"))
+    sc = RNNScorer(m, torch.device("cpu"))
     res = evaluate_sessions(sc, data, n_slots=2)
     assert res.n_events == sum(L - 1 for L in lengths)
     for k in range(res.n_events):
@@ -41,7 +41,7 @@ def test_parallel_evaluation_equals_each_session_alone():
         st = m.init_state(1)
         with torch.no_grad():
             for j in range(p + 1):
-                out, st = m.forward_step(torch.tensor([seq[j]]), st)
+                out, st = m(torch.tensor([seq[j]]), st)
             sc_alone = m.all_scores(out)
         r_alone = ranks(sc_alone, torch.tensor([seq[p + 1]])).item()
         assert res.target[k] == seq[p + 1]

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from training.batching import SampleStore, alias_tables, session_parallel_schedule
-from training.config import GRU4RecConfig
 from training.data import ItemIndex, SessionData
-from training.families import GRU4RecFamily
+from training.families.gru4rec import GRU4RecConfig, GRU4RecFamily
+from training.family import TrainContext
+from training.trainer import make_runner
 
 
 def sessions(lengths):
@@ -48,16 +49,18 @@ def _family(lengths, B, p_hidden=0.0):
     data = SessionData(items=items, offsets=off, session_ids=np.arange(len(lengths)),
                        start_ts=np.arange(len(lengths)), user_ids=None)
     idx = ItemIndex(np.arange(n_items) + 100, np.ones(n_items, np.int64))
-    cfg = GRU4RecConfig(batch_size=B, layers=[4], n_sample=3, dropout_hidden=p_hidden, n_epochs=1)
-    fam = GRU4RecFamily(cfg, idx, data, np.ones(n_items, np.int64), torch.device("cpu"))
-    fam.init_weights(0)
-    return fam
+    cfg = GRU4RecConfig(batch_size=B, layers=[4], n_sample=3, dropout_hidden=p_hidden, n_epochs=1,
+                        train_path="native")
+    fam = GRU4RecFamily(cfg, TrainContext(idx, data, np.ones(n_items, np.int64), torch.device("cpu")))
+    fam.init_weights(torch.Generator().manual_seed(0))
+    return make_runner(fam, cfg, torch.device("cpu"))
 
 
 def test_two_slot_training_resets_only_the_new_sessions_slot():
     """Capture the state each training step receives: zero exactly in the slot whose session
     just started (checklist 1: right rows, not one step late), non-zero elsewhere."""
     fam = _family([3, 2, 4, 2], B=2)
+    assert fam.path == "native"
     seen = []
     real = fam.step.__call__
 

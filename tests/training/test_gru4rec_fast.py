@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import GRU4RecConfig
-from training.gru4rec import FastStep, GRU4RecModel
+from training.families.gru4rec import GRU4RecConfig, GRU4RecModel
+from training.native.fast_step import FastStep
 from training.losses import sampled_loss
 
 N_ITEMS, B, NS = 15, 4, 6
@@ -21,8 +21,7 @@ def make(loss, embedding, layers, optimizer="adagrad", momentum=0.3, logq=0.0, n
     act = {"cross-entropy": "softmax", "bpr-max": "elu-0.5", "top1": "tanh"}.get(loss, "linear")
     cfg = GRU4RecConfig(layers=layers, embedding=embedding, embedding_dim=5, loss=loss, final_act=act,
                         bpreg=1.0, logq=logq, batch_size=B, n_sample=NS, learning_rate=0.1,
-                        momentum=momentum, optimizer=optimizer, dropout_hidden=0.0,
-                        native_kernels=native)
+                        momentum=momentum, optimizer=optimizer, dropout_hidden=0.0)
     m = GRU4RecModel(N_ITEMS, cfg)
     m.reset_parameters(torch.Generator().manual_seed(3))
     return cfg, m
@@ -37,7 +36,7 @@ def reference_steps(cfg, model, batches, support):
     logp = torch.log(torch.tensor(np.maximum(support, 1), dtype=torch.float32))
     state = model.init_state(B)
     for x, y, masks in batches:
-        out, state = model.forward_step(x, state, masks)
+        out, state = model(x, state, masks)
         R = model.sampled_scores(out, y)
         cols = None
         if cfg.loss == "cross-entropy" and cfg.logq > 0:
@@ -92,7 +91,7 @@ def test_fast_step_matches_autograd_and_official_optimizer(loss, embedding, laye
     support = np.arange(1, N_ITEMS + 1) * 3
     ref, ref_state = reference_steps(cfg, model, batches, support)
     fast_model = copy.deepcopy(model)
-    step = FastStep(fast_model, cfg, support, torch.device("cpu"))
+    step = FastStep(fast_model, cfg, support, torch.device("cpu"), native=native)
     state = fast_model.init_state(B)
     for x, y, masks in batches:
         loss_val = step(x, y, state, masks)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from training import native
-from training.config import GRU4RecConfig
-from training.gru4rec import FastStep, GRU4RecModel
+from training.families.gru4rec import GRU4RecConfig, GRU4RecModel
+from training.native.fast_step import FastStep
 
 ROOT = Path(__file__).resolve().parents[2]
 lib = native.load()
@@ -83,9 +83,8 @@ def test_kernels_step_equals_torch_step_at_realistic_size(nesterov, M, threads):
     models, losses = {}, {}
     for use in (True, False):
         c = copy.deepcopy(cfg)
-        c.native_kernels = use
         m = copy.deepcopy(m0)
-        step = FastStep(m, c, support, torch.device("cpu"))
+        step = FastStep(m, c, support, torch.device("cpu"), native=use)
         assert (step.native is not None) == use and (step._mm is not None) == (use and lib.has_blas)
         state = m.init_state(M)
         ls, snaps = [], []
@@ -184,7 +183,7 @@ def test_build_is_cached_and_atomic(tmp_path):
 
 
 def test_auto_threads_never_oversubscribe():
-    from training.train import pick_threads
+    from training.device import pick_threads
     assert pick_threads(3, cpus=2, load=9.0) == 3  # explicit wins
     assert pick_threads(0, cpus=2, load=0.2) == 2  # quiet machine: all cores
     assert pick_threads(0, cpus=2, load=1.0) == 1  # one core busy
@@ -300,7 +299,8 @@ def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypa
     differences only grow slowly (training on this tiny table is chaotic: after ~100 steps they
     reach 1e-3 in the weights, so later steps are compared loosely)."""
     from training.data import ItemIndex, SessionData
-    from training.families import GRU4RecFamily
+    from training.families import gru4rec
+    from training.family import TrainContext
     rng = np.random.default_rng(3)
     lengths = rng.integers(2, 12, size=300)
     off = np.r_[0, np.cumsum(lengths)].astype(np.int64)
@@ -310,12 +310,14 @@ def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypa
     idx = ItemIndex(np.arange(n_items) + 100, np.ones(n_items, np.int64))
     support = np.bincount(items, minlength=n_items)
     cfg = GRU4RecConfig(batch_size=16, layers=[24], n_sample=40, dropout_embed=0.1)
-    monkeypatch.setattr(GRU4RecFamily, "CHECK_EVERY", 5)
+    monkeypatch.setattr(gru4rec, "CHUNK", 5)
     res = {}
     for chunk in (True, False):
-        fam = GRU4RecFamily(cfg, idx, data, support, torch.device("cpu"))
-        fam.init_weights(7)
-        step, seen, n_chunks = fam.step, [], [0]
+        fam = gru4rec.GRU4RecFamily(cfg, TrainContext(idx, data, support, torch.device("cpu")))
+        fam.init_weights(torch.Generator().manual_seed(7))
+        runner = fam.runner()
+        assert runner.path == "chunk"
+        step, seen, n_chunks = runner.step, [], [0]
         if chunk:
             real_chunk = step.run_chunk
 
@@ -337,8 +339,8 @@ def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypa
                 loss = real_call(x, y, state, masks)
                 seen.append(float(loss))
                 return loss
-        fam.step = Spy()
-        st = fam.run_epoch(0)
+        runner.step = Spy()
+        st = runner.run_epoch(0)
         res[chunk] = (st, seen, n_chunks[0], step.optimizer_state())
     (sa, la, na, oa), (sb, lb, nb, ob) = res[True], res[False]
     assert na >= 6 and nb == 0 and sa["steps"] == sb["steps"] > 60 and sa["events"] == sb["events"]

@@ -6,10 +6,10 @@ import torch
 
 from tests.training.toy import toy_split
 from training import checkpoint as ck
-from training.config import ConfigError, GRU4RecConfig, resolve_config
-from training.families import GRU4RecFamily, NonFiniteLoss
-from training.gru4rec import GRU4RecModel
+from training.config import ConfigError, resolve_config
+from training.families.gru4rec import GRU4RecConfig, GRU4RecModel, dropout_masks
 from training.train import main, train
+from training.trainer import NonFiniteLoss
 
 SMALL = ["n_sample=16", "batch_size=8", "layers=16", "num_threads=1"]
 
@@ -99,17 +99,14 @@ def test_config_file_and_set_overrides(tmp_path):
 def test_dropout_probabilities_are_drop_not_keep_and_separate():
     """Checklist 4: dropout_hidden=0.4 drops ~40%; embedding dropout is separate (0 -> no mask)."""
     cfg = GRU4RecConfig(batch_size=64, layers=[50], dropout_hidden=0.4, dropout_embed=0.0)
-    fam = GRU4RecFamily.__new__(GRU4RecFamily)
-    fam.cfg, fam.device = cfg, torch.device("cpu")
-    fam.model = GRU4RecModel(10, cfg)
-    emb, hid = fam._masks(100, 64, torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    emb, hid = dropout_masks(cfg, GRU4RecModel(10, cfg), 100, 64, torch.Generator().manual_seed(0), cpu)
     assert emb is None
     dropped = (hid[0] == 0).float().mean().item()
     assert 0.38 < dropped < 0.42
     assert hid[0].max().item() == pytest.approx(1 / 0.6)
     cfg2 = GRU4RecConfig(batch_size=64, layers=[50], dropout_hidden=0.0, dropout_embed=0.25)
-    fam.cfg, fam.model = cfg2, GRU4RecModel(10, cfg2)
-    emb, hid = fam._masks(100, 64, torch.Generator().manual_seed(0))
+    emb, hid = dropout_masks(cfg2, GRU4RecModel(10, cfg2), 100, 64, torch.Generator().manual_seed(0), cpu)
     assert hid[0] is None and 0.23 < (emb == 0).float().mean().item() < 0.27
 
 

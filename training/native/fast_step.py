@@ -1,173 +1,40 @@
-"""GRU4Rec model (Hidasi et al. 2016 + later official versions) and its fast training step.
+"""GRU4Rec's optional fast CPU training path: forward + hand-written backward + optimizer
+update for one session-parallel mini-batch (no autograd), and the epoch runner around it.
 
-Two paths over the same parameters:
+The reference is the autograd ``GRU4RecModel.forward`` (training/families/gru4rec.py);
+these paths are tested equal to it (tests/training/test_gru4rec_fast.py,
+tests/training/test_native_kernels.py). Chosen once, at construction, by the family's
+``train_path`` (``chunk`` | ``native`` | ``manual``; see ``training.families.gru4rec``):
 
-* :meth:`GRU4RecModel.forward_step` / :meth:`GRU4RecModel.sampled_scores`: plain
-  autograd, used by evaluation (full ranking) and as the reference the fast path
-  is tested against (tests/training/test_gru4rec_grad.py).
-* :class:`FastStep`: forward + hand-written backward + Adagrad(+momentum) /
-  Adam update for one session-parallel mini-batch, without autograd. On 2 CPU
-  cores autograd's per-op bookkeeping cost more than the arithmetic at batch 32
-  (see benchmarks/README_gru4rec.md), hence the manual backward.
+* ``native``: :class:`FastStep` with the C kernels (training/native/kernels.c) per step;
+* ``chunk``: the full-batch steps of each 256-step chunk in ONE C call (``rnn_train_chunk``),
+  tail steps per step as in ``native``;
+* ``manual``: :class:`FastStep` in torch ops only (no C; the earlier CUDA path).
 
-Cell (every layer, PyTorch GRUCell convention, gates ordered r, z, n)::
-
-    r = σ(W_ir x + b_ir + W_hr h + b_hr)     z = σ(W_iz x + b_iz + W_hz h + b_hz)
-    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))     h' = (1 − z) ⊙ n + z ⊙ h
-
-The three gates are one ``[3H, in]`` matmul for the input and one ``[3H, H]`` for
-the state. As in the official code the hidden dropout mask is applied to the
-layer output *and that dropped-out output is the state carried to the next
-step*; each step is its own update (no BPTT: the state is a constant).
-Embedding modes: "tied" (input embedding = output weights ``Wy``, the official
-"constrained embedding"), "separate" (table ``E``), "onehot" (1-of-N input: the
-first layer's input weights are a per-item table ``Wx0`` [n_items, 3H]).
+On 2 CPU cores autograd's per-op bookkeeping costs more than the arithmetic at batch 32
+(benchmarks/README_gru4rec.md), hence the hand-written backward. Every raw pointer handed
+to C is checked first (:func:`training.native.check_tensor`): a wrong shape, dtype, device
+or layout raises instead of crashing.
 """
 from __future__ import annotations
 
 import ctypes
-import math
 import os
+import time
 
 import numpy as np
 import torch
-from torch import nn
 
-from training.config import GRU4RecConfig
-from training.losses import check_loss_config, parse_activation, sampled_loss
-
-
-def glorot_(t: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator) -> None:
-    """Glorot-uniform in place: U(-s, s), s = sqrt(6 / (fan_in + fan_out))."""
-    s = math.sqrt(6.0 / (fan_in + fan_out))
-    with torch.no_grad():
-        t.copy_(torch.rand(t.shape, generator=gen) * 2 * s - s)
-
-
-class GRU4RecModel(nn.Module):
-    def __init__(self, n_items: int, cfg: GRU4RecConfig):
-        super().__init__()
-        if not cfg.layers or any(h <= 0 for h in cfg.layers):
-            raise ValueError(f"layers must be positive sizes, got {cfg.layers}")
-        if cfg.embedding not in ("tied", "separate", "onehot"):
-            raise ValueError(f"embedding must be tied|separate|onehot, got {cfg.embedding!r}")
-        if cfg.embedding == "separate" and cfg.embedding_dim <= 0:
-            raise ValueError("embedding=separate needs embedding_dim > 0")
-        check_loss_config(cfg.loss, cfg.final_act)
-        self.n_items = n_items
-        self.layers = list(cfg.layers)
-        self.embedding = cfg.embedding
-        H = self.layers
-        if cfg.embedding == "tied":
-            n_in = H[-1]
-        elif cfg.embedding == "separate":
-            n_in = cfg.embedding_dim
-            self.E = nn.Parameter(torch.empty(n_items, n_in))
-        else:
-            n_in = None
-            self.Wx0 = nn.Parameter(torch.empty(n_items, 3 * H[0]))
-        self.W_ih = nn.ParameterList()
-        self.W_hh = nn.ParameterList()
-        self.b_ih = nn.ParameterList()
-        self.b_hh = nn.ParameterList()
-        for i, h in enumerate(H):
-            if i == 0 and n_in is None:
-                self.W_ih.append(nn.Parameter(torch.empty(0)))  # placeholder: input is Wx0 rows
-            else:
-                self.W_ih.append(nn.Parameter(torch.empty(3 * h, n_in if i == 0 else H[i - 1])))
-            self.W_hh.append(nn.Parameter(torch.empty(3 * h, h)))
-            self.b_ih.append(nn.Parameter(torch.zeros(3 * h)))
-            self.b_hh.append(nn.Parameter(torch.zeros(3 * h)))
-        self.Wy = nn.Parameter(torch.empty(n_items, H[-1]))
-        self.By = nn.Parameter(torch.zeros(n_items))
-
-    def reset_parameters(self, gen: torch.Generator) -> None:
-        """Glorot-uniform per gate block (fan = in + out of one gate), zero biases."""
-        H = self.layers
-        if self.embedding == "separate":
-            glorot_(self.E, self.n_items, self.E.shape[1], gen)
-        if self.embedding == "onehot":
-            for g in range(3):
-                glorot_(self.Wx0.data[:, g * H[0]:(g + 1) * H[0]], self.n_items, H[0], gen)
-        for i, h in enumerate(H):
-            W = self.W_ih[i]
-            if W.numel():
-                for g in range(3):
-                    glorot_(W.data[g * h:(g + 1) * h], W.shape[1], h, gen)
-            for g in range(3):
-                glorot_(self.W_hh[i].data[g * h:(g + 1) * h], h, h, gen)
-            self.b_ih[i].data.zero_()
-            self.b_hh[i].data.zero_()
-        glorot_(self.Wy, self.n_items, H[-1], gen)
-        self.By.data.zero_()
-
-    # ---- autograd path (evaluation, reference) -------------------------------------------
-    def init_state(self, n: int, device=None) -> list[torch.Tensor]:
-        return [torch.zeros(n, h, device=device or self.Wy.device) for h in self.layers]
-
-    def input_vectors(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.embedding == "tied":
-            return self.Wy[x]
-        if self.embedding == "separate":
-            return self.E[x]
-        return None
-
-    @staticmethod
-    def cell(gi: torch.Tensor, h: torch.Tensor, W_hh, b_hh) -> torch.Tensor:
-        H = h.shape[1]
-        gh = torch.addmm(b_hh, h, W_hh.t())
-        rz = torch.sigmoid(gi[:, :2 * H] + gh[:, :2 * H])
-        r, z = rz[:, :H], rz[:, H:]
-        n = torch.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
-        return n + z * (h - n)
-
-    def forward_step(self, x: torch.Tensor, state: list[torch.Tensor],
-                     masks: dict | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One event per row: returns (output of the last layer, new state).
-
-        ``masks`` (training only) = {"embed": [B, in] or None, "hidden": [per layer or None]},
-        already scaled by 1/(1-p).
-        """
-        masks = masks or {}
-        inp = self.input_vectors(x)
-        if inp is not None and masks.get("embed") is not None:
-            inp = inp * masks["embed"]
-        new = []
-        for i in range(len(self.layers)):
-            if i == 0 and inp is None:
-                gi = self.Wx0[x] + self.b_ih[0]
-            else:
-                gi = torch.addmm(self.b_ih[i], inp, self.W_ih[i].t())
-            h = self.cell(gi, state[i], self.W_hh[i], self.b_hh[i])
-            hm = (masks.get("hidden") or [None] * len(self.layers))[i]
-            if hm is not None:
-                h = h * hm
-            new.append(h)
-            inp = h
-        return inp, new
-
-    def sampled_scores(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.By[y], out, self.Wy[y].t())
-
-    def all_scores(self, out: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.By, out, self.Wy.t())
-
-
-def dropout_mask(shape, p: float, gen: torch.Generator, device) -> torch.Tensor | None:
-    """Inverted-dropout mask with DROP probability p (checklist item 4), or None if p == 0."""
-    if p <= 0:
-        return None
-    if p >= 1:
-        raise ValueError(f"dropout probability must be < 1, got {p}")
-    m = torch.rand(shape, generator=gen, device=device) >= p
-    return m.to(torch.float32).mul_(1.0 / (1.0 - p))
-
+from training.batching import SampleStore, session_parallel_schedule
+from training.losses import parse_activation, sampled_loss
 
 class FastStep:
     """Forward + manual backward + optimizer update for one mini-batch (no autograd)."""
 
-    def __init__(self, model: GRU4RecModel, cfg: GRU4RecConfig, train_support: np.ndarray,
-                 device: torch.device):
+    def __init__(self, model, cfg, train_support: np.ndarray, device: torch.device,
+                 native: bool = True, chunk: bool = True):
+        """``native``: use the C kernels (CPU only; falls back to torch ops when they cannot be
+        built); ``chunk``: also the whole-step C path where this configuration has it."""
         self.m = model
         self.cfg = cfg
         self.device = device
@@ -221,11 +88,11 @@ class FastStep:
         self._slot = None
         self._compact = None
         self._arange = torch.arange(self.B * 2 + cfg.n_sample, device=device)
-        # fused C kernels (training/kernels.c) on CPU; the torch ops below are the fallback
+        # fused C kernels (training/native/kernels.c) on CPU; the torch ops below are the fallback
         # and the reference the kernels are tested against (tests/training/test_native_kernels.py)
         self.native = None
         self._mm = None
-        if device.type == "cpu" and cfg.native_kernels:
+        if device.type == "cpu" and native:
             from training import native
             self.native = native.load()
         if self.native is not None:
@@ -242,8 +109,8 @@ class FastStep:
             self._nzq = torch.zeros(k)
             # the step's products through MKL's sgemm in C, independent ones on both cores at once
             self._mm = native.MatmulJobs(self.native) if getattr(self.native, "has_blas", False) else None
-        # whole steps in one C call (training/kernels.c rnn_train_chunk) where this setting has it
-        self.chunk = self._chunk_ctx()
+        # whole steps in one C call (training/native/kernels.c rnn_train_chunk) where this setting has it
+        self.chunk = self._chunk_ctx() if chunk else None
 
     # ---- the whole-step C path ---------------------------------------------------------
     def _chunk_ctx(self):
@@ -296,9 +163,22 @@ class FastStep:
         losses ``[n]`` gets each step's loss. Returns the number of steps run (fewer than n only
         when a step's scores were not finite: that step's loss is NaN and nothing was updated)."""
         from training import native
-        n = X.shape[0]
-        if X.shape != (n, self.B) or Y.shape != (n, self.B) or losses.shape != (n,):
-            raise ValueError("run_chunk: X, Y must be [n, batch_size] and losses [n]")
+        n, B, C = X.shape[0], self.B, native.check_tensor
+        # every address handed to C is checked first: a mistake raises here instead of crashing
+        C("X", X, torch.int64, (n, B))
+        C("Y", Y, torch.int64, (n, B))
+        C("losses", losses, torch.float32, (n,))
+        C("keep", keep, torch.float32, (n, B, 1) if keep.dim() == 3 else (n, B))
+        if self.cfg.n_sample > 0:
+            C("samples", samples, torch.int64, (n, self.cfg.n_sample))
+        if emb is not None:
+            C("emb", emb, torch.float32, (n, B, self.m.Wy.shape[1]))
+        if len(hid) != len(self.m.layers) or len(state) != len(self.m.layers):
+            raise ValueError(f"run_chunk: {len(self.m.layers)} layers, got {len(hid)} masks / {len(state)} states")
+        for i, H in enumerate(self.m.layers):
+            if hid[i] is not None:
+                C(f"hid[{i}]", hid[i], torch.float32, (n, B, H))
+            C(f"state[{i}]", state[i], torch.float32, (B, H))
         P = native.ptr
         hid_a = (ctypes.c_void_p * native.MAXL)(*[P(h) for h in hid])
         st_a = (ctypes.c_void_p * native.MAXL)(*[P(h) for h in state])
@@ -523,7 +403,7 @@ class FastStep:
         # CPU than the same along dim 1 (profiled, benchmarks/README_gru4rec.md)
         in_y = None
         if self.xe and self.native is not None:
-            # scores [U, M] by MKL, then the fused softmax (training/kernels.c rnn_xe_softmax):
+            # scores [U, M] by MKL, then the fused softmax (training/native/kernels.c rnn_xe_softmax):
             # the M + n_sample columns folded onto the unique rows, loss and dS in place
             U, C = uniq.shape[0], inv_y.shape[0]
             if self._nzq.shape[0] < C:
@@ -667,3 +547,95 @@ class FastStep:
                 if i == 0:
                     dx = dout * emb_mask if emb_mask is not None else dout
         return dx
+
+
+class FastRunner:
+    """The trainer's epoch runner for GRU4Rec's fast path (same interface as
+    ``training.trainer.AutogradRunner``): consumes the same chunk stream as the autograd
+    path (``training.families.gru4rec.epoch_chunks``) and runs each step through
+    :class:`FastStep`, or whole chunks of full-batch steps through one C call (``chunk``)."""
+
+    def __init__(self, model, cfg, ctx, path: str, strict: bool = False):
+        if path not in ("chunk", "native", "manual"):
+            raise ValueError(f"FastRunner: path must be chunk|native|manual, got {path!r}")
+        self.m, self.cfg, self.ctx = model, cfg, ctx
+        self.step = FastStep(model, cfg, ctx.support, ctx.device, native=path != "manual", chunk=path == "chunk")
+        if path == "chunk" and self.step.chunk is None:
+            if strict:
+                from training.config import ConfigError
+
+                raise ConfigError("train_path=chunk: this setting has no whole-step C path (it needs tied "
+                                  "embedding, cross-entropy, Adagrad, <= 8 layers, MKL, RNNREC_NATIVE_CHUNK!=0); "
+                                  "use train_path=native")
+            path = "native"
+        if path == "native" and self.step.native is None:
+            path = "manual"
+        self.path = path
+
+    def state_dict(self) -> dict:
+        return self.step.optimizer_state()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step.load_optimizer_state(d)
+
+    def run_epoch(self, epoch: int, progress=None) -> dict:
+        from training.families.gru4rec import epoch_chunks
+        from training.trainer import check_losses
+
+        c, B, dev = self.cfg, self.cfg.batch_size, self.ctx.device
+        state = self.m.init_state(B, dev)
+        losses, n_valid = [], []
+        t0 = time.perf_counter()
+        done_events = 0
+        n_steps = 0
+        for ch in epoch_chunks(c, self.m, self.ctx, epoch):
+            n = ch.c1 - ch.c0
+            L = torch.zeros(n, device=dev)
+            t_next = 0
+            if self.step.chunk is not None and B + c.n_sample >= 2:
+                # the full-batch steps of this chunk in one C call (the tail steps, where the
+                # batch shrinks, stay on the per-step path below)
+                full = ch.n_valid == B
+                k = int(np.argmin(full)) if not full.all() else n
+                if k > 0:
+                    done = self.step.run_chunk(
+                        ch.X[:k], ch.Y[:k], ch.samples[:k] if ch.samples is not None else None, ch.keep[:k],
+                        ch.emb[:k] if ch.emb is not None else None,
+                        [h[:k] if h is not None else None for h in ch.hid], state, L[:k])
+                    t_next = k if done == k else n  # stopped at a non-finite loss: report it
+            for k in range(t_next, n):
+                M = int(ch.n_valid[k])
+                emb = ch.emb[k] if ch.emb is not None else None
+                hid = [h[k] if h is not None else None for h in ch.hid]
+                if M == B:
+                    for h in state:
+                        h.mul_(ch.keep[k])
+                    x, yp, sub = ch.X[k], ch.Y[k], state
+                else:  # tail: sessions ran out, the batch shrinks to the active slots
+                    rows = torch.nonzero(ch.Y[k] >= 0).squeeze(1)
+                    sub = [h.index_select(0, rows).mul_(ch.keep[k][rows]) for h in state]
+                    x, yp = ch.X[k][rows], ch.Y[k][rows]
+                    emb = emb[rows] if emb is not None else None
+                    hid = [h[rows] if h is not None else None for h in hid]
+                y = torch.cat([yp, ch.samples[k]]) if ch.samples is not None else yp
+                if y.shape[0] < 2:  # a single row with no negatives cannot be ranked
+                    continue
+                L[k] = self.step(x, y, sub, {"embed": emb, "hidden": hid})
+                if M < B:
+                    for i, h in enumerate(state):
+                        h.index_copy_(0, rows, sub[i])
+            check_losses(L, epoch, ch.c0)  # one host sync per chunk
+            losses.append(L)
+            n_valid.append(ch.n_valid)
+            done_events += int(ch.n_valid.sum())
+            n_steps = ch.c1
+            if progress is not None:
+                progress(n, float(L.mean()), done_events / max(time.perf_counter() - t0, 1e-9))
+        secs = time.perf_counter() - t0
+        if not losses:
+            return {"epoch": epoch, "loss": float("nan"), "events": 0, "steps": 0, "seconds": secs,
+                    "events_per_s": 0.0}
+        L = torch.cat(losses)
+        nv = torch.from_numpy(np.concatenate(n_valid).astype(np.float32)).to(dev)
+        return {"epoch": epoch, "loss": float((L * nv).sum() / nv.sum()), "events": done_events,
+                "steps": n_steps, "seconds": secs, "events_per_s": done_events / max(secs, 1e-9)}

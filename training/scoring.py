@@ -1,8 +1,11 @@
-"""The one scorer interface every model and baseline exposes to evaluation.
+"""The one scorer interface every model and baseline exposes to evaluation and serving.
 
-The evaluation loop (``evaluation.loop``) walks test sessions session-parallel
-in ``n_slots`` slots, exactly like training, and talks to a model only through
-this interface::
+It sits below both ``training`` (each family builds its scorer) and ``evaluation``
+(the loop, metrics and serving only talk to this), so nothing in ``training``
+imports ``evaluation``.
+
+The evaluation loop walks test sessions in ``n_slots`` parallel slots and talks
+to a model only through::
 
     state = scorer.begin(n_slots)                   # all slots empty / zero
     state = scorer.end_session(state, slots)        # sessions in these slots just ended
@@ -19,10 +22,10 @@ tensor [n_slots]; ``users`` an int64 tensor [n_slots] (-1 = unknown/anonymous).
 Scores are "higher = more likely next"; the loop does the ranking (ties,
 cut-offs), so no model can get ranking wrong on its own.
 
-A model family plugs in by returning an object with these four methods from
-its loader (``training.registry.load_scorer``). Session-based models ignore
-``users``; HRNN keeps a user state and uses ``end_session``; POP / S-POP /
-kNN keep per-slot session item lists in ``state``.
+A family's scorer is built by ``training.registry.load_scorer(ckpt, device)``.
+Session-based models ignore ``users``; user-level models keep a user state and
+update it in ``end_session``; POP / S-POP / kNN keep per-slot session item lists
+in ``state``.
 """
 from __future__ import annotations
 
@@ -52,26 +55,10 @@ class SessionScorerBase:
         return state
 
 
-class PopScorer(SessionScorerBase):
-    """POP: the same scores (training support) at every step, whatever the session."""
-
-    def __init__(self, support: torch.Tensor, device: torch.device):
-        self.device = device
-        self.pop = support.to(device=device, dtype=torch.float32)
-        self.n_items = int(self.pop.shape[0])
-
-    def begin(self, n_slots: int):
-        return None
-
-    def start_session(self, state, slots, users):
-        return state
-
-    def step(self, state, items):
-        return self.pop.unsqueeze(0).expand(items.shape[0], -1), state
-
-
-class GRU4RecScorer(SessionScorerBase):
-    """GRU4Rec: per-slot hidden state, zeroed at every session start (checklist item 1)."""
+class RNNScorer(SessionScorerBase):
+    """Any session RNN whose state is a list of per-slot tensors, zeroed at every session
+    start (checklist item 1). ``model`` must provide ``init_state(n, device)``,
+    ``forward(items, state) -> (output, state)`` and ``all_scores(output)``."""
 
     def __init__(self, model, device: torch.device, mixed_precision: bool = False):
         self.model = model.to(device).eval()
@@ -93,6 +80,6 @@ class GRU4RecScorer(SessionScorerBase):
     @torch.no_grad()
     def step(self, state, items):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out, state = self.model.forward_step(items, state)
+            out, state = self.model(items, state)
             scores = self.model.all_scores(out)
         return scores.float(), [h.float() for h in state]

@@ -1,4 +1,4 @@
-"""Build and load the fused C kernels of the GRU4Rec training step (training/kernels.c).
+"""Build and load the fused C kernels of the GRU4Rec training step (training/native/kernels.c).
 
 The kernels are compiled on first use with the machine's C compiler (``$CC``, default
 ``gcc``; about a second) into a cache folder keyed by the source, the flags and the CPU,
@@ -186,3 +186,13 @@ def ptr(t: torch.Tensor | None):
     if not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError("the fused kernels need contiguous CPU tensors")
     return t.data_ptr()
+
+
+def check_tensor(name: str, t: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> None:
+    """Raise ValueError (naming the argument) unless ``t`` is a contiguous CPU tensor of this
+    dtype and shape: checked before its address is handed to C."""
+    if t is None:
+        raise ValueError(f"{name}: expected a {dtype} tensor of shape {tuple(shape)}, got None")
+    if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous CPU {dtype} tensor of shape {tuple(shape)}, got "
+                         f"{t.device.type} {t.dtype} {tuple(t.shape)}{'' if t.is_contiguous() else ' (strided)'}")

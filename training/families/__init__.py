@@ -1,0 +1,1 @@
+"""RNN model families (one module each; registered in training/registry.py)."""
