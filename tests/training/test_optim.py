@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.gru4rec import FastStep
+from training.native.fast_step import FastStep
 from training.optim import Adagrad, Adam, build_optimizer, clip_grad_norm, make_schedule
 
 D64 = torch.float64
