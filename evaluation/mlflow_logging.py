@@ -260,6 +260,8 @@ def log_training(run_id: str, run_dir: str | os.PathLike, *, name: str = "model"
             if k in ("train.data", "train.init_from"):
                 continue
             client.set_tag(run_id, f"{TAG}{k.replace('.', '_')}", v)
+        # the training path that actually ran (chunk | native | manual | torch | compiled | none)
+        client.set_tag(run_id, f"{TAG}train_path", str(hist.get("run", {}).get("train_path", "unknown")))
         for h in epochs:
             step = int(h["epoch"]) + 1
             mlflow.log_metrics({"train_loss": float(h["loss"]), "train_events_per_s": float(h["events_per_s"]),

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(a, k):
             ap.error(f"--{k} is required")
     if a.model not in registry.names():
-        ap.error(f"--model {a.model!r}: unknown model family; registered: {', '.join(registry.names())}")
+        ap.error(f"--model: unknown model family {a.model!r}; registered: {', '.join(registry.names())}")
     if a.resume and a.init_from:
         ap.error("--resume and --init-from are exclusive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

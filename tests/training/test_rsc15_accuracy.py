@@ -19,11 +19,16 @@ def rsc15_split(rsc15_out):
     return rsc15_out[0] / "splits" / "time"
 
 
-def test_gru4rec_official_best_setting_reaches_official_accuracy(rsc15_split, tmp_path):
+@pytest.mark.parametrize("path", ["chunk", "native", "torch"])
+def test_gru4rec_official_best_setting_reaches_official_accuracy(rsc15_split, tmp_path, path):
+    """Every training path: the whole-step C path (the default on CPU), the per-step C path and
+    the autograd reference (training/families/gru4rec.py) reach the bar on their own."""
     from evaluation.evaluate import evaluate
     from training.train import train
 
-    res = train("gru4rec", rsc15_split, tmp_path / "run", sets=["seed=1", "num_threads=1"], show_progress=False)
+    res = train("gru4rec", rsc15_split, tmp_path / "run", show_progress=False,
+                sets=["seed=1", "num_threads=1", f"train_path={path}"])
+    assert res["train_path"] == path
     cfg = res["config"]
     # the defaults ARE the official best setting: guard against silent drift
     assert (cfg["loss"], cfg["logq"], cfg["embedding"], cfg["layers"], cfg["batch_size"]) == \
