@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tests.training.toy import toy_split
+from tests.training.toy import events_table, random_sessions, toy_split, write_split
 from training import checkpoint as ck
 from training.config import ConfigError, resolve_config
 from training.families.gru4rec import GRU4RecConfig, GRU4RecModel, dropout_masks
@@ -110,15 +110,55 @@ def test_dropout_probabilities_are_drop_not_keep_and_separate():
     assert hid[0] is None and 0.23 < (emb == 0).float().mean().item() < 0.27
 
 
-def test_sizes_not_hard_coded_and_no_all_item_scores_in_training(split, tmp_path, monkeypatch):
-    """Checklist 5 + 2: odd sizes train; training never scores all items."""
-    def boom(*a, **k):
-        raise AssertionError("all-item scores computed during training")
-
-    monkeypatch.setattr(GRU4RecModel, "all_scores", boom)
+def test_sizes_not_hard_coded(split, tmp_path):
+    """Checklist 5: odd sizes and every embedding mode train (default path for each)."""
     for sets in (["layers=7/5", "batch_size=3", "n_sample=5", "embedding=separate", "embedding_dim=6"],
                  ["layers=9", "batch_size=5", "n_sample=0", "embedding=onehot", "loss=top1-max",
                   "final_act=linear", "session_order=random"]):
         res = train("gru4rec", split, tmp_path / sets[0].replace("/", "_"), show_progress=False,
                     sets=sets + ["n_epochs=1", "num_threads=1"])
         assert res["history"][0]["events"] > 0
+
+
+@pytest.mark.parametrize("path", ["torch", "native", "manual"])
+def test_no_all_item_scores_in_training(tmp_path, path, monkeypatch):
+    """Checklist 2: no training path ever computes a [batch, n_items] score matrix. Every
+    tensor torch produces (TorchFunctionMode sees the autograd path's and the hand-written
+    path's torch ops) and every product handed to MKL from Python (MatmulJobs, the C path) is
+    checked against the size of the full score matrix. Breaking it (e.g. scoring with
+    ``all_scores`` and slicing the sampled columns) fails here. The whole-chunk C path
+    (rnn_train_chunk) is not visible from Python; its scratch holds (2B + n_sample) x B scores
+    (kernels.c), and it is tested step-for-step equal to the per-step path."""
+    from torch.overrides import TorchFunctionMode
+
+    from training import native
+
+    n_items, B = 3000, 64
+    sessions = random_sessions(400, n_items, 7)
+    root = write_split(tmp_path / "big", {"train_full": events_table(sessions)})
+    full = B * n_items // 2  # the smallest full score matrix is [B, n_items]; params are [n_items, 4]
+    big = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and not t.is_sparse and t.numel() >= full:
+                    big.append((getattr(func, "__name__", str(func)), tuple(t.shape)))
+            return out
+
+    real_run = native.MatmulJobs.run
+
+    def run(self, jobs, split):
+        for j in jobs:
+            if j[2] * j[3] >= full:
+                big.append(("sgemm", (j[2], j[3])))
+        return real_run(self, jobs, split)
+
+    monkeypatch.setattr(native.MatmulJobs, "run", run)
+    with Watch():
+        res = train("gru4rec", root, tmp_path / "r", show_progress=False,
+                    sets=["layers=4", f"batch_size={B}", "n_sample=16", "n_epochs=1", "num_threads=1",
+                          f"train_path={path}"])
+    assert res["train_path"] == path and res["history"][0]["events"] > 1000
+    assert big == []
