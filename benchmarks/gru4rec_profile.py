@@ -4,7 +4,7 @@ Run: python -m benchmarks.gru4rec_profile SPLIT_DIR [--steps 600] [--set key=val
         [--threads N] [--profile | --kernels | --phases]
 Prints events/s for a few hundred steps (after a warm-up epoch) and, with --profile, the
 torch.profiler op table (torch ops only: the C kernels are invisible to it), with
---kernels, the CPU time per step spent in each fused C kernel (training/kernels.c), or, with
+--kernels, the CPU time per step spent in each fused C kernel (training/native/kernels.c), or, with
 --phases, the wall time per step of each phase of the whole-step C path (rnn_train_chunk;
 RNNREC_NATIVE_CHUNK=0 turns that path off, to profile the per-step path instead).
 """
@@ -17,7 +17,9 @@ import torch
 
 from training.config import resolve_config
 from training.data import read_events, read_item_index, table_support
-from training.families import GRU4RecFamily
+from training.families import gru4rec
+from training.family import TrainContext
+from training.trainer import make_runner
 
 
 def main(argv=None):
@@ -36,17 +38,19 @@ def main(argv=None):
     idx = read_item_index(a.data)
     data = read_events(a.data, cfg.train_table, idx)
     sup = table_support(data, idx.n_items)
-    fam = GRU4RecFamily(cfg, idx, data, sup, torch.device("cpu"))
-    fam.init_weights(cfg.seed)
-    GRU4RecFamily.CHECK_EVERY = a.steps
+    fam = gru4rec.GRU4RecFamily(cfg, TrainContext(idx, data, sup, torch.device("cpu")))
+    fam.init_weights(torch.Generator().manual_seed(cfg.seed))
+    gru4rec.CHUNK = a.steps
     # cut the epoch short by shrinking the data to ~steps*batch events
     import numpy as np
     keep = int(np.searchsorted(data.offsets, a.steps * cfg.batch_size * 1.4))
     data.offsets = data.offsets[: keep + 1]
     data.session_ids = data.session_ids[:keep]
     data.start_ts = data.start_ts[:keep]
+    fam = make_runner(fam, cfg, torch.device("cpu"))  # the epoch runner of cfg.train_path
+    print(f"train_path={fam.path}")
     fam.run_epoch(0)  # warm-up
-    if a.kernels and fam.step.native is not None:
+    if a.kernels and getattr(getattr(fam, "step", None), "native", None) is not None:
         import collections
         lib, spent, calls = fam.step.native, collections.Counter(), collections.Counter()
 
@@ -73,7 +77,7 @@ def main(argv=None):
               f"{(cpu - sum(spent.values())) / st['steps'] * 1e6:8.1f} us/step")
     elif a.phases:
         import ctypes
-        if fam.step.chunk is None:
+        if getattr(getattr(fam, "step", None), "chunk", None) is None:
             raise SystemExit("--phases: this configuration does not run the whole-step C path")
         lib = fam.step.native
         times = (ctypes.c_double * 8)()
@@ -98,7 +102,7 @@ def main(argv=None):
         cpu = time.process_time() - c0
         print(f"cpu_seconds={cpu:.2f} events_per_cpu_s={st['events'] / cpu:.0f}")
     from benchmarks.machine import cpu_label
-    print(f"machine: {cpu_label()}; whole-step C path: {fam.step.chunk is not None}")
+    print(f"machine: {cpu_label()}; train_path: {fam.path}")
     print(f"threads={torch.get_num_threads()} events={st['events']} steps={st['steps']} "
           f"sec={st['seconds']:.2f} events/s={st['events_per_s']:.0f}")
 

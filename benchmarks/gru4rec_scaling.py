@@ -14,7 +14,6 @@ shared), plus the machine's load average at the time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -23,10 +22,12 @@ import torch
 
 from benchmarks.machine import cpu_info
 from evaluation.loop import evaluate_sessions
-from evaluation.scorer import GRU4RecScorer
 from training.config import resolve_config
 from training.data import read_events, read_item_index, table_support
-from training.families import GRU4RecFamily
+from training.families.gru4rec import GRU4RecFamily
+from training.family import TrainContext
+from training.scoring import RNNScorer
+from training.trainer import make_runner
 
 
 def _truncate(data, n_events):
@@ -42,11 +43,13 @@ def measure(split, sets, n_events):
     cfg = resolve_config("gru4rec", None, None, sets)
     idx = read_item_index(split)
     data = _truncate(read_events(split, "train_full", idx), n_events)
-    fam = GRU4RecFamily(cfg, idx, data, table_support(data, idx.n_items), torch.device("cpu"))
-    fam.init_weights(cfg.seed)
-    fam.run_epoch(0)  # warm-up
+    fam = GRU4RecFamily(cfg, TrainContext(idx, data, table_support(data, idx.n_items), torch.device("cpu")))
+    fam.init_weights(torch.Generator().manual_seed(cfg.seed))
+    runner = make_runner(fam, cfg, torch.device("cpu"))
+    fam.path = runner.path
+    runner.run_epoch(0)  # warm-up
     c0, t0 = time.process_time(), time.perf_counter()
-    st = fam.run_epoch(1)
+    st = runner.run_epoch(1)
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     return fam, {"events": st["events"], "wall_s": wall, "events_per_s": st["events"] / wall,
                  "cpu_s": cpu, "events_per_cpu_s": st["events"] / cpu, "load1": os.getloadavg()[0]}
@@ -73,19 +76,19 @@ def main(argv=None):
         print(rows[-1], flush=True)
     # evaluation throughput: full ranking over all items, conservative ties
     fam, _ = measure(a.split, [], a.events)
-    test = read_events(a.split, "test", fam.index)
+    test = read_events(a.split, "test", fam.ctx.index)
     c0 = time.process_time()
-    res = evaluate_sessions(GRU4RecScorer(fam.model, torch.device("cpu")), test, n_slots=512)
+    res = evaluate_sessions(RNNScorer(fam.model, torch.device("cpu")), test, n_slots=512)
     cpu = time.process_time() - c0
     ev = {"eval_events": res.n_events, "eval_wall_s": res.seconds, "eval_events_per_s": res.n_events / res.seconds,
           "eval_events_per_cpu_s": res.n_events / cpu, "load1": os.getloadavg()[0]}
     print(ev, flush=True)
     out = {"threads": a.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "machine": cpu_info(),
-           "whole_step_c_path": fam.step.chunk is not None,
+           "train_path": fam.path,
            "train": rows, "eval": ev}
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(a.out + ".tmp", a.out)
+    from spark_jobs.contract import write_json
+
+    write_json(a.out, out)
 
 
 if __name__ == "__main__":

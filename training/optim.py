@@ -2,7 +2,7 @@
 
 Why not just torch.optim:
 
-- ``Adagrad`` follows the official GRU4Rec code (and ``FastStep`` in training/gru4rec.py,
+- ``Adagrad`` follows the official GRU4Rec code (and ``FastStep`` in training/native/fast_step.py,
   which it must match exactly): eps goes *inside* the square root, sqrt(acc + eps), where
   torch.optim.Adagrad uses sqrt(acc) + eps; optional heavy-ball or Nesterov momentum on top.
 - Item tables get row-sparse gradients (``embedding(..., sparse=True)``). Both optimizers

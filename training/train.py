@@ -27,7 +27,7 @@ import sys
 
 from training import registry
 from training.config import ConfigError
-from training.trainer import NonFiniteLoss, train  # noqa: F401  (re-exported: the CLI's function)
+from training.trainer import train
 
 
 def describe_families() -> str:

@@ -1,4 +1,4 @@
-"""The fused C kernels of the CPU training step (training/kernels.c via training/native.py).
+"""The fused C kernels of the CPU training step (training/native/kernels.c via training/native/).
 
 The small-size exactness test against autograd is tests/training/test_gru4rec_fast.py (run
 with and without the kernels); here: realistic sizes, where the kernels' vectorised paths run

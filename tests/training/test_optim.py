@@ -1,6 +1,6 @@
 """training/optim.py against references computed independently: plain numpy loops of the
 formulas, hand-computed numbers, torch.optim where it is mathematically the same, and the
-hand-written FastStep update of training/gru4rec.py (which must agree bit for bit)."""
+hand-written FastStep update of training/native/fast_step.py (which must agree bit for bit)."""
 import math
 from types import SimpleNamespace
 

@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -200,8 +199,7 @@ def test_one_mapped_dag_task_runs_the_toy_family(split, tmp_path, monkeypatch):
     from evaluation import mlflow_logging as ml
 
     ml.configure(tmp_path)
-    exp = mlflow.set_experiment("toy")
-    with mlflow.start_run(experiment_id=exp.experiment_id) as parent:
+    with mlflow.start_run(experiment_id=ml.experiment_id("toy", tmp_path)) as parent:
         pass
     (spec,) = steps.plan_pretrain(cfg, {"split_dir": str(split)})
     # valid == test here: the toy split has no valid table, and evaluate_one scores both

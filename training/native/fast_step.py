@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 
-from training.batching import SampleStore, session_parallel_schedule
 from training.losses import parse_activation, sampled_loss
 
 class FastStep:
