@@ -50,7 +50,7 @@ demo-dag: demo
 
 # Preprocessing only (generate -> Spark preprocess -> gates), no training / Airflow / MLflow.
 demo-preprocess: venv check-java
-	$(BIN)/python -m spark_jobs.demo --events $(PREPROCESS_DEMO_EVENTS) --data-dir $(DATA_DIR)/demo-preprocess
+	$(BIN)/python -m dags.preprocess_demo --events $(PREPROCESS_DEMO_EVENTS) --data-dir $(DATA_DIR)/demo-preprocess
 
 # The demo's MLflow store (also what `make airflow` runs log to).
 mlflow-ui: venv

@@ -215,13 +215,6 @@ def suite_frames(name: str) -> dict[str, list[dict]]:
 
 
 # --------------------------------------------------------------------------- the GX session
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class QualityRun:
     """One ephemeral GX context: every validation of one run goes into the same Data Docs."""
 
@@ -281,7 +274,7 @@ class QualityRun:
         result = GateResult(suite=suite, table=table, success=not failures, failures=failures, skipped=skipped,
                             statistics=stats, parameters=parameters)
         out = self.quality_dir / suite / _slug(table) / "result.json"
-        _atomic_write_text(out, json.dumps({
+        C.write_text(out, json.dumps({
             "suite": suite, "table": table, "success": result.success, "statistics": stats,
             "parameters": parameters, "skipped": skipped,
             "failures": [dataclasses.asdict(f) for f in failures],
@@ -556,7 +549,7 @@ def run_all_gates(out, *, params: GateParams | dict | None = None, quality_dir=N
     docs = run.build_docs(qdir / "data_docs")
     res = AllGatesResult(success=all(r.success for r in run.results), results=run.results,
                          data_docs_index=docs, quality_dir=qdir)
-    _atomic_write_text(qdir / "summary.json", json.dumps({
+    C.write_text(qdir / "summary.json", json.dumps({
         "success": res.success, "data_docs_index": str(docs),
         "gates": [{"suite": r.suite, "table": r.table, "success": r.success, "result": str(r.result_path),
                    "failed": [f.gate for f in r.failures], "skipped": r.skipped} for r in run.results],

@@ -422,14 +422,11 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 
-def _parse_kv(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise SystemExit(f"expected key=value, got {it!r}")
-        k, v = it.split("=", 1)
-        out[k] = v
-    return out
+def _spark_conf(items: list[str]) -> dict[str, str]:
+    try:
+        return C.parse_key_values(items, "--spark-conf")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -488,7 +485,7 @@ def config_from_args(argv: list[str] | None = None) -> PreprocessConfig:
             continue
         values[k] = v
     if args.spark_conf:
-        values["spark_conf"] = {**values.get("spark_conf", {}), **_parse_kv(args.spark_conf)}
+        values["spark_conf"] = {**values.get("spark_conf", {}), **_spark_conf(args.spark_conf)}
     for k in ("encode_ids", "recent_fractions"):
         if isinstance(values.get(k), str):
             values[k] = [x.strip() for x in values[k].split(",") if x.strip()]

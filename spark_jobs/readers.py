@@ -450,7 +450,12 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
     """``"item_id=iid,ts=time,user_id=uid"`` -> {"item_key": "iid", ...}."""
     if not spec:
         raise InputError("generic formats need --columns, e.g. item_id=item,ts=time,user_id=user")
-    pairs = spec.items() if isinstance(spec, dict) else (p.split("=", 1) for p in spec.split(",") if p)
+    from spark_jobs.contract import parse_key_values
+
+    try:
+        pairs = spec.items() if isinstance(spec, dict) else parse_key_values(spec, "--columns").items()
+    except ValueError as e:
+        raise InputError(str(e)) from None
     out = {}
     for k, v in pairs:
         k = k.strip()

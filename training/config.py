@@ -79,8 +79,8 @@ class TrainConfig(CommonConfig):
     early_stop_patience: int = 0
     early_stop_metric: str = "mrr_at_20"
     early_stop_table: str = "valid"
-    #: how a step is computed: "torch" (autograd, the reference), "compiled" (torch.compile
-    #: of the autograd loss); families with a fast path add their own values and "auto"
+    #: how a step is computed: "torch" (autograd, the reference); families with a measured
+    #: faster path add their own values and "auto" (GRU4Rec: chunk | native | manual)
     train_path: str = "torch"
 
 

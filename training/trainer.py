@@ -6,8 +6,8 @@ epochs with an *epoch runner*:
 
 * :class:`AutogradRunner` (every family): the family's ``batches()`` and autograd
   ``loss()``, then clipping, the optimizer (``training.optim``) and the LR schedule;
-  optional bf16 autocast on CUDA (``amp``), optional ``torch.compile`` of the loss
-  (``train_path=compiled``);
+  optional bf16 autocast on CUDA (``amp``). (``torch.compile`` was measured and did not
+  help on CPU: benchmarks/README_gru4rec.md, ``python -m benchmarks.gru4rec_compile``.)
 * a family's own runner where it has a measured faster path (GRU4Rec's C kernels,
   ``training/native``), chosen once at construction.
 
@@ -61,11 +61,11 @@ def check_losses(losses: torch.Tensor, epoch: int, first_step: int, n_steps: int
 class AutogradRunner:
     """Epochs of ``family.batches()`` / ``family.loss()`` with autograd + ``training.optim``."""
 
-    def __init__(self, fam: Family, cfg, device: torch.device, compiled: bool = False):
+    def __init__(self, fam: Family, cfg, device: torch.device):
         from training.optim import build_optimizer, make_schedule
 
         self.fam, self.cfg, self.device = fam, cfg, device
-        self.path = "compiled" if compiled else "torch"
+        self.path = "torch"
         kw = {"momentum": cfg.momentum, "nesterov": cfg.nesterov, "eps": cfg.adagrad_eps} \
             if cfg.optimizer == "adagrad" else {"eps": cfg.adam_eps}
         self.opt = build_optimizer(cfg.optimizer, fam.param_groups(), lr=cfg.learning_rate, **kw)
@@ -74,9 +74,6 @@ class AutogradRunner:
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.amp = bool(cfg.amp) and device.type == "cuda"
         self.loss_fn = fam.loss
-        if compiled:
-            # dynamic: the batch shrinks at the tail of an epoch; one graph instead of one per size
-            self.loss_fn = torch.compile(fam.loss, dynamic=True)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "schedule": self.sched.state_dict()}
@@ -145,9 +142,9 @@ def make_runner(fam: Family, cfg, device: torch.device):
     if fast is not None:
         return fast
     path = getattr(cfg, "train_path", "torch")
-    if path not in ("torch", "compiled", "auto"):
-        raise ConfigError(f"train_path {path!r} is not available for {cfg.model!r} (torch | compiled)")
-    return AutogradRunner(fam, cfg, device, compiled=path == "compiled")
+    if path not in ("torch", "auto"):
+        raise ConfigError(f"train_path {path!r} is not available for {cfg.model!r} (torch)")
+    return AutogradRunner(fam, cfg, device)
 
 
 def _disjoint_sessions(train_data, valid_data, train_table: str, valid_table: str) -> None:

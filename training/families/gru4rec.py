@@ -22,8 +22,9 @@ mini-batch's targets plus the shared sampled negatives (never all items).
 
 Training paths (``train_path``; the one that ran is logged as ``train_path`` in
 history.json and MLflow): ``torch`` = autograd on :meth:`GRU4RecModel.forward` with the
-row-sparse Adagrad of ``training.optim`` (the reference); ``compiled`` = the same loss
-under ``torch.compile``; ``native`` / ``chunk`` / ``manual`` = the hand-written fast path
+row-sparse Adagrad of ``training.optim`` (the reference; ``torch.compile`` of it was
+measured and did not help on CPU, so it is no path: benchmarks/README_gru4rec.md);
+``native`` / ``chunk`` / ``manual`` = the hand-written fast path
 in ``training/native`` (C kernels per step / whole 256-step chunks in one C call / torch
 ops without C), tested equal to the reference. ``auto`` (default) = ``chunk`` where the
 setting has it on CPU, else ``native`` on CPU, else ``torch``.
@@ -46,7 +47,7 @@ from training.scoring import RNNScorer
 
 log = logging.getLogger("training")
 
-TRAIN_PATHS = ("auto", "chunk", "native", "manual", "torch", "compiled")
+TRAIN_PATHS = ("auto", "chunk", "native", "manual", "torch")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class GRU4RecConfig(TrainConfig):
     sample_alpha: float = 0.5
     #: rows of negative samples generated at once (official: 10M ids / n_sample)
     sample_store_size: int = 10_000_000
-    #: auto | chunk | native | manual | torch | compiled (module docstring)
+    #: auto | chunk | native | manual | torch (module docstring)
     train_path: str = "auto"
 
 
@@ -330,7 +331,7 @@ class GRU4RecFamily(Family):
     # ---- the fast path ------------------------------------------------------------------
     def runner(self):
         path = self.cfg.train_path
-        if path in ("torch", "compiled"):
+        if path == "torch":
             return None
         cpu = self.ctx.device.type == "cpu"
         from training import native

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -64,17 +63,14 @@ def _build() -> Path:
     out = cache / f"gru4rec_kernels_{key}.so"
     if out.exists():
         return out
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
+    from spark_jobs.contract import atomic_write
+
+    def compile_to(tmp):
         r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SRC), "-lm"], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SRC}:\n{r.stderr[-2000:]}")
-        os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(out, compile_to)  # concurrent builders never load a half-written file
     return out
 
 

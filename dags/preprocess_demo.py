@@ -1,7 +1,7 @@
 """The preprocessing-only demo (``make demo-preprocess``): generate a clickstream, preprocess it,
 run the quality gates. (``make demo`` runs the whole Airflow DAG: ``dags/run_demo.py``.)
 
-    python -m spark_jobs.demo --events 200000 --data-dir data/demo-preprocess
+    python -m dags.preprocess_demo --events 200000 --data-dir data/demo-preprocess
 
 1. :mod:`spark_jobs.generate` writes a YOOCHOOSE-like synthetic clickstream
    (daily Parquet partitions) under ``DATA_DIR/raw``;
@@ -20,7 +20,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m spark_jobs.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dags.preprocess_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--days", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
