@@ -106,24 +106,11 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def checkpoint_digest(ckpt_path: str | os.PathLike) -> str:
-    """sha256 of what defines a model: family, resolved config, item index and weights.
-
-    Not the file bytes: those also hold timings (history), which differ on every run.
-    """
+    """sha256 of what defines a model (``training.checkpoint.weights_digest``): family, resolved
+    config, item index and weights; not the file bytes, which also hold timings."""
     from training import checkpoint as ck
 
-    c = ck.load_checkpoint(ckpt_path)
-    h = hashlib.sha256()
-    h.update(c["model"].encode())
-    h.update(json.dumps(c["config"], sort_keys=True).encode())
-    for k in ("item_id", "support"):
-        h.update(c["item_index"][k].numpy().tobytes())
-    for k in sorted(c["state_dict"]):
-        t = c["state_dict"][k]
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return ck.weights_digest(ck.load_checkpoint(ckpt_path))
 
 
 def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

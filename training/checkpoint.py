@@ -88,3 +88,22 @@ def write_item_index(path: Path, index: ItemIndex) -> None:
         "support": pa.array(index.support, pa.int64()),
     })
     C.atomic_write(path, lambda tmp: pq.write_table(t, tmp))
+
+
+def weights_digest(ckpt: dict) -> str:
+    """sha256 of what defines a model: family, resolved config, item index and weights (not the
+    history's timings, which differ on every run). The registry's de-duplication key."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(ckpt["model"].encode())
+    h.update(json.dumps(ckpt["config"], sort_keys=True).encode())
+    for k in ("item_id", "support"):
+        h.update(ckpt["item_index"][k].numpy().tobytes())
+    for k in sorted(ckpt["state_dict"]):
+        t = ckpt["state_dict"][k]
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

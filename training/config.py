@@ -37,6 +37,9 @@ class CommonConfig:
     #: which SPLIT_DIR table to train on: train_full (final runs), train (selection against
     #: valid), train_recent_<k> (Tan et al.'s recent-fraction fine-tuning)
     train_table: str = "train_full"
+    #: train on the most recent 1/k of train_table's sessions only (0 = all): the rule of
+    #: spark_jobs' train_recent_<k>, for tables that have no such copy (e.g. ``train``)
+    recent_fraction: int = 0
     n_epochs: int = 10
     batch_size: int = 32
     seed: int = 42
@@ -73,6 +76,10 @@ class TrainConfig(CommonConfig):
     lr_power: float = 1.0
     #: bf16 autocast for training on CUDA (ignored on CPU)
     amp: bool = False
+    #: with --init-from (fine-tuning): "reset" the optimizer state (Adagrad accumulators,
+    #: momentum, LR schedule start afresh: the default, as Tan et al. continue training with a
+    #: new run) or "carry" the pre-trained run's state over (same family and train_path)
+    init_optimizer: str = "reset"
     #: early stopping: stop after this many epochs without improvement of early_stop_metric
     #: on early_stop_table (0 = off). That table must share no session with train_table
     #: (``valid`` lies inside ``train_full``: use ``train_table=train``).

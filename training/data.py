@@ -81,6 +81,13 @@ class SessionData:
     user_ids: np.ndarray | None  # int64 [n_sessions], -1 when null; None when the column is all null
     n_unknown_dropped: int = 0  # events whose item is not in the index
     n_short_dropped: int = 0  # sessions dropped for having < min_len events
+    end_ts_per_session: np.ndarray | None = None  # int64 [n_sessions] last event time (us)
+
+    @property
+    def end_ts(self) -> int:
+        """Time of the table's last event (us): what a model trained on it has seen up to."""
+        return int(self.end_ts_per_session.max()) if self.end_ts_per_session is not None and self.n_sessions \
+            else int(self.start_ts.max())
 
     @property
     def n_sessions(self) -> int:
@@ -93,6 +100,25 @@ class SessionData:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def recent(self, k: int) -> "SessionData":
+        """The most recent 1/k of the sessions (ranked by start, ties: larger session id first;
+        the first ceil(n/k)), in their original order: spark_jobs' ``train_recent_<k>`` rule,
+        applied to any table (e.g. ``train``, for selection copies of fine-tuned candidates)."""
+        if k < 1:
+            raise ValueError(f"recent fraction k must be >= 1, got {k}")
+        n = int(np.ceil(self.n_sessions / k))
+        rank = np.lexsort((-self.session_ids, -self.start_ts))
+        keep = np.sort(rank[:n])
+        lengths = self.lengths[keep]
+        idx = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in keep]) \
+            if n else np.zeros(0, np.int64)
+        return SessionData(items=self.items[idx], offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+                           session_ids=self.session_ids[keep], start_ts=self.start_ts[keep],
+                           user_ids=self.user_ids[keep] if self.user_ids is not None else None,
+                           n_unknown_dropped=self.n_unknown_dropped, n_short_dropped=self.n_short_dropped,
+                           end_ts_per_session=self.end_ts_per_session[keep]
+                           if self.end_ts_per_session is not None else None)
 
     def order(self, how: str, rng: np.random.Generator | None = None) -> np.ndarray:
         """Session processing order: "time" (by first event, ties by id) or "random"."""
@@ -174,6 +200,7 @@ def read_events(
         user_ids=users[new_starts] if users is not None and len(sid) else None,
         n_unknown_dropped=n_unknown,
         n_short_dropped=n_short,
+        end_ts_per_session=ts[offsets[1:] - 1] if len(sid) else np.zeros(0, np.int64),
     )
 
 

@@ -186,6 +186,10 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
     # fine-tuning keeps the pre-trained item index so that item_idx keeps its meaning
     index = ck.item_index_from_ckpt(src["item_index"]) if src is not None else read_item_index(data_dir)
     data = read_events(data_dir, cfg.train_table, index, min_session_length=2)
+    if cfg.recent_fraction:
+        n_all = data.n_sessions
+        data = data.recent(cfg.recent_fraction)
+        log.info("recent_fraction=%d: the most recent %d of %d sessions", cfg.recent_fraction, data.n_sessions, n_all)
     support = table_support(data, index.n_items)
     log.info("%s on %s: %d events, %d sessions, %d items; dropped %d unknown-item events, %d short "
              "sessions; device %s", model, cfg.train_table, data.n_events, data.n_sessions, index.n_items,
@@ -210,6 +214,14 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
         fam.init_weights(torch.Generator().manual_seed(cfg.seed))
     runner = make_runner(fam, cfg, device) if fam.trainable else None
     path = runner.path if runner is not None else "none"
+    init_opt = getattr(cfg, "init_optimizer", "reset")
+    if init_opt not in ("reset", "carry"):
+        raise ConfigError(f"init_optimizer {init_opt!r}: reset | carry")
+    if init_ckpt is not None and runner is not None and init_opt == "carry":
+        if init_ckpt.get("train_path") != path:
+            raise ConfigError(f"init_optimizer=carry: {init_from} was trained with train_path="
+                              f"{init_ckpt.get('train_path')!r}, this run uses {path!r}")
+        runner.load_state_dict(init_ckpt["optimizer"])
     if resume_ckpt is not None:
         if resume_ckpt.get("train_path", path) != path:
             raise ConfigError(f"--resume: {out} was trained with train_path={resume_ckpt['train_path']!r}, "
@@ -224,7 +236,15 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
     ck.write_json(out / "config.json", config_to_dict(cfg))
     ck.write_item_index(out / "item_index.parquet", index)
     run_info = {
-        "data": str(data_dir), "train_table": cfg.train_table, "init_from": str(init_from) if init_from else None,
+        "data": str(data_dir), "train_table": cfg.train_table, "recent_fraction": cfg.recent_fraction,
+        "init_from": str(init_from) if init_from else None,
+        # fine-tuning lineage: what it started from and whether the optimizer state came along
+        "init_from_epoch": int(init_ckpt["epoch"]) if init_ckpt is not None else None,
+        "init_from_digest": ck.weights_digest(init_ckpt) if init_ckpt is not None else None,
+        "init_optimizer": init_opt if init_ckpt is not None else None,
+        "learning_rate": getattr(cfg, "learning_rate", None), "n_epochs": cfg.n_epochs,
+        "train_start_ts": int(data.start_ts.min()) if data.n_sessions else None,
+        "train_end_ts": int(data.end_ts) if data.n_sessions else None,
         "train_events": data.n_events, "train_sessions": data.n_sessions, "n_items": index.n_items,
         "dropped_unknown_events": data.n_unknown_dropped, "dropped_short_sessions": data.n_short_dropped,
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -192,3 +192,40 @@ def test_pop_on_the_new_layer_equals_a_hand_count(tmp_path):
     assert m["n_events"] == len(ranks)
     assert m["recall_at_20"] == pytest.approx(float((ranks <= 20).mean()))
     assert m["mrr_at_20"] == pytest.approx(float(np.where(ranks <= 20, 1 / ranks, 0).mean()))
+
+
+@pytest.mark.parametrize("mode", ["reset", "carry"])
+def test_fine_tuning_lineage_and_optimizer_choice(split, tmp_path, mode):
+    """A fine-tuned run records where it started (path, epoch, weights digest) and whether the
+    optimizer state came along; ``carry`` really carries it, ``reset`` starts afresh."""
+    pre = tmp_path / "pre"
+    train("gru4rec", split, pre, sets=SMALL + ["n_epochs=1"], show_progress=False)
+    ft = tmp_path / "ft"
+    train("gru4rec", split, ft, init_from=str(pre), show_progress=False,
+          sets=["n_epochs=0", f"init_optimizer={mode}", "learning_rate=0.05", "train_table=train"])
+    a, b = ck.load_checkpoint(pre), ck.load_checkpoint(ft)
+    run = json.loads((ft / "history.json").read_text())["run"]
+    assert run["init_from"] == str(pre) and run["init_from_epoch"] == 1
+    assert run["init_from_digest"] == ck.weights_digest(a) and run["init_optimizer"] == mode
+    assert run["learning_rate"] == 0.05 and run["train_table"] == "train"
+    sa = a["optimizer"]["optimizer"]["state"]
+    sb = b["optimizer"]["optimizer"]["state"]
+    if mode == "carry":
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["acc"], sb[k]["acc"]) for k in sa)
+    else:
+        assert sb == {}  # a fresh optimizer: no accumulators yet
+
+
+def test_recent_fraction_of_a_table_equals_the_spark_recent_tables(rsc15_out):
+    """``recent_fraction=k`` (used for selection copies of fine-tuned candidates, trained on
+    ``train``) applies spark_jobs' train_recent_<k> rule: same sessions as Spark's tables."""
+    from training.data import read_events, read_item_index
+
+    split = rsc15_out[0] / "splits" / "time"
+    idx = read_item_index(split)
+    full = read_events(split, "train_full", idx, min_session_length=1)
+    for k in (4, 16, 64):
+        spark = read_events(split, f"train_recent_{k}", idx, min_session_length=1)
+        mine = full.recent(k)
+        assert np.array_equal(np.sort(mine.session_ids), np.sort(spark.session_ids)), k
+        assert mine.n_events == spark.n_events
