@@ -68,6 +68,15 @@ PARAM_SPECS: dict[str, dict[str, Any]] = {
     "test_days": {"default": 1.0, "type": "number", "exclusiveMinimum": 0},
     "register": {"default": True, "type": "boolean",
                  "description": "Register models and move the 'champion' alias."},
+    "finetune": {"default": {}, "type": "object",
+                 "description": 'Per-family, per-fraction typed overrides of the fine-tuning runs, e.g. '
+                                '{"gru4rec": {"4": {"learning_rate": 0.05, "n_epochs": 2, "init_optimizer": "carry"}}}.'},
+    "select_metric": {"default": "mrr_at_20", "type": "string", "pattern": r"^(recall|mrr|ndcg)_at_[0-9]+$",
+                      "description": "Metric on 'valid' (selection copies trained on 'train') that ranks candidates."},
+    "promote_alpha": {"default": 0.05, "type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                      "description": "'champion' moves only with a better mean and paired Wilcoxon p below this."},
+    "promote_margin": {"default": 0.0, "type": "number", "minimum": 0,
+                       "description": "If > 0: move 'champion' when the mean is better by at least this instead."},
 }
 DEFAULT_PARAMS: dict[str, Any] = {k: v["default"] for k, v in PARAM_SPECS.items()}
 DEVICES = tuple(PARAM_SPECS["device"]["enum"])
@@ -183,10 +192,27 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
         except Exception as e:  # ConfigError names the key
             raise PipelineParamError(f"param 'overrides' for {f!r}: {e}") from None
         overrides[f] = o
+    ft = p["finetune"] or {}
+    if not isinstance(ft, dict) or any(not isinstance(v, dict) for v in ft.values()):
+        raise PipelineParamError('param \'finetune\' must map family -> {fraction: {key: value}}, '
+                                 'e.g. {"gru4rec": {"4": {"learning_rate": 0.05}}}')
+    finetune: dict[str, dict[int, dict]] = {}
+    for f, per in ft.items():
+        if f not in fams:
+            raise PipelineParamError(f"param 'finetune' names family {f!r} that is not in 'families' {fams}")
+        for k, o in per.items():
+            if not str(k).isdigit() or int(k) not in fr or not isinstance(o, dict):
+                raise PipelineParamError(f"param 'finetune' for {f!r}: {k!r} is not one of the fractions {fr} "
+                                         "mapped to {key: value}")
+            try:
+                resolve_config(f, overrides={**overrides[f], **o})
+            except Exception as e:
+                raise PipelineParamError(f"param 'finetune' for {f!r} fraction {k}: {e}") from None
+            finetune.setdefault(f, {})[int(k)] = dict(o)
     data_dir = Path(p["data_dir"] or os.environ.get("RNNREC_DATA_DIR") or ROOT / "data").resolve()
     start, end = _iso(interval_start), _iso(interval_end)
     root = data_dir / "pipeline" / p["dataset"] / interval_key(start, end)
-    return {"params": p, "inputs": inputs, "overrides": overrides, "families": fams, "fractions": fr,
+    return {"params": p, "inputs": inputs, "overrides": overrides, "finetune": finetune, "families": fams, "fractions": fr,
             "data_dir": str(data_dir), "root": str(root), "dag_id": dag_id, "dag_run_id": dag_run_id,
             "interval_start": start, "interval_end": end}
 
@@ -312,45 +338,99 @@ def start_tracking(cfg: dict, prep: dict, quality: dict) -> str:
 
 
 # --------------------------------------------------------------------------- training
+# Every candidate is trained twice (evaluation/selection.py): a selection copy that never sees
+# ``valid`` (on ``train``; fine-tuned ones on the most recent 1/k of ``train``) and the final model
+# (``train_full`` / ``train_recent_<k>``). With ``train_table=train`` the selection copy IS the
+# final model (nothing is refit).
+
+def _final_and_select(overrides: dict, refit: bool) -> tuple[dict | None, dict]:
+    return ({**overrides, "train_table": "train_full"} if refit else None), {**overrides, "train_table": "train"}
+
 
 def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
-    return [{"candidate": f, "family": f, "fraction": None, "overrides": cfg["overrides"][f], "init_from": None,
-             "split_dir": prep["split_dir"]} for f in cfg["families"]]
-
-
-def plan_finetune(cfg: dict, pretrained: list[dict]) -> list[dict]:
-    """One fine-tuning run per (family, fraction), starting from that family's pre-trained weights."""
+    refit = cfg["params"]["train_table"] == "train_full"
     specs = []
-    for pre in pretrained:
-        for k in cfg["fractions"]:
-            specs.append({"candidate": f"{pre['family']}-recent{k}", "family": pre["family"], "fraction": k,
-                          "overrides": {**pre["overrides"], "train_table": f"train_recent_{k}"},
-                          "init_from": pre["run_dir"], "split_dir": pre["split_dir"]})
+    for f in cfg["families"]:
+        final, select = _final_and_select(cfg["overrides"][f], refit)
+        specs.append({"candidate": f, "family": f, "fraction": None, "split_dir": prep["split_dir"],
+                      "final": None if final is None else {"overrides": final, "init_from": None},
+                      "select": {"overrides": select, "init_from": None}, "parent_candidate": None})
     return specs
 
 
-def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
-    """Train one candidate into models/<candidate> (replaced atomically) and log it as a child run."""
-    from evaluation import mlflow_logging as ml
+def plan_finetune(cfg: dict, pretrained: list[dict]) -> list[dict]:
+    """One fine-tuning run per (family, fraction) from that family's pre-trained weights: the
+    final model from the final one on ``train_recent_<k>``, the selection copy from the
+    selection copy on the most recent 1/k of ``train``; per-fraction overrides from ``finetune``."""
+    specs = []
+    for pre in pretrained:
+        for k in cfg["fractions"]:
+            ft = cfg["finetune"].get(pre["family"], {}).get(k, {})
+            final = None
+            if pre["final"] is not None:
+                final = {"overrides": {**pre["final"]["overrides"], **ft, "train_table": f"train_recent_{k}"},
+                         "init_from": pre["run_dir"]}
+            select = {"overrides": {**pre["select"]["overrides"], **ft, "train_table": "train", "recent_fraction": k},
+                      "init_from": pre["select_run_dir"]}
+            specs.append({"candidate": f"{pre['family']}-recent{k}", "family": pre["family"], "fraction": k,
+                          "split_dir": pre["split_dir"], "final": final, "select": select,
+                          "parent_candidate": pre["candidate"], "parent_run_id": pre["child_run_id"],
+                          "parent_digest": pre["digest"]})
+    return specs
+
+
+def _train_into(family: str, split_dir: str, dest: Path, run: dict) -> None:
     from spark_jobs.contract import replace_dir
     from training.train import train
 
-    ml.configure(cfg["data_dir"])
-    dest = Path(cfg["root"]) / "models" / spec["candidate"]
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        train(family, split_dir, tmp, overrides=run["overrides"], init_from=run["init_from"], show_progress=False)
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train_end_us(run_dir: Path) -> int:
+    return int(json.loads((run_dir / "history.json").read_text())["run"]["train_end_ts"])
+
+
+def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
+    """Train one candidate's selection copy (``select/<candidate>``) and final model
+    (``models/<candidate>``, each replaced atomically) and log both to its child run."""
+    from evaluation import mlflow_logging as ml
+
+    ml.configure(cfg["data_dir"])
+    root = Path(cfg["root"])
+    sdest = root / "select" / spec["candidate"]
+    dest = root / "models" / spec["candidate"] if spec["final"] is not None else sdest
     with ml.child_run(parent_run_id, spec["candidate"], family=spec["family"], fraction=spec["fraction"]) as rid:
-        try:
-            train(spec["family"], spec["split_dir"], tmp, overrides=spec["overrides"], init_from=spec["init_from"],
-                  show_progress=False)
-            replace_dir(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _train_into(spec["family"], spec["split_dir"], sdest, spec["select"])
+        if spec["final"] is not None:
+            _train_into(spec["family"], spec["split_dir"], dest, spec["final"])
         logged = ml.log_training(rid, dest)
-    return {**spec, "run_dir": str(dest), "child_run_id": rid, **logged}
+        sel_uri = ml.log_model_only(rid, sdest, name="select_model")["model_uri"] if dest != sdest else \
+            logged["model_uri"]
+        tables = {
+            "train_table": (spec["final"] or spec["select"])["overrides"]["train_table"],
+            "selection": "valid, scored by the selection copy trained on train"
+                         + (f" (fine-tuned on its most recent 1/{spec['fraction']})" if spec["fraction"] else ""),
+            "report_table": "test",
+        }
+        lineage = {}
+        if spec.get("parent_run_id"):  # fine-tuning: where it started from
+            lineage = {"parent_run_id": spec["parent_run_id"], "parent_candidate": spec["parent_candidate"],
+                       "parent_digest": spec["parent_digest"],
+                       "init_optimizer": (spec["final"] or spec["select"])["overrides"].get("init_optimizer", "reset")}
+        ml.set_tags(rid, {**tables, **lineage, "select_model_uri": sel_uri})
+    return {**spec, "run_dir": str(dest), "select_run_dir": str(sdest), "child_run_id": rid, **logged,
+            "select_model_uri": sel_uri, "final_train_end_us": _train_end_us(dest),
+            "select_train_end_us": _train_end_us(sdest), **tables}
 
 
 def evaluate_one(cfg: dict, trained: dict) -> dict:
-    """Evaluate a candidate on valid (selection) and test (reporting); log both to its run."""
+    """Selection: the selection copy on ``valid``; report: the final model on ``test``. Both are
+    logged to the candidate's run (valid_* metrics come from the selection copy)."""
     from evaluation import mlflow_logging as ml
     from evaluation.evaluate import evaluate
     from spark_jobs.contract import replace_dir, write_json
@@ -360,18 +440,18 @@ def evaluate_one(cfg: dict, trained: dict) -> dict:
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     out = dict(trained)
     try:
-        for table in ("valid", "test"):
-            m = evaluate(trained["run_dir"], trained["split_dir"], tmp / table, table=table,
-                         device=cfg["params"]["device"])
-            for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20"):
+        for table, model in (("valid", trained["select_run_dir"]), ("test", trained["run_dir"])):
+            m = evaluate(model, trained["split_dir"], tmp / table, table=table, device=cfg["params"]["device"])
+            for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20", "ndcg_at_20"):
                 out[k if table == "test" else f"valid_{k}"] = m[k]
+            out[f"{table}_digest"] = m.get("test_digest")
         out["eval_dir"] = str(dest)
         write_json(tmp / "result.json", out)
         replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for table in ("valid", "test"):
-        ml.log_evaluation(trained["child_run_id"], dest / table, table)
+        ml.log_evaluation(trained["child_run_id"], dest / table, table, split_dir=trained["split_dir"])
     return out
 
 
@@ -397,72 +477,118 @@ def collect_evaluations(cfg: dict) -> list[dict]:
 
 # --------------------------------------------------------------------------- compare + registry
 
-def _champion_score(model_name: str, split_dir: str, candidate_digest: str, candidate_score: float,
-                    device: str) -> float | None:
-    """The current champion's validation MRR@20 on *this* run's validation table."""
+def _valid_start_us(split_dir: str) -> int:
+    """First event time of ``valid`` (us): a model that trained only on earlier events has not
+    seen the validation period."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    ts = pads.dataset(str(Path(split_dir) / "valid"), format="parquet").to_table(columns=["ts"]).column("ts")
+    return int(pc.min(ts).cast("int64").as_py())
+
+
+def _decide(cfg: dict, name: str, row: dict, version: str, valid_start: int) -> dict:
+    """Move ``champion`` of registry model ``name`` to ``version`` (row = the chosen candidate)
+    only when it beats the current champion on this run's ``valid`` (evaluation/selection.py)."""
     import tempfile
 
     from evaluation import mlflow_logging as ml
+    from evaluation import selection as S
     from evaluation.evaluate import evaluate
 
-    cur = ml.champion(model_name)
+    p = cfg["params"]
+    metric = p["select_metric"]
+    cur = ml.champion(name)
+    d = {"model": name, "candidate": row["candidate"], "candidate_version": version,
+         "candidate_score": row[f"valid_{metric}"], "metric": metric, "selection_table": "valid",
+         "candidate_model": "selection copy (trained on train)", "champion_version": cur.version if cur else None,
+         "champion_model": None, "champion_score": None, "comparison": None}
     if cur is None:
-        return None
-    if cur.tags.get(f"{ml.TAG}ckpt_digest") == candidate_digest:
-        return candidate_score
-    with tempfile.TemporaryDirectory() as td:
-        ckpt = ml.champion_checkpoint(model_name, Path(td) / "model")
-        return float(evaluate(ckpt, split_dir, Path(td) / "eval", table="valid", device=device)["mrr_at_20"])
+        d.update(action="promoted", reason="no champion yet")
+    elif cur.version == version:
+        d.update(action="unchanged (already champion)", reason="the chosen candidate is the champion")
+    else:
+        which = S.unseen_model(cur.tags, valid_start, ml.TAG)
+        comp = None
+        if which is None:
+            reason = ("the champion has no model that ended training before this validation period "
+                      f"(valid starts at {valid_start} us): it cannot be compared honestly")
+        else:
+            d["champion_model"] = which[0]
+            with tempfile.TemporaryDirectory() as td:
+                ckpt = ml.download_checkpoint(which[1], Path(td) / "model")
+                evaluate(ckpt, row["split_dir"], Path(td) / "eval", table="valid", device=p["device"])
+                comp = S.compare_on_table(Path(row["eval_dir"]) / "valid", Path(td) / "eval", metric)
+            d["champion_score"], d["comparison"] = comp.champion_mean, S.as_dict(comp)
+            reason = ""
+        ok, why = S.promotion_decision(comp, alpha=p["promote_alpha"], margin=p["promote_margin"],
+                                       reason_if_none=reason)
+        d.update(action="promoted" if ok else "kept current champion", reason=why)
+    ml.record_decision(name, version, d, move=d["action"] == "promoted")
+    return d
 
 
 def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str) -> dict:
-    """Comparison table + chart; register every candidate per family; move ``champion`` when beaten."""
+    """Comparison table + chart; register every candidate's final model per family; choose per
+    family (and overall) by the selection copies' ``valid`` score; move ``champion`` only when
+    the chosen one beats it on this ``valid`` (evaluation/selection.py)."""
     from evaluation import mlflow_logging as ml
+    from evaluation import selection as S
 
     ml.configure(cfg["data_dir"])
-    ds = cfg["params"]["dataset"]
+    ds, p = cfg["params"]["dataset"], cfg["params"]
+    key = f"valid_{p['select_metric']}"
     rows = sorted((dict(e, label=e["candidate"]) for e in evaluated), key=lambda r: r["candidate"])
     decisions: list[dict] = []
-    if cfg["params"]["register"] and rows:
+    if p["register"] and rows:
+        valid_start = _valid_start_us(rows[0]["split_dir"])
         tags = {f"{ml.TAG}interval": f"{cfg['interval_start']}/{cfg['interval_end']}"}
+
+        def version_tags(r):
+            return {**tags, f"{ml.TAG}candidate": r["candidate"], key: f"{r[key]:.6f}",
+                    f"{ml.TAG}select_metric": key, f"{ml.TAG}train_table": r["train_table"],
+                    f"{ml.TAG}selection": r["selection"], f"{ml.TAG}report_table": r["report_table"],
+                    f"{ml.TAG}final_model_uri": r["model_uri"], f"{ml.TAG}final_train_end_us": str(r["final_train_end_us"]),
+                    f"{ml.TAG}selection_model_uri": r["select_model_uri"],
+                    f"{ml.TAG}selection_train_end_us": str(r["select_train_end_us"])}
+
         for r in rows:
-            v, created = ml.register(f"{ds}-{r['family']}", r["model_uri"], r["digest"],
-                                     {**tags, f"{ml.TAG}candidate": r["candidate"],
-                                      ml.SELECT_METRIC: f"{r[ml.SELECT_METRIC]:.6f}"})
+            v, created = ml.register(f"{ds}-{r['family']}", r["model_uri"], r["digest"], version_tags(r))
             r["registered_version"], r["registered_new"] = v, created
-        best_by_family: dict[str, dict] = {}
-        for r in rows:
-            b = best_by_family.get(r["family"])
-            if b is None or r[ml.SELECT_METRIC] > b[ml.SELECT_METRIC]:
-                best_by_family[r["family"]] = r
-        targets = [(f"{ds}-{f}", r, r["registered_version"]) for f, r in sorted(best_by_family.items())]
-        best = max(rows, key=lambda r: r[ml.SELECT_METRIC])
-        v, _ = ml.register(f"{ds}-best", best["model_uri"], best["digest"],
-                           {**tags, f"{ml.TAG}candidate": best["candidate"],
-                            ml.SELECT_METRIC: f"{best[ml.SELECT_METRIC]:.6f}"})
+        targets = []
+        for fam in sorted({r["family"] for r in rows}):
+            b = S.best_candidate([r for r in rows if r["family"] == fam], key)
+            targets.append((f"{ds}-{fam}", b, b["registered_version"]))
+        best = S.best_candidate(rows, key)
+        v, _ = ml.register(f"{ds}-best", best["model_uri"], best["digest"], version_tags(best))
         targets.append((f"{ds}-best", best, v))
         for name, r, ver in targets:
-            cs = _champion_score(name, r["split_dir"], r["digest"], r[ml.SELECT_METRIC], cfg["params"]["device"])
-            decisions.append(ml.promote_if_better(name, ver, r[ml.SELECT_METRIC], cs))
-    slim = [{k: r.get(k) for k in ("label", "candidate", "family", "fraction", ml.SELECT_METRIC, "valid_recall_at_20",
-                                   "recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20",
+            decisions.append(_decide(cfg, name, r, ver, valid_start))
+    slim = [{k: r.get(k) for k in ("label", "candidate", "family", "fraction", ml.SELECT_METRIC, key,
+                                   "valid_recall_at_20", "recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20",
+                                   "precision_at_20", "train_table", "selection", "report_table",
                                    "registered_version", "registered_new", "digest", "child_run_id")} for r in rows]
     ml.log_comparison(parent_run_id, slim, decisions, Path(cfg["root"]) / "comparison")
     ml.finish_parent_run(parent_run_id)
-    return {"candidates": slim, "registry": decisions, "parent_run_id": parent_run_id,
+    return {"candidates": slim, "registry": decisions, "parent_run_id": parent_run_id, "select_key": key,
             "comparison": str(Path(cfg["root"]) / "comparison")}
 
 
 def format_table(summary: dict) -> str:
-    """Plain-text comparison table (used by the demo)."""
-    head = f"{'candidate':<22}{'valid MRR@20':>13}{'Recall@20':>11}{'MRR@20':>9}{'Recall@5':>10}{'version':>9}"
-    lines = [head, "-" * len(head)]
+    """Plain-text comparison table (used by the demo); says which tables chose and which report."""
+    key = summary.get("select_key", "valid_mrr_at_20")
+    lines = ["selection: each candidate's selection copy (trained on 'train'; fine-tuned ones on its most "
+             "recent 1/k), scored on 'valid', which it never saw",
+             "report:    the final models (trained on 'train_full' / 'train_recent_<k>'), scored on 'test' "
+             "(never used to choose)"]
+    head = (f"{'candidate':<20}{'train table':>17}{'select ' + key[6:]:>22}{'test R@20':>11}{'MRR@20':>9}"
+            f"{'R@5':>8}{'version':>9}")
+    lines += [head, "-" * len(head)]
     for r in summary["candidates"]:
-        lines.append(f"{r['candidate']:<22}{r['valid_mrr_at_20']:>13.4f}{r['recall_at_20']:>11.4f}"
-                     f"{r['mrr_at_20']:>9.4f}{r['recall_at_5']:>10.4f}{str(r.get('registered_version') or '-'):>9}")
+        lines.append(f"{r['candidate']:<20}{r.get('train_table') or '':>17}{r[key]:>22.4f}{r['recall_at_20']:>11.4f}"
+                     f"{r['mrr_at_20']:>9.4f}{r['recall_at_5']:>8.4f}{str(r.get('registered_version') or '-'):>9}")
     for d in summary["registry"]:
-        lines.append(f"registry {d['model']}: {d['action']} (candidate v{d['candidate_version']} "
-                     f"{d['candidate_score']:.4f} vs champion "
-                     f"{'none' if d['champion_version'] is None else 'v' + str(d['champion_version'])}"
-                     f"{'' if d['champion_score'] is None else ' %.4f' % d['champion_score']})")
+        lines.append(f"registry {d['model']}: {d['action']} (candidate {d['candidate']} v{d['candidate_version']}"
+                     f"{'' if d['champion_version'] is None else ', champion v' + str(d['champion_version'])}): "
+                     f"{d['reason']}")
     return "\n".join(lines)

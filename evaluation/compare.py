@@ -57,10 +57,8 @@ import io
 import json
 import logging
 import math
-import os
 import shlex
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,17 +325,9 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
 
 
 def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are shared result files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from spark_jobs.contract import atomic_write
+
+    atomic_write(path, write)
 
 
 def _atomic_text(path: Path, text: str) -> None:

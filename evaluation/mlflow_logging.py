@@ -16,8 +16,11 @@ Layout in MLflow (what the DAG produces; usable without Airflow too)::
 
 Re-running a data interval soft-deletes that interval's earlier runs and logs
 fresh ones; a checkpoint whose digest is already registered is not registered
-again. ``champion`` moves only when the new model's validation MRR@20 beats
-the current champion's, both measured on the *current* validation table.
+again. ``champion`` moves only when the chosen candidate beats the current champion on
+this run's validation table, which neither model trained on (evaluation/selection.py:
+the candidate's selection copy, trained on ``train``, against a model of the champion
+that ended training before the validation period; better mean and paired Wilcoxon
+p < 0.05 by default); the registry records why it moved or did not.
 
 Tracking URI: ``$MLFLOW_TRACKING_URI`` when set, else
 ``sqlite:///<data_dir>/mlflow/mlflow.db`` with artifacts in ``<data_dir>/mlflow/artifacts``.
@@ -232,8 +235,7 @@ def _pip_requirements() -> list[str]:
 def log_training(run_id: str, run_dir: str | os.PathLike, *, name: str = "model") -> dict:
     """Params, per-epoch metrics, config/history artifacts, curve PNG and the pyfunc model."""
     import mlflow
-    from evaluation import plots, serving
-    from training import checkpoint as ck
+    from evaluation import plots
 
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -259,20 +261,49 @@ def log_training(run_id: str, run_dir: str | os.PathLike, *, name: str = "model"
             with tempfile.TemporaryDirectory() as td:
                 png = plots.training_curve(epochs, Path(td) / "training_curve.png", title=cfg.get("model", ""))
                 mlflow.log_artifact(str(png), "plots")
-        ckpt_path = run_dir / ck.FINAL
-        digest = checkpoint_digest(ckpt_path)
-        c = ck.load_checkpoint(ckpt_path)
-        ids = c["item_index"]["item_id"].numpy()[:3]
-        example = serving.example_input(ids)
-        sig = serving.signature()
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=serving.SessionRecModel(), artifacts={serving.CHECKPOINT_ARTIFACT: str(ckpt_path)},
-            code_paths=[str(ROOT / "training"), str(ROOT / "evaluation"), str(ROOT / "spark_jobs")],
-            pip_requirements=_pip_requirements(), signature=sig, input_example=example,
-            tags={f"{TAG}ckpt_digest": digest},
-        )
-        mlflow.set_tags({f"{TAG}ckpt_digest": digest, f"{TAG}model_uri": info.model_uri})
+        logged = _log_pyfunc(run_dir, name)
+        mlflow.set_tags({f"{TAG}ckpt_digest": logged["digest"], f"{TAG}model_uri": logged["model_uri"]})
+    return logged
+
+
+def _log_pyfunc(run_dir: Path, name: str) -> dict:
+    """The run dir's checkpoint as a pyfunc model (``evaluation.serving``) in the active run."""
+    import mlflow
+
+    from evaluation import serving
+    from training import checkpoint as ck
+
+    ckpt_path = Path(run_dir) / ck.FINAL
+    digest = checkpoint_digest(ckpt_path)
+    c = ck.load_checkpoint(ckpt_path)
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=serving.SessionRecModel(), artifacts={serving.CHECKPOINT_ARTIFACT: str(ckpt_path)},
+        code_paths=[str(ROOT / "training"), str(ROOT / "evaluation"), str(ROOT / "spark_jobs")],
+        pip_requirements=_pip_requirements(), signature=serving.signature(),
+        input_example=serving.example_input(c["item_index"]["item_id"].numpy()[:3]),
+        tags={f"{TAG}ckpt_digest": digest},
+    )
     return {"model_uri": info.model_uri, "digest": digest}
+
+
+def log_model_only(run_id: str, run_dir: str | os.PathLike, *, name: str) -> dict:
+    """A second model of a run (the selection copy): pyfunc + its history, no params (a run's
+    params describe its final model and cannot be re-logged with other values)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    with _noop() if active is not None and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(Path(run_dir) / "history.json"), f"training/{name}")
+        mlflow.log_artifact(str(Path(run_dir) / "config.json"), f"config/{name}")
+        return _log_pyfunc(Path(run_dir), name)
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    """``rnnrec_``-prefixed tags on a run (None values skipped)."""
+    client = _client()
+    for k, v in tags.items():
+        if v is not None:
+            client.set_tag(run_id, f"{TAG}{k}", str(v))
 
 
 @contextmanager
@@ -286,8 +317,14 @@ def _param(k, v):
     return Param(k, v)
 
 
-def log_evaluation(run_id: str, eval_dir: str | os.PathLike, table: str = "test") -> dict:
-    """Metrics (``valid_`` prefix for the validation table), JSON/CSV tables and breakdown PNG."""
+#: evaluation counts logged as metrics (not only in metrics.json)
+EVAL_COUNTS = ("n_events", "n_sessions", "n_users", "n_items_ranked", "dropped_unknown_events",
+               "dropped_short_sessions", "n_users_without_history", "eval_events_per_s")
+
+
+def log_evaluation(run_id: str, eval_dir: str | os.PathLike, table: str = "test", split_dir=None) -> dict:
+    """Metrics (``valid_`` prefix for the validation table) and eval counts, the table as an
+    ``mlflow.data`` input of the run (with its digest), JSON/CSV tables and breakdown PNG."""
     import mlflow
 
     from evaluation import plots
@@ -295,13 +332,16 @@ def log_evaluation(run_id: str, eval_dir: str | os.PathLike, table: str = "test"
     eval_dir = Path(eval_dir)
     m = json.loads((eval_dir / "metrics.json").read_text())
     prefix = "" if table == "test" else f"{table}_"
-    keys = [k for k in m if k.startswith(("recall_at_", "mrr_at_", "precision_at_"))]
+    keys = [k for k in m if k.startswith(("recall_at_", "mrr_at_", "precision_at_", "ndcg_at_", "coverage_at_",
+                                           "mean_popularity_at_")) and isinstance(m[k], (int, float))]
     metrics = {f"{prefix}{k}": float(m[k]) for k in keys}
-    metrics[f"{prefix}eval_events_per_s"] = float(m["eval_events_per_s"])
-    metrics[f"{prefix}n_events"] = float(m["n_events"])
+    metrics.update({f"{prefix}{k}": float(m[k]) for k in EVAL_COUNTS if isinstance(m.get(k), (int, float))})
     client = _client()
     client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
-    for f in ("metrics.json", "breakdowns.json", "breakdown_length.csv", "breakdown_position.csv"):
+    if (eval_dir / "per_event.parquet").exists():
+        _log_eval_input(run_id, eval_dir, table, m, split_dir)
+    for f in ("metrics.json", "breakdowns.json", "breakdown_length.csv", "breakdown_position.csv",
+              "breakdown_position_coarse.csv", "breakdown_user_history.csv", "recall_per_step.csv"):
         if (eval_dir / f).exists():
             client.log_artifact(run_id, str(eval_dir / f), f"evaluation/{table}")
     if (eval_dir / "breakdowns.json").exists():
@@ -310,6 +350,21 @@ def log_evaluation(run_id: str, eval_dir: str | os.PathLike, table: str = "test"
                                        title=f"{m.get('model', '')} {table}")
             client.log_artifact(run_id, str(png), "plots")
     return metrics
+
+
+def _log_eval_input(run_id: str, eval_dir: Path, table: str, m: dict, split_dir) -> None:
+    """The evaluated events (session_id, position, target item) as the run's ``mlflow.data``
+    input, context ``evaluation:<table>``; MLflow's digest identifies the table."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    df = pq.read_table(eval_dir / "per_event.parquet",
+                       columns=["session_id", "position", "target_item_id"]).to_pandas()
+    src = str(Path(split_dir) / table) if split_dir else str(eval_dir)
+    ds = mlflow.data.from_pandas(df, source=src, name=f"{table}-{m.get('test_digest', '')[:12]}")
+    active = mlflow.active_run()
+    with _noop() if active is not None and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+        mlflow.log_input(ds, context=f"evaluation:{table}")
 
 
 def _metric(k, v, step: int = 0):
@@ -354,35 +409,34 @@ def champion(model_name: str):
         return None
 
 
-def champion_checkpoint(model_name: str, dest: str | os.PathLike) -> Path | None:
-    """Download the champion's checkpoint (for re-scoring it on today's validation table)."""
+def download_checkpoint(model_uri: str, dest: str | os.PathLike) -> Path:
+    """Download a logged model (``models:/...``) and return its checkpoint file."""
     import mlflow
 
-    mv = champion(model_name)
-    if mv is None:
-        return None
-    d = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}@champion", dst_path=str(dest))
+    d = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest))
     found = sorted(Path(d).rglob("*.pt"))
     if not found:
-        raise FileNotFoundError(f"models:/{model_name}@champion has no checkpoint artifact under {d}")
+        raise FileNotFoundError(f"{model_uri} has no checkpoint artifact under {d}")
     return found[0]
 
 
-def promote_if_better(model_name: str, version: str, score: float, champion_score: float | None) -> dict:
-    """Move ``champion`` to ``version`` when there is none or ``score`` beats ``champion_score``."""
+def champion_checkpoint(model_name: str, dest: str | os.PathLike) -> Path | None:
+    """Download the champion's checkpoint, or None without a champion."""
+    if champion(model_name) is None:
+        return None
+    return download_checkpoint(f"models:/{model_name}@champion", dest)
+
+
+def record_decision(model_name: str, version: str, decision: dict, move: bool) -> None:
+    """Move ``champion`` to ``version`` when ``move``; either way the registry keeps why: the
+    version's ``rnnrec_champion_decision`` tag and the model's ``rnnrec_last_decision``."""
     client = _client()
-    cur = champion(model_name)
-    decision = {"model": model_name, "candidate_version": version, "candidate_score": score,
-                "champion_version": cur.version if cur else None, "champion_score": champion_score}
-    if cur is not None and cur.version == version:
-        decision["action"] = "unchanged (already champion)"
-    elif cur is None or champion_score is None or score > champion_score:
+    text = f"{decision['action']}: {decision['reason']}"[:4900]
+    if move:
         client.set_registered_model_alias(model_name, "champion", version)
-        client.set_model_version_tag(model_name, version, SELECT_METRIC, f"{score:.6f}")
-        decision["action"] = "promoted"
-    else:
-        decision["action"] = "kept current champion"
-    return decision
+        client.set_model_version_tag(model_name, version, SELECT_METRIC, f"{decision['candidate_score']:.6f}")
+    client.set_model_version_tag(model_name, version, f"{TAG}champion_decision", text)
+    client.set_registered_model_tag(model_name, f"{TAG}last_decision", f"v{version} {text}"[:4900])
 
 
 def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], out_dir) -> Path:

@@ -109,6 +109,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are shared (MLflow, Airflow workers)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -188,11 +188,12 @@ def test_pipeline_logs_to_server_and_champion_serves(logged):
     if best["family"] == "gru4rec":  # the pattern is "next = item + 1": a trained GRU ranks it high
         assert 107 in out["items"][0]
 
-    # a worse candidate never takes the alias
-    d = ml.promote_if_better("synthetic-best", "999", -1.0, best["valid_mrr_at_20"])
-    assert d["action"] == "kept current champion"
-    assert c.get_model_version_by_alias("synthetic-best", "champion").version == \
-        summary["registry"][-1]["candidate_version"]
+    # a decision not to move is recorded, and the alias stays
+    champ = summary["registry"][-1]["candidate_version"]
+    ml.record_decision("synthetic-best", champ, {"action": "kept current champion", "reason": "test",
+                                                 "candidate_score": 0.0}, move=False)
+    assert c.get_model_version_by_alias("synthetic-best", "champion").version == champ
+    assert c.get_registered_model("synthetic-best").tags["rnnrec_last_decision"] == f"v{champ} kept current champion: test"
 
 
 def test_mlflow_models_serve_answers_invocations_like_the_pyfunc(logged, tmp_path):
