@@ -178,8 +178,11 @@ def metric_values(run: EvalRun, metric: str) -> np.ndarray:
     col = metric
     if col not in cols and metric.startswith("recall_at_"):
         col = "hit_at_" + metric[len("recall_at_"):]
-    if col not in cols or col in KEY_COLUMNS or not np.issubdtype(cols[col].dtype, np.number):
-        have = sorted(c for c in cols if c not in KEY_COLUMNS and np.issubdtype(cols[c].dtype, np.number))
+    def numeric(c):  # per-event hits (bool) count as 0/1 values
+        return np.issubdtype(cols[c].dtype, np.number) or cols[c].dtype == np.bool_
+
+    if col not in cols or col in KEY_COLUMNS or not numeric(col):
+        have = sorted(c for c in cols if c not in KEY_COLUMNS and numeric(c))
         raise ValueError(f"{run.path}: metric {metric!r} is neither <recall|mrr|ndcg|precision>_at_K "
                          f"nor a numeric per-event column (columns: {have})")
     v = cols[col].astype(np.float64)
@@ -216,6 +219,8 @@ def _fmt_ci(mean, lo, hi, signed=False) -> str:
 
 
 def _fmt_p(p) -> str:
+    if p == 0:  # below the smallest double scipy can return
+        return "p<1e-300"
     return f"p={p:.3f}" if p >= 0.001 else f"p={p:.1e}"
 
 

@@ -253,3 +253,21 @@ def test_cli_baseline_listed_among_the_runs_and_default_names(tmp_path, two_runs
     assert {r for r, _ in rows} == {"gru4rec", "pop"}  # names from metrics.json "model"
     assert rows["pop", "recall_at_20"]["is_baseline"] == "True"
     assert rows["gru4rec", "mrr_at_5"]["p_value"] != ""
+
+
+def test_recall_at_k_n_from_the_evaluators_bool_hit_columns(tmp_path):
+    """evaluate.py writes hit_at_K_n_N as bool columns: compare reads them as 0/1 values."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from evaluation.compare import load_eval, metric_values
+
+    d = tmp_path / "e"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"table": "test", "ties": "conservative"}))
+    pq.write_table(pa.table({"session_id": pa.array([1, 1, 2], pa.int64()), "position": pa.array([0, 1, 0], pa.int32()),
+                             "target_item_id": pa.array([5, 6, 7], pa.int64()), "rank": pa.array([1.0, 30.0, 2.0]),
+                             "hit_at_20_n_5": pa.array([True, False, True])}), d / "per_event.parquet")
+    v = metric_values(load_eval(d), "recall_at_20_n_5")
+    assert v.tolist() == [1.0, 0.0, 1.0] and v.dtype == np.float64
