@@ -56,6 +56,7 @@ class Schedule:
 
     @property
     def n_events(self) -> int:
+        """Number of (input, target) pairs in the schedule."""
         return int(self.n_valid.sum())
 
 
@@ -210,14 +211,8 @@ class UserSchedule:
     session_end: np.ndarray
     n_valid: np.ndarray
 
-    @property
-    def n_steps(self) -> int:
-        return self.inputs.shape[0]
-
-    @property
-    def n_events(self) -> int:
-        """Number of (input, target) pairs in the schedule."""
-        return int(self.n_valid.sum())
+    n_steps = Schedule.n_steps
+    n_events = Schedule.n_events
 
 
 def user_parallel_schedule(items: np.ndarray, offsets: np.ndarray, session_user: np.ndarray,
