@@ -147,6 +147,18 @@ def test_registry_versions_champion_and_pyfunc_serving(pipeline):
     gru_best = max((r for r in rows.values() if r["family"] == "gru4rec"), key=lambda r: r["valid_mrr_at_20"])
     assert fam_champ.tags["rnnrec_ckpt_digest"] == gru_best["digest"]
     assert len(c.search_model_versions("name = 'synthetic-gru4rec'")) == 2  # train_full + recent4
+    # the honest rule: the choice was made by selection copies (trained on train) scored on valid;
+    # the registered final models say which tables trained, selected and reported them
+    for r in rows.values():
+        assert r["train_table"] in ("train_full", "train_recent_4") and r["selection"].startswith("valid")
+    t = champ.tags
+    assert t["rnnrec_train_table"] in ("train_full", "train_recent_4") and t["rnnrec_report_table"] == "test"
+    assert int(t["rnnrec_selection_train_end_us"]) < int(t["rnnrec_final_train_end_us"])
+    from dags.pipeline_steps import format_table
+
+    text = format_table(pipeline["first"])
+    assert "selection: each candidate's selection copy (trained on 'train'" in text and "scored on 'valid'" in text
+    assert "report:    the final models" in text and "scored on 'test'" in text
 
     model = mlflow.pyfunc.load_model("models:/synthetic-gru4rec@champion")
     import pyarrow.parquet as pq
