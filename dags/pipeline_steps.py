@@ -93,7 +93,7 @@ EXPECTED_ERRORS = {
     ("expectations.derive", "ContractError"), ("expectations.runner", "GateFailed"),
     ("spark_jobs.preprocess", "QuarantineThresholdExceeded"), ("spark_jobs.readers", "InputError"),
     ("training.config", "ConfigError"), ("training.data", "DataError"), ("training.trainer", "NonFiniteLoss"),
-    ("training.registry", "UnknownFamily"),
+    ("training.registry", "UnknownFamily"), ("training.trainer", "CheckpointMismatch"),
 }
 
 
@@ -487,10 +487,18 @@ def _valid_start_us(split_dir: str) -> int:
     return int(pc.min(ts).cast("int64").as_py())
 
 
+def _item_ids(model):
+    from training import checkpoint as ck
+
+    return ck.load_checkpoint(model)["item_index"]["item_id"].numpy()
+
+
 def _decide(cfg: dict, name: str, row: dict, version: str, valid_start: int) -> dict:
     """Move ``champion`` of registry model ``name`` to ``version`` (row = the chosen candidate)
     only when it beats the current champion on this run's ``valid`` (evaluation/selection.py)."""
     import tempfile
+
+    import numpy as np
 
     from evaluation import mlflow_logging as ml
     from evaluation import selection as S
@@ -516,10 +524,17 @@ def _decide(cfg: dict, name: str, row: dict, version: str, valid_start: int) -> 
         else:
             d["champion_model"] = which[0]
             with tempfile.TemporaryDirectory() as td:
-                ckpt = ml.download_checkpoint(which[1], Path(td) / "model")
-                evaluate(ckpt, row["split_dir"], Path(td) / "eval", table="valid", device=p["device"])
-                comp = S.compare_on_table(Path(row["eval_dir"]) / "valid", Path(td) / "eval", metric)
+                td = Path(td)
+                ckpt = ml.download_checkpoint(which[1], td / "model")
+                # both models on the same events: items known to both (the champion's item index
+                # is an older interval's)
+                common = np.intersect1d(_item_ids(ckpt), _item_ids(row["select_run_dir"]))
+                for who, model in (("candidate", row["select_run_dir"]), ("champion", ckpt)):
+                    evaluate(model, row["split_dir"], td / who, table="valid", device=p["device"],
+                             only_items=common)
+                comp = S.compare_on_table(td / "candidate", td / "champion", metric)
             d["champion_score"], d["comparison"] = comp.champion_mean, S.as_dict(comp)
+            d["comparison"]["n_common_items"] = int(len(common))
             reason = ""
         ok, why = S.promotion_decision(comp, alpha=p["promote_alpha"], margin=p["promote_margin"],
                                        reason_if_none=reason)

@@ -126,7 +126,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conservative",
              ks=DEFAULT_KS, n_slots: int = 512, device: str = "auto", mode: str = "session",
-             history_tables=None) -> dict:
+             history_tables=None, only_items=None) -> dict:
+    """Evaluate one checkpoint on one table (module docstring). ``only_items``: evaluate only
+    on events whose items are in it (paired comparisons of models with different item
+    indexes, evaluation/selection.py); the events dropped for it count as unknown."""
     if ties not in TIE_MODES:
         raise ValueError(f"--ties must be one of {TIE_MODES}")
     if mode not in MODES:
@@ -136,12 +139,12 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
     index = ck.item_index_from_ckpt(ckpt["item_index"])
     dev = pick_device(device)
     scorer = load_scorer(ckpt, dev)
-    data = read_events(data_dir, table, index, min_session_length=2)
+    data = read_events(data_dir, table, index, min_session_length=2, only_items=only_items)
     history, hist_names = [], []
     if mode == "user":
         hist_names = list(history_tables) if history_tables else default_history_tables(table)
         for h in hist_names:
-            hd = read_events(data_dir, h, index, min_session_length=2)
+            hd = read_events(data_dir, h, index, min_session_length=2, only_items=only_items)
             if hd.user_ids is None:
                 log.warning("history table %s has no user ids: nothing to bootstrap from it", h)
             history.append(hd)

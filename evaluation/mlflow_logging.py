@@ -456,9 +456,9 @@ def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], 
         for r in rows:
             f.write(",".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n")
     plots.comparison_bar(rows, tmp / "comparison.png", title="test Recall@20 / MRR@20 by candidate")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    from spark_jobs.contract import replace_dir
+
+    replace_dir(tmp, out_dir)
     client = _client()
     client.log_artifacts(parent_run_id, str(out_dir), "comparison")
     best = max(rows, key=lambda r: r.get(SELECT_METRIC) or -1.0) if rows else None

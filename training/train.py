@@ -27,7 +27,7 @@ import sys
 
 from training import registry
 from training.config import ConfigError
-from training.trainer import train
+from training.trainer import CheckpointMismatch, train
 
 
 def describe_families() -> str:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = train(a.model, a.data, a.out, a.config, a.set, a.resume, a.init_from,
                     show_progress=False if a.no_progress else None)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = res["history"][-1] if res["history"] else {}

@@ -48,6 +48,10 @@ class NonFiniteLoss(FloatingPointError):
     """Training produced NaN/inf; the message names the epoch and step."""
 
 
+class CheckpointMismatch(ValueError):
+    """A --resume / --init-from checkpoint of another family (the message names the file)."""
+
+
 def check_losses(losses: torch.Tensor, epoch: int, first_step: int, n_steps: int | None = None) -> None:
     """Raise :class:`NonFiniteLoss` naming the first non-finite step of ``losses``."""
     bad = ~torch.isfinite(losses)
@@ -169,13 +173,13 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
             raise FileNotFoundError(f"--resume: no checkpoint under {out / ck.CKPT_DIR}")
         resume_ckpt = ck.load_checkpoint(p)
         if resume_ckpt["model"] != model:
-            raise ValueError(f"--resume: {p} is a {resume_ckpt['model']!r} checkpoint, not {model!r}")
+            raise CheckpointMismatch(f"--resume: {p} is a {resume_ckpt['model']!r} checkpoint, not {model!r}")
         cfg = config_from_dict(resume_ckpt["config"], str(p))
         if config_file or sets or overrides:
             cfg = resolve_config(model, config_to_dict(cfg), config_file, sets, overrides)
     init_ckpt = ck.load_checkpoint(init_from) if init_from else None
     if init_ckpt is not None and init_ckpt["model"] != model:
-        raise ValueError(f"--init-from {init_from}: a {init_ckpt['model']!r} checkpoint, not {model!r}")
+        raise CheckpointMismatch(f"--init-from {init_from}: a {init_ckpt['model']!r} checkpoint, not {model!r}")
     if resume_ckpt is None:
         base = init_ckpt["config"] if init_ckpt is not None else None
         cfg = resolve_config(model, base, config_file, sets, overrides)

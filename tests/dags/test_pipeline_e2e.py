@@ -21,9 +21,14 @@ import pytest
 DATE = "2014-04-06"  # interval [2014-04-05, 2014-04-06): data covers 04-01 .. 04-05
 INTERVAL = "20140405T000000Z_20140406T000000Z"
 CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "synthetic_start": "2014-04-01",
-        "families": ["gru4rec", "pop"], "epochs": 1, "fractions": [4], "device": "cpu",
-        "overrides": {"gru4rec": {"layers": [32], "n_sample": 128, "batch_size": 32, "num_threads": 1}}}
-CANDIDATES = ["gru4rec", "gru4rec-recent4", "pop", "pop-recent4"]
+        "families": ["gru4rec", "pop", "toygru"], "epochs": 1, "fractions": [4], "device": "cpu",
+        "overrides": {"gru4rec": {"layers": [32], "n_sample": 128, "batch_size": 32, "num_threads": 1},
+                      "toygru": {"hidden": 8, "num_threads": 1}}}
+# toygru: the one-layer GRU defined and registered in tests/training/test_toy_family.py alone,
+# found by every Airflow task process through $RNNREC_PLUGINS (a family added without
+# touching the registry runs in the DAG's mapped train / evaluate tasks)
+PLUGIN = "tests.training.test_toy_family"
+CANDIDATES = ["gru4rec", "gru4rec-recent4", "pop", "pop-recent4", "toygru", "toygru-recent4"]
 
 
 def _snapshot(data: Path) -> dict:
@@ -60,6 +65,8 @@ def pipeline(tmp_path_factory):
     # tiny data: a few shuffle partitions, as `make demo` does (the DAG runs inherit the environment)
     old = os.environ.get("RNNREC_SPARK_CONF")
     os.environ["RNNREC_SPARK_CONF"] = "spark.sql.shuffle.partitions=2"
+    old_plugins = os.environ.get("RNNREC_PLUGINS")
+    os.environ["RNNREC_PLUGINS"] = PLUGIN
     try:
         first = run(CONF, DATE, data, runner="python")
         snap1 = _snapshot(data)
@@ -70,6 +77,10 @@ def pipeline(tmp_path_factory):
             os.environ.pop("RNNREC_SPARK_CONF", None)
         else:
             os.environ["RNNREC_SPARK_CONF"] = old
+        if old_plugins is None:
+            os.environ.pop("RNNREC_PLUGINS", None)
+        else:
+            os.environ["RNNREC_PLUGINS"] = old_plugins
     return {"data": data, "first": first, "second": second, "snap1": snap1, "snap2": snap2}
 
 
@@ -95,7 +106,7 @@ def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
     assert p.data.tags["rnnrec_dag_id"] == "session_rec_pipeline"
     assert p.data.tags["rnnrec_interval"] == "2014-04-05T00:00:00+00:00/2014-04-06T00:00:00+00:00"
     assert p.data.tags["rnnrec_dag_run_id"] and p.data.tags["rnnrec_git_commit"]
-    assert p.data.params["pipeline.families"] == '["gru4rec", "pop"]'
+    assert p.data.params["pipeline.families"] == '["gru4rec", "pop", "toygru"]'
     assert p.inputs.dataset_inputs and p.inputs.dataset_inputs[0].dataset.digest == \
         p.data.tags["rnnrec_manifest_sha256"][:32]
     parent_files = {f.path for f in c.list_artifacts(p.info.run_id, "comparison")}
@@ -106,6 +117,9 @@ def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
     kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")
     by = {r.data.tags["rnnrec_candidate"]: r for r in kids}
     assert sorted(by) == CANDIDATES
+    # the plugin family ran in the DAG's mapped tasks, on the autograd trainer
+    assert by["toygru"].data.tags["rnnrec_train_path"] == "torch" and by["toygru"].data.params["hidden"] == "8"
+    assert by["gru4rec"].data.tags["rnnrec_train_path"] == "chunk"
     g = by["gru4rec"]
     assert g.data.params["layers"] == "[32]" and g.data.params["n_epochs"] == "1"
     assert by["gru4rec-recent4"].data.params["train_table"] == "train_recent_4"

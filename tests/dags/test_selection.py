@@ -150,3 +150,27 @@ def test_unseen_model_prefers_the_final_model_then_the_selection_copy():
     assert unseen_model(tags, 150, "p_") == ("selection", "models:/s")
     assert unseen_model(tags, 100, "p_") is None  # ended AT the start: not strictly before
     assert unseen_model({}, 100, "p_") is None
+
+
+def test_models_with_different_item_indexes_are_compared_on_the_same_events(tmp_path):
+    """A champion from an older interval knows other items than the candidate: both are
+    evaluated with ``only_items`` = the items both know, so their per-event rows pair up."""
+    from evaluation.compare import check_same_test, load_eval
+    from evaluation.evaluate import evaluate
+    from tests.training.toy import toy_split
+    from training import checkpoint as ck
+    from training.train import train
+
+    a_split = toy_split(tmp_path / "a", n_train=150, n_test=40, n_items=200, seed=0)
+    b_split = toy_split(tmp_path / "b", n_train=20, n_test=40, n_items=200, seed=0)  # fewer items seen
+    for name, sp in (("a", a_split), ("b", b_split)):
+        train("pop", sp, tmp_path / f"run_{name}", show_progress=False)
+    ids = [ck.load_checkpoint(tmp_path / f"run_{n}")["item_index"]["item_id"].numpy() for n in "ab"]
+    assert len(ids[0]) != len(ids[1])
+    plain = [evaluate(tmp_path / f"run_{n}", a_split, tmp_path / f"plain_{n}", device="cpu")["n_events"]
+             for n in "ab"]
+    assert plain[0] != plain[1]  # without the restriction they score different events
+    common = np.intersect1d(*ids)
+    for n in "ab":
+        evaluate(tmp_path / f"run_{n}", a_split, tmp_path / f"common_{n}", device="cpu", only_items=common)
+    check_same_test(load_eval(tmp_path / "common_a"), load_eval(tmp_path / "common_b"))  # raises if not

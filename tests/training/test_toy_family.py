@@ -156,10 +156,10 @@ def test_unknown_family_and_wrong_checkpoint_fail_clearly(split, cli_run, tmp_pa
                         "--out", str(tmp_path / "x"), "--set", "hidden=abc"], cwd=ROOT, env=_env(),
                        capture_output=True, text=True)
     assert r.returncode == 2 and "'hidden'" in r.stderr and "is not an int" in r.stderr
-    from training.train import train
-
-    with pytest.raises(ValueError, match=r"a 'toygru' checkpoint, not 'gru4rec'"):
-        train("gru4rec", split, tmp_path / "ft", init_from=str(cli_run[0]), show_progress=False)
+    r = subprocess.run([sys.executable, "-m", "training.train", "--model", "gru4rec", "--data", str(split),
+                        "--out", str(tmp_path / "ft"), "--init-from", str(cli_run[0])], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"--init-from {cli_run[0]}: a 'toygru' checkpoint, not 'gru4rec'" in r.stderr
 
 
 def test_pyfunc_serves_the_toy_family(cli_run, tmp_path):
