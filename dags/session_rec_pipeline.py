@@ -10,9 +10,13 @@ date replaces exactly that date's outputs.
 
 ```
 resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking (MLflow parent run)
-  -> train[family]            (pool "gpu", mapped over the families, on train_full)
-  -> train_recent[family, k]  (pool "gpu", fine-tuned from train[family] on train_recent_<k>)
-  -> evaluate[...] (valid + test) -> compare_and_register (registry, alias "champion")
+  -> train[family]            (pool "gpu", mapped over the families: a selection copy on train
+                               and the final model on train_full)
+  -> train_recent[family, k]  (pool "gpu", fine-tuned from train[family]: the selection copy on
+                               the recent 1/k of train, the final model on train_recent_<k>)
+  -> evaluate[...] (selection copies on valid, final models on test)
+  -> compare_and_register (choose on valid; register; move "champion" only on a paired test
+                           against the champion on a table neither trained on)
 ```
 
 **Manual trigger** (Params are validated; a bad value fails `resolve` with the reason):
