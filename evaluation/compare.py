@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -65,6 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import stats
+from spark_jobs import contract as C
 
 log = logging.getLogger("evaluation.compare")
 
@@ -116,13 +116,8 @@ def find_eval_dir(path) -> Path:
 
 
 def rows_digest(columns: dict[str, np.ndarray]) -> str:
-    """SHA-256 of the sorted (session_id, position, target_item_id) rows (as int64)."""
-    h = hashlib.sha256()
-    h.update(f"{len(columns['session_id'])}:".encode())
-    for c in KEY_COLUMNS:
-        h.update(c.encode())
-        h.update(np.ascontiguousarray(columns[c], dtype=np.int64).tobytes())
-    return h.hexdigest()
+    """The evaluator's ``test_digest`` of these rows (``stats.events_digest``)."""
+    return stats.events_digest(*(columns[c] for c in KEY_COLUMNS))
 
 
 def load_eval(path) -> EvalRun:
@@ -318,29 +313,15 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
     result = {"metadata": meta, "runs": run_info, "rows": rows}
 
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "comparison.md", _markdown(result))
-    _atomic_text(out / "comparison.csv", _csv(rows))
-    _atomic_text(out / "comparison.json", json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
+    C.write_text(out / "comparison.md", _markdown(result))
+    C.write_text(out / "comparison.csv", _csv(rows))
+    C.write_text(out / "comparison.json", json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
     _plot_metrics(result, out / "comparison_metrics.png")
     _plot_diffs(result, out / "comparison_diffs.png")
     return result
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _atomic_write(path: Path, write) -> None:
-    from spark_jobs.contract import atomic_write
-
-    atomic_write(path, write)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-
-    _atomic_write(path, w)
 
 
 def _json_safe(o):
@@ -416,7 +397,7 @@ def _plt():
 def _save_png(fig, path: Path) -> None:
     plt = _plt()
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        C.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
 

@@ -52,9 +52,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import hashlib
-
 from evaluation.loop import MODES, evaluate_sessions
+from evaluation.stats import events_digest
 from evaluation.metrics import (DEFAULT_KS, DEFAULT_NS, TIE_MODES, coverage_and_popularity, future_hits,
                                 metrics_from_ranks,
                                 rank_from_counts, recall_at_k_n, recall_per_step)
@@ -96,14 +95,6 @@ def breakdown(rank: np.ndarray, values: np.ndarray, buckets, ks, future_rank=Non
                 row.update(recall_at_k_n(future_rank[sel], ks, DEFAULT_NS, top_k))
         rows.append(row)
     return rows
-
-
-def events_digest(session_ids: np.ndarray, positions: np.ndarray, target_item_ids: np.ndarray) -> str:
-    """sha256 of the (session_id, position, target_item_id) rows, sorted, as int64 LE triples."""
-    a = np.stack([np.asarray(session_ids, np.int64), np.asarray(positions, np.int64),
-                  np.asarray(target_item_ids, np.int64)], 1)
-    a = a[np.lexsort((a[:, 2], a[:, 1], a[:, 0]))]
-    return hashlib.sha256(np.ascontiguousarray(a.astype("<i8")).tobytes()).hexdigest()
 
 
 def default_history_tables(table: str) -> list[str]:

@@ -214,3 +214,15 @@ def wilcoxon(a_unit_means, b_unit_means, zero_method: str = "wilcox", method: st
         return 1.0
     res = stats.wilcoxon(a, b, zero_method=zero_method, alternative="two-sided", method=method)
     return float(res.pvalue)
+
+
+def events_digest(session_ids, positions, target_item_ids) -> str:
+    """sha256 of the (session_id, position, target_item_id) rows, sorted, as int64 LE triples:
+    equal iff two evaluations predicted the same events (metrics.json ``test_digest``,
+    ``evaluation.compare``)."""
+    import hashlib
+
+    a = np.stack([np.asarray(session_ids, np.int64), np.asarray(positions, np.int64),
+                  np.asarray(target_item_ids, np.int64)], 1)
+    a = a[np.lexsort((a[:, 2], a[:, 1], a[:, 0]))]
+    return hashlib.sha256(np.ascontiguousarray(a.astype("<i8")).tobytes()).hexdigest()

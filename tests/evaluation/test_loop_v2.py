@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from evaluation.evaluate import evaluate, events_digest
+from evaluation.evaluate import evaluate
+from evaluation.stats import events_digest
 from evaluation.loop import evaluate_sessions
 from evaluation.metrics import (coverage_and_popularity, metrics_from_ranks, recall_at_k_n,
                                 recall_per_step)
