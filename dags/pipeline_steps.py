@@ -71,7 +71,7 @@ PARAM_SPECS: dict[str, dict[str, Any]] = {
     "finetune": {"default": {}, "type": "object",
                  "description": 'Per-family, per-fraction typed overrides of the fine-tuning runs, e.g. '
                                 '{"gru4rec": {"4": {"learning_rate": 0.05, "n_epochs": 2, "init_optimizer": "carry"}}}.'},
-    "select_metric": {"default": "mrr_at_20", "type": "string", "pattern": r"^(recall|mrr|ndcg)_at_[0-9]+$",
+    "select_metric": {"default": "mrr_at_20", "type": "string", "pattern": r"^(recall|mrr|ndcg)_at_(1|5|10|20)$",
                       "description": "Metric on 'valid' (selection copies trained on 'train') that ranks candidates."},
     "promote_alpha": {"default": 0.05, "type": "number", "exclusiveMinimum": 0, "maximum": 1,
                       "description": "'champion' moves only with a better mean and paired Wilcoxon p below this."},
@@ -173,6 +173,9 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
         raise PipelineParamError(f"param 'epochs' = {p['epochs']!r}: an integer >= 0 (or null for the family default)")
     if p["device"] not in DEVICES:
         raise PipelineParamError(f"param 'device' = {p['device']!r}: one of {DEVICES}")
+    if not re.fullmatch(PARAM_SPECS["select_metric"]["pattern"], str(p["select_metric"])):
+        raise PipelineParamError(f"param 'select_metric' = {p['select_metric']!r}: recall|mrr|ndcg _at_ 1|5|10|20 "
+                                 "(the cut-offs the evaluator computes), e.g. mrr_at_20")
     if p["train_table"] not in TRAIN_TABLES:
         raise PipelineParamError(f"param 'train_table' = {p['train_table']!r}: one of {TRAIN_TABLES}")
     ov = p["overrides"] or {}
@@ -442,7 +445,8 @@ def evaluate_one(cfg: dict, trained: dict) -> dict:
     try:
         for table, model in (("valid", trained["select_run_dir"]), ("test", trained["run_dir"])):
             m = evaluate(model, trained["split_dir"], tmp / table, table=table, device=cfg["params"]["device"])
-            for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20", "ndcg_at_20"):
+            for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20", "ndcg_at_20",
+                      cfg["params"]["select_metric"]):
                 out[k if table == "test" else f"valid_{k}"] = m[k]
             out[f"{table}_digest"] = m.get("test_digest")
         out["eval_dir"] = str(dest)
@@ -583,7 +587,7 @@ def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str) -
                                    "valid_recall_at_20", "recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20",
                                    "precision_at_20", "train_table", "selection", "report_table",
                                    "registered_version", "registered_new", "digest", "child_run_id")} for r in rows]
-    ml.log_comparison(parent_run_id, slim, decisions, Path(cfg["root"]) / "comparison")
+    ml.log_comparison(parent_run_id, slim, decisions, Path(cfg["root"]) / "comparison", select_key=key)
     ml.finish_parent_run(parent_run_id)
     return {"candidates": slim, "registry": decisions, "parent_run_id": parent_run_id, "select_key": key,
             "comparison": str(Path(cfg["root"]) / "comparison")}

@@ -420,13 +420,6 @@ def download_checkpoint(model_uri: str, dest: str | os.PathLike) -> Path:
     return found[0]
 
 
-def champion_checkpoint(model_name: str, dest: str | os.PathLike) -> Path | None:
-    """Download the champion's checkpoint, or None without a champion."""
-    if champion(model_name) is None:
-        return None
-    return download_checkpoint(f"models:/{model_name}@champion", dest)
-
-
 def record_decision(model_name: str, version: str, decision: dict, move: bool) -> None:
     """Move ``champion`` to ``version`` when ``move``; either way the registry keeps why: the
     version's ``rnnrec_champion_decision`` tag and the model's ``rnnrec_last_decision``."""
@@ -434,12 +427,14 @@ def record_decision(model_name: str, version: str, decision: dict, move: bool) -
     text = f"{decision['action']}: {decision['reason']}"[:4900]
     if move:
         client.set_registered_model_alias(model_name, "champion", version)
-        client.set_model_version_tag(model_name, version, SELECT_METRIC, f"{decision['candidate_score']:.6f}")
+        key = f"valid_{decision['metric']}" if decision.get("metric") else SELECT_METRIC
+        client.set_model_version_tag(model_name, version, key, f"{decision['candidate_score']:.6f}")
     client.set_model_version_tag(model_name, version, f"{TAG}champion_decision", text)
     client.set_registered_model_tag(model_name, f"{TAG}last_decision", f"v{version} {text}"[:4900])
 
 
-def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], out_dir) -> Path:
+def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], out_dir,
+                   select_key: str = SELECT_METRIC) -> Path:
     """Comparison table (JSON + CSV) and bar chart on the parent run; also written to ``out_dir``."""
     from evaluation import plots
 
@@ -449,7 +444,7 @@ def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], 
     tmp.mkdir(parents=True)
     (tmp / "comparison.json").write_text(json.dumps({"candidates": rows, "registry": decisions}, indent=2,
                                                      sort_keys=True, default=str) + "\n")
-    cols = ["label", "family", "fraction", SELECT_METRIC, "recall_at_20", "mrr_at_20", "precision_at_20",
+    cols = ["label", "family", "fraction", select_key, "recall_at_20", "mrr_at_20", "precision_at_20",
             "recall_at_5", "mrr_at_5", "registered_version"]
     with open(tmp / "comparison.csv", "w") as f:
         f.write(",".join(cols) + "\n")
@@ -461,9 +456,11 @@ def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], 
     replace_dir(tmp, out_dir)
     client = _client()
     client.log_artifacts(parent_run_id, str(out_dir), "comparison")
-    best = max(rows, key=lambda r: r.get(SELECT_METRIC) or -1.0) if rows else None
+    from evaluation.selection import best_candidate
+
+    best = best_candidate(rows, select_key) if rows else None  # the same rule that chose
     if best:
-        client.log_metric(parent_run_id, f"best_{SELECT_METRIC}", float(best[SELECT_METRIC]))
+        client.log_metric(parent_run_id, f"best_{select_key}", float(best[select_key]))
         client.log_metric(parent_run_id, "best_recall_at_20", float(best.get("recall_at_20") or 0.0))
         client.set_tag(parent_run_id, f"{TAG}best_candidate", best["label"])
     return out_dir

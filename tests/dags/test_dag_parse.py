@@ -105,6 +105,7 @@ def test_dag_params_and_step_defaults_come_from_one_source():
     ({"families": []}, "param 'families' is empty"),
     ({"fractions": [0]}, "param 'fractions'"),
     ({"device": "tpu"}, "param 'device'"),
+    ({"select_metric": "mrr_at_7"}, "param 'select_metric'"),
     ({"dataset": "a b"}, "param 'dataset'"),
     ({"overrides": {"gru4rec": {"no_such_key": 1}}}, "no_such_key"),
     ({"overrides": {"gru4rec": {"batch_size": "many"}}}, "batch_size"),

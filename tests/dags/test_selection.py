@@ -44,10 +44,10 @@ def _split(root):
         "test": events_table(test, t0=1_700_000_000), "train_recent_4": recent})
 
 
-def _run(steps, tmp, split, seed=0):
+def _run(steps, tmp, split, seed=0, **params):
     cfg = steps.resolve({"data_dir": str(tmp), "families": ["gru4rec"], "fractions": [4], "epochs": 3,
                          "device": "cpu", "overrides": {"gru4rec": {**GRU, "seed": seed}},
-                         "finetune": {"gru4rec": {"4": {"n_epochs": 3}}}},
+                         "finetune": {"gru4rec": {"4": {"n_epochs": 3}}}, **params},
                         dag_id="session_rec_pipeline", dag_run_id=f"manual__{seed}",
                         interval_start="2014-04-07T00:00:00Z", interval_end="2014-04-08T00:00:00Z")
     prep = {"processed": str(tmp / "processed"), "split_dir": str(split)}
@@ -174,3 +174,27 @@ def test_models_with_different_item_indexes_are_compared_on_the_same_events(tmp_
     for n in "ab":
         evaluate(tmp_path / f"run_{n}", a_split, tmp_path / f"common_{n}", device="cpu", only_items=common)
     check_same_test(load_eval(tmp_path / "common_a"), load_eval(tmp_path / "common_b"))  # raises if not
+
+
+def test_another_selection_metric_chooses_and_is_recorded(tmp_path, monkeypatch):
+    """``select_metric`` is the key of every decision: registry tag, parent-run best, table."""
+    import mlflow
+
+    from dags import pipeline_steps as steps
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        split = _split(tmp_path)
+        _, evaluated, summary = _run(steps, tmp_path, split, select_metric="ndcg_at_10")
+        c = mlflow.tracking.MlflowClient()
+        best = max(evaluated, key=lambda e: e["valid_ndcg_at_10"])
+        assert summary["select_key"] == "valid_ndcg_at_10"
+        assert {d["metric"] for d in summary["registry"]} == {"ndcg_at_10"}
+        assert {d["model"]: d["candidate"] for d in summary["registry"]}["synthetic-best"] == best["candidate"]
+        champ = c.get_model_version_by_alias("synthetic-best", "champion")
+        assert float(champ.tags["valid_ndcg_at_10"]) == pytest.approx(best["valid_ndcg_at_10"], abs=1e-6)
+        parent = c.get_run(summary["parent_run_id"])
+        assert parent.data.tags["rnnrec_best_candidate"] == best["candidate"]
+        assert parent.data.metrics["best_valid_ndcg_at_10"] == pytest.approx(best["valid_ndcg_at_10"])
+    finally:
+        mlflow.set_tracking_uri(None)
