@@ -104,6 +104,7 @@ def _concat_history(data: SessionData, history) -> tuple:
     known = np.unique(t_users[t_users >= 0])
     items, offs, sids, ts, users = [data.items], [data.offsets[:-1]], [data.session_ids], \
         [data.start_ts], [t_users]
+    ev_ts = [_event_ts(data)]
     base = len(data.items)
     seen = set(data.session_ids.tolist())
     for h in history or ():
@@ -118,6 +119,7 @@ def _concat_history(data: SessionData, history) -> tuple:
         lens = np.diff(h.offsets)[s_idx]
         ev = np.concatenate([np.arange(h.offsets[s], h.offsets[s + 1]) for s in s_idx])
         items.append(h.items[ev])
+        ev_ts.append(_event_ts(h)[ev])
         offs.append(base + np.r_[0, np.cumsum(lens)[:-1]])
         base += int(lens.sum())
         sids.append(h.session_ids[s_idx])
@@ -125,7 +127,14 @@ def _concat_history(data: SessionData, history) -> tuple:
         users.append(h.user_ids[s_idx])
     offsets = np.r_[np.concatenate(offs), base].astype(np.int64)
     return (np.concatenate(items).astype(np.int64), offsets, np.concatenate(sids),
-            np.concatenate(ts), np.concatenate(users).astype(np.int64))
+            np.concatenate(ts), np.concatenate(users).astype(np.int64), np.concatenate(ev_ts))
+
+
+def _event_ts(data: SessionData) -> np.ndarray:
+    """Per-event times (us); tables built without them get each session's start time."""
+    if data.ts is not None:
+        return data.ts
+    return np.repeat(data.start_ts, np.diff(data.offsets))
 
 
 def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str = "session",
@@ -144,6 +153,7 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
     if mode == "session":
         items, offsets = data.items, data.offsets
         sids, ts = data.session_ids, data.start_ts
+        event_ts = _event_ts(data)
         users_all = data.user_ids
         # longest first (deterministic ties: start time, then session id)
         order = np.lexsort((data.session_ids, data.start_ts, -lens_t))
@@ -151,7 +161,7 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         key[order] = np.arange(n_test)
         lane = np.arange(n_test, dtype=np.int64)  # each session its own pseudo-user
     else:
-        items, offsets, sids, ts, users_all = _concat_history(data, history)
+        items, offsets, sids, ts, users_all, event_ts = _concat_history(data, history)
         n_all = len(sids)
         is_test = np.arange(n_all) < n_test
         # anonymous test sessions: a lane of their own (negative pseudo ids never clash)
@@ -198,6 +208,7 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
     t0 = time.perf_counter()
     state = scorer.begin(n_used) if n_used else None
     can_shrink = hasattr(scorer, "select")
+    uses_time = bool(getattr(scorer, "uses_time", False))
     sl = np.arange(n_used)  # row of the scorer's state -> schedule slot
     for t in range(sch.n_steps if n_used else 0):
         tg = sch.targets[t, sl]
@@ -217,7 +228,13 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
                                                   -1)).to(dev)
             state = scorer.start_session(state, torch.from_numpy(starting).to(dev), users)
         x = sch.inputs[t, sl].clip(min=0)
-        scores, state = scorer.step(state, torch.from_numpy(x).to(dev))
+        if uses_time:  # time-aware baselines (STAN, time-decayed Item-KNN): input events' times
+            act = sess >= 0
+            ev_in = np.where(act, offsets[sess.clip(min=0)] + sch.position[t, sl], 0)
+            scores, state = scorer.step(state, torch.from_numpy(x).to(dev),
+                                        torch.from_numpy(np.where(act, event_ts[ev_in], 0)).to(dev))
+        else:
+            scores, state = scorer.step(state, torch.from_numpy(x).to(dev))
         scored = valid & (sess < n_test)  # idle rows have sess == -1 < n_test but valid False
         n_hist_steps += int((valid & (sess >= n_test)).sum())
         r = np.flatnonzero(scored)

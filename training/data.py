@@ -82,6 +82,7 @@ class SessionData:
     n_unknown_dropped: int = 0  # events whose item is not in the index
     n_short_dropped: int = 0  # sessions dropped for having < min_len events
     end_ts_per_session: np.ndarray | None = None  # int64 [n_sessions] last event time (us)
+    ts: np.ndarray | None = None  # int64 [n_events] event time (us), in-session time order
 
     @property
     def end_ts(self) -> int:
@@ -118,7 +119,8 @@ class SessionData:
                            user_ids=self.user_ids[keep] if self.user_ids is not None else None,
                            n_unknown_dropped=self.n_unknown_dropped, n_short_dropped=self.n_short_dropped,
                            end_ts_per_session=self.end_ts_per_session[keep]
-                           if self.end_ts_per_session is not None else None)
+                           if self.end_ts_per_session is not None else None,
+                           ts=self.ts[idx] if self.ts is not None else None)
 
     def order(self, how: str, rng: np.random.Generator | None = None) -> np.ndarray:
         """Session processing order: "time" (by first event, ties by id) or "random"."""
@@ -206,6 +208,7 @@ def read_events(
         n_unknown_dropped=n_unknown,
         n_short_dropped=n_short,
         end_ts_per_session=ts[offsets[1:] - 1] if len(sid) else np.zeros(0, np.int64),
+        ts=ts.astype(np.int64),
     )
 
 

@@ -20,6 +20,17 @@ from typing import Any
 BUILTIN: dict[str, str] = {
     "gru4rec": "training.families.gru4rec:GRU4RecFamily",
     "pop": "training.baselines.pop:PopFamily",
+    "spop": "training.baselines.spop:SPopFamily",
+    "ppop": "training.baselines.ppop:PPopFamily",
+    "itemknn": "training.baselines.itemknn:ItemKNNFamily",
+    "itemknn_td": "training.baselines.itemknn:TimeDecayItemKNNFamily",
+    "bprmf": "training.baselines.bprmf:BPRMFFamily",
+    "coevent": "training.baselines.coevent:CoEventFamily",
+    "coevent_tied": "training.baselines.coevent:TiedCoEventFamily",
+    "sknn": "training.baselines.sknn:SKNNFamily",
+    "vsknn": "training.baselines.sknn:VSKNNFamily",
+    "stan": "training.baselines.sknn:STANFamily",
+    "vstan": "training.baselines.sknn:VSTANFamily",
 }
 
 _registered: dict[str, Any] = {}

@@ -16,6 +16,10 @@ to a model only through::
     state = scorer.select(state, rows)              # OPTIONAL: keep only these state rows once
                                                     # some slots have gone idle for good (speed)
 
+A scorer with the class attribute ``uses_time = True`` (STAN, time-decayed Item-KNN) is
+stepped as ``scorer.step(state, items, ts)`` with ``ts`` the input events' times (int64
+microseconds since the epoch, 0 on idle rows).
+
 ``items`` holds item_idx (dense, from the model's own item index) for every
 slot; idle slots carry item 0 and their scores are ignored. ``slots`` is a bool
 tensor [n_slots]; ``users`` an int64 tensor [n_slots] (-1 = unknown/anonymous).
