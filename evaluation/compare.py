@@ -309,7 +309,8 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
     }
     run_info = {n: {"dirs": [str(r.path) for r in loaded[n]],
                     "models": [r.metrics.get("model") for r in loaded[n]],
-                    "seed_values": {m: seed_points[n, m] for m in metrics}} for n in names}
+                    "seed_values": {m: seed_points[n, m] for m in metrics},
+                    "cost": _cost(loaded[n])} for n in names}
     result = {"metadata": meta, "runs": run_info, "rows": rows}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +323,23 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
 
 
 # --------------------------------------------------------------------------- writing
+
+
+COST_KEYS = ("fit_seconds", "eval_seconds", "eval_events_per_s", "n_parameters", "model_bytes")
+
+
+def _cost(evals: list[EvalRun]) -> dict:
+    """Mean over a run's evaluations of what evaluate recorded about its cost (None when
+    an evaluation predates these fields)."""
+    out = {}
+    for k in COST_KEYS:
+        v = [r.metrics.get(k) for r in evals]
+        out[k] = float(np.mean(v)) if v and all(isinstance(x, (int, float)) for x in v) else None
+    return out
+
+
+def _fmt_cost(v, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
 
 
 def _json_safe(o):
@@ -379,6 +397,17 @@ def _markdown(result: dict) -> str:
             cells.append("—" if n == base else
                          f"{_fmt_ci(r['diff'], r['diff_lo'], r['diff_hi'], signed=True)}, {_fmt_p(r['p_value'])}")
         lines.append("| " + " | ".join(cells) + " |")
+    costs = {n: result["runs"][n].get("cost") or {} for n in names}
+    if any(any(v is not None for v in c.values()) for c in costs.values()):
+        lines += ["", "Cost (mean over a run's seeds; fit = the training run's wall time, scoring = the evaluation "
+                  "loop's wall time over this table; timings are of the machine and thread count they ran on):", "",
+                  "| run | fit s | scoring s | scored events/s | parameters | model MB |", "|---|---:|---:|---:|---:|---:|"]
+        for n in names:
+            c = costs[n]
+            mb = None if c.get("model_bytes") is None else c["model_bytes"] / 1e6
+            lines.append(f"| {n} | {_fmt_cost(c.get('fit_seconds'), '.1f')} | {_fmt_cost(c.get('eval_seconds'), '.1f')} | "
+                         f"{_fmt_cost(c.get('eval_events_per_s'), ',.0f')} | {_fmt_cost(c.get('n_parameters'), ',.0f')} | "
+                         f"{_fmt_cost(mb, '.2f')} |")
     lines += ["", "Runs:", ""]
     for n in names:
         lines.append(f"- {n}: " + ", ".join(f"`{d}`" for d in result["runs"][n]["dirs"]))

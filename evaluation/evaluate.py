@@ -44,6 +44,7 @@ model are removed first, then sessions left with < 2 events are dropped
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -51,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from evaluation.loop import MODES, evaluate_sessions
 from evaluation.stats import events_digest
@@ -115,6 +117,22 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     C.atomic_write(path, w)
 
 
+def model_cost(model_dir, ckpt: dict) -> dict:
+    """What a model costs, for the results tables: ``n_parameters`` (elements of its
+    floating-point tensors: weights, or a kNN's similarity values), ``model_bytes`` (every
+    tensor of its state, index arrays included) and ``fit_seconds`` (the training run's wall
+    time from ``history.json``, None when the run did not record it)."""
+    sd = ckpt.get("state_dict") or {}
+    tensors = [v for v in sd.values() if isinstance(v, torch.Tensor)]
+    fit = None
+    hist = Path(model_dir) / "history.json"
+    if Path(model_dir).is_dir() and hist.exists():
+        fit = json.loads(hist.read_text()).get("run", {}).get("fit_seconds")
+    return {"n_parameters": int(sum(t.numel() for t in tensors if t.is_floating_point())),
+            "model_bytes": int(sum(t.numel() * t.element_size() for t in tensors)),
+            "fit_seconds": fit}
+
+
 def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conservative",
              ks=DEFAULT_KS, n_slots: int = 512, device: str = "auto", mode: str = "session",
              history_tables=None, only_items=None) -> dict:
@@ -175,6 +193,7 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
         "n_slots": n_slots, "ties_recall_at_k_n": "conservative", "n_future": FUTURE_STEPS,
         f"coverage_at_{top_k}": coverage, f"mean_popularity_at_{top_k}": popularity,
         "test_digest": events_digest(sess_ids, res.position, tgt_ids),
+        **model_cost(model_dir, ckpt),
     })
     out.mkdir(parents=True, exist_ok=True)
     ck.write_json(out / "metrics.json", metrics)

@@ -204,6 +204,7 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
         valid = read_events(data_dir, cfg.early_stop_table, index, min_session_length=2)
         _disjoint_sessions(data, valid, cfg.train_table, cfg.early_stop_table)
 
+    t_fit0 = time.perf_counter()  # fit_seconds: family build (a baseline's counting) + epochs + checkpoints
     fam = fam_cls(cfg, TrainContext(index=index, data=data, support=support, device=device))
     history: list[dict] = []
     start_epoch = 0
@@ -263,6 +264,7 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
 
     def save(epoch: int, final: bool = True) -> None:
         ck.save_checkpoint(out, ckpt_dict(epoch), final=final)
+        run_info["fit_seconds"] = round(time.perf_counter() - t_fit0, 3)
         ck.write_json(out / "history.json", {"run": run_info, "epochs": history})
 
     n_epochs = cfg.n_epochs if fam.trainable else 0
