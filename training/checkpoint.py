@@ -104,6 +104,9 @@ def weights_digest(ckpt: dict) -> str:
     for k in sorted(ckpt["state_dict"]):
         t = ckpt["state_dict"][k]
         h.update(k.encode())
+        if not isinstance(t, torch.Tensor):  # plain numbers / lists in a baseline's state
+            h.update(json.dumps(t, sort_keys=True).encode())
+            continue
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

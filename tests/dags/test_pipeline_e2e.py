@@ -21,14 +21,15 @@ import pytest
 DATE = "2014-04-06"  # interval [2014-04-05, 2014-04-06): data covers 04-01 .. 04-05
 INTERVAL = "20140405T000000Z_20140406T000000Z"
 CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "synthetic_start": "2014-04-01",
-        "families": ["gru4rec", "pop", "toygru"], "epochs": 1, "fractions": [4], "device": "cpu",
+        "families": ["gru4rec", "pop", "toygru", "vsknn"], "epochs": 1, "fractions": [4], "device": "cpu",
         "overrides": {"gru4rec": {"layers": [32], "n_sample": 128, "batch_size": 32, "num_threads": 1},
                       "toygru": {"hidden": 8, "num_threads": 1}}}
 # toygru: the one-layer GRU defined and registered in tests/training/test_toy_family.py alone,
 # found by every Airflow task process through $RNNREC_PLUGINS (a family added without
-# touching the registry runs in the DAG's mapped train / evaluate tasks)
+# touching the registry runs in the DAG's mapped train / evaluate tasks); vsknn: a session-kNN
+# baseline (issue 14) in the same tasks, its "fine-tuned" candidate refit on train_recent_4
 PLUGIN = "tests.training.test_toy_family"
-CANDIDATES = ["gru4rec", "gru4rec-recent4", "pop", "pop-recent4", "toygru", "toygru-recent4"]
+CANDIDATES = ["gru4rec", "gru4rec-recent4", "pop", "pop-recent4", "toygru", "toygru-recent4", "vsknn", "vsknn-recent4"]
 
 
 def _snapshot(data: Path) -> dict:
@@ -106,7 +107,7 @@ def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
     assert p.data.tags["rnnrec_dag_id"] == "session_rec_pipeline"
     assert p.data.tags["rnnrec_interval"] == "2014-04-05T00:00:00+00:00/2014-04-06T00:00:00+00:00"
     assert p.data.tags["rnnrec_dag_run_id"] and p.data.tags["rnnrec_git_commit"]
-    assert p.data.params["pipeline.families"] == '["gru4rec", "pop", "toygru"]'
+    assert p.data.params["pipeline.families"] == '["gru4rec", "pop", "toygru", "vsknn"]'
     assert p.inputs.dataset_inputs and p.inputs.dataset_inputs[0].dataset.digest == \
         p.data.tags["rnnrec_manifest_sha256"][:32]
     parent_files = {f.path for f in c.list_artifacts(p.info.run_id, "comparison")}
@@ -124,6 +125,9 @@ def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
     assert g.data.params["layers"] == "[32]" and g.data.params["n_epochs"] == "1"
     assert by["gru4rec-recent4"].data.params["train_table"] == "train_recent_4"
     assert by["gru4rec-recent4"].data.tags["rnnrec_fraction"] == "4"
+    # a baseline's "fine-tuned" candidate: refit (counted again) on the recent table, nothing trained
+    assert by["vsknn-recent4"].data.params["train_table"] == "train_recent_4"
+    assert by["vsknn"].data.tags["rnnrec_train_path"] == "none"
     for r in kids:
         m = r.data.metrics
         for k in ("recall_at_20", "mrr_at_20", "precision_at_20", "valid_mrr_at_20", "recall_at_5"):
