@@ -30,7 +30,7 @@ an ``IncompatibleRunsError`` naming the two runs. Rows are then aligned by
 sorting on those keys, so the order in which evaluate wrote them is irrelevant.
 
 Statistics (``evaluation.stats``): the resampling unit is the session, or
-the user when ``--unit user`` (or ``auto`` and every run has a ``user_id``
+the user when ``--unit user`` (or ``auto`` and every event of every run has a ``user_id``
 column); 95 % percentile intervals from ``--n-boot`` cluster resamples with
 one ``--seed`` (common random numbers across runs and metrics); differences
 are run minus baseline with a paired bootstrap over the same resamples, and
@@ -189,20 +189,33 @@ def metric_values(run: EvalRun, metric: str) -> np.ndarray:
 # --------------------------------------------------------------------------- statistics
 
 
+def _missing_users(u: np.ndarray) -> np.ndarray:
+    u = np.asarray(u, dtype=np.float64)
+    return np.isnan(u) | (u < 0)
+
+
 def _unit_of(loaded: dict[str, list[EvalRun]], unit: str) -> tuple[str, np.ndarray]:
     runs = [r for rs in loaded.values() for r in rs]
     has_user = all("user_id" in r.columns for r in runs)
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if unit == "auto":
-        unit = "user" if has_user else "session"
+        # users are the unit only when every event has one (anonymous sessions, e.g. most of
+        # diginetica's, cannot be grouped by user): otherwise sessions
+        unit = "user" if has_user and not any(_missing_users(r.columns["user_id"]).any() for r in runs) \
+            else "session"
     if unit == "user":
         if not has_user:
             lacking = [str(r.path) for r in runs if "user_id" not in r.columns]
             raise ValueError(f"--unit user needs a user_id column in every per_event.parquet; missing in {lacking}")
         ref = runs[0].columns["user_id"]
+        n_missing = int(_missing_users(ref).sum())
+        if n_missing:
+            raise ValueError(f"--unit user: {n_missing} of {len(ref)} events in {runs[0].path} have no user_id "
+                             "(anonymous sessions); use --unit session")
         for r in runs[1:]:
-            if not np.array_equal(r.columns["user_id"], ref):
+            if not np.array_equal(np.asarray(r.columns["user_id"], np.float64), np.asarray(ref, np.float64),
+                                  equal_nan=True):
                 raise IncompatibleRunsError(f"runs ({runs[0].path}) and ({r.path}) assign different "
                                             "user_id values to the same events")
         return unit, ref
@@ -400,7 +413,9 @@ def _markdown(result: dict) -> str:
     costs = {n: result["runs"][n].get("cost") or {} for n in names}
     if any(any(v is not None for v in c.values()) for c in costs.values()):
         lines += ["", "Cost (mean over a run's seeds; fit = the training run's wall time, scoring = the evaluation "
-                  "loop's wall time over this table; timings are of the machine and thread count they ran on):", "",
+                  "loop's wall time over this table; timings are of the machine and thread count they ran on; "
+                  "parameters = elements of floating-point tensors, while a kNN's state is mostly integer index "
+                  "arrays, counted in model MB):", "",
                   "| run | fit s | scoring s | scored events/s | parameters | model MB |", "|---|---:|---:|---:|---:|---:|"]
         for n in names:
             c = costs[n]

@@ -190,6 +190,20 @@ def test_user_id_column_makes_users_the_resampled_unit(tmp_path):
     assert res["rows"][0]["n_units"] == N_SESSIONS
 
 
+def test_anonymous_sessions_make_sessions_the_unit(tmp_path):
+    """diginetica: most sessions have no user (null user_id). auto falls back to sessions, two
+    runs with the same nulls are compatible (NaN == NaN here), and --unit user refuses."""
+    sid = _events()[0]
+    users = np.where(sid % 3 == 0, (sid - 100) // 4, -1)
+    u = pa.array(users, pa.int64(), mask=users < 0)  # nulls, as evaluate writes anonymous sessions
+    a = write_eval(tmp_path / "a", _ranks(1, 30), extra_columns={"user_id": u})
+    b = write_eval(tmp_path / "b", _ranks(2, 80), extra_columns={"user_id": u}, shuffle=1)
+    res = compare({"a": [a], "b": [b]}, "b", tmp_path / "cmp", metrics=["recall_at_20"], n_boot=50)
+    assert res["metadata"]["unit"] == "session" and res["rows"][0]["n_units"] == N_SESSIONS
+    with pytest.raises(ValueError, match="have no user_id"):
+        compare({"a": [a], "b": [b]}, "b", tmp_path / "cmp2", metrics=["recall_at_20"], n_boot=50, unit="user")
+
+
 def test_unit_user_without_user_id_is_an_error(tmp_path, two_runs):
     gru_dir, _, pop_dir, _ = two_runs
     with pytest.raises(ValueError, match="user_id"):
