@@ -71,7 +71,8 @@ def test_pyfunc_serves_it(name, trained, tmp_path):
     path = tmp_path / "pyfunc"
     mlflow.pyfunc.save_model(str(path), python_model=serving.SessionRecModel(),
                              artifacts={serving.CHECKPOINT_ARTIFACT: str(trained[name] / "model.pt")},
-                             signature=serving.signature())
+                             signature=serving.signature(),
+                             pip_requirements=["torch"])  # skip MLflow's requirement inference (~12 s a model)
     out = mlflow.pyfunc.load_model(str(path)).predict(pd.DataFrame({"session": [[105, 106, 107], [110]]}),
                                                       params={"k": 5})
     assert [len(x) for x in out["items"]] == [5, 5]

@@ -172,7 +172,8 @@ def test_pyfunc_serves_the_toy_family(cli_run, tmp_path):
     path = tmp_path / "pyfunc"
     mlflow.pyfunc.save_model(str(path), python_model=serving.SessionRecModel(),
                              artifacts={serving.CHECKPOINT_ARTIFACT: str(run / "model.pt")},
-                             signature=serving.signature())
+                             signature=serving.signature(),
+                             pip_requirements=["torch"])  # skip MLflow's requirement inference (~12 s)
     model = mlflow.pyfunc.load_model(str(path))
     out = model.predict(pd.DataFrame({"session": [[105, 106, 107]]}), params={"k": 5})
     assert len(out["items"][0]) == 5 and 108 in out["items"][0]  # "next = item + 1" learnt
