@@ -132,3 +132,20 @@ def test_dag_families_param_takes_every_baseline(tmp_path):
     for name in BASELINES:
         assert ("n_epochs" in cfg["overrides"][name]) == registry.get(name).trainable, name
     assert np.all([isinstance(cfg["overrides"][n], dict) for n in BASELINES])
+
+
+def test_event_times_are_read_per_event_and_follow_recent(split):
+    """Time-aware baselines (STAN, itemknn_td) read per-event times: toy session k's event j is
+    at t0 + 1000 k + 10 j seconds (tests/training/toy.py); recent(k) keeps them aligned."""
+    from training.data import read_events, read_item_index
+
+    d = read_events(split, "train_full", read_item_index(split))
+    lengths = np.diff(d.offsets)
+    within = np.concatenate([np.arange(n) for n in lengths])
+    # short sessions (< 2 events) are dropped: compare through the sessions' own start times
+    assert np.array_equal(d.ts - np.repeat(d.start_ts, lengths), 10 * within * 1_000_000)
+    assert np.array_equal(d.ts[d.offsets[:-1]], d.start_ts) and np.array_equal(d.ts[d.offsets[1:] - 1],
+                                                                                 d.end_ts_per_session)
+    r = d.recent(4)
+    rl = np.diff(r.offsets)
+    assert np.array_equal(r.ts - np.repeat(r.start_ts, rl), 10 * np.concatenate([np.arange(n) for n in rl]) * 1_000_000)
