@@ -189,7 +189,7 @@ def main(argv=None) -> int:
 
     from evaluation.compare import compare
 
-    runs, tuning, chosen = {}, [], {}
+    runs, tuning = {}, []
     g_best, rows = tune("gru4rec", split, work, a.select, a.threads, points=GRU4REC_GRID)
     tuning += rows
     tag = "" if not g_best else "-bprmax"
@@ -200,7 +200,6 @@ def main(argv=None) -> int:
     for m in models:
         best, rows = tune(m, split, work, a.select, a.threads)
         tuning += rows
-        chosen[m] = best
         r = fit_and_score(m, split, work / m, "test", "train_full", best, a.threads)
         runs[m] = [r["eval_dir"]]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,8 +61,6 @@ def measure(model: str, split: Path, work: Path, n: int, threads: int, timeout_s
     if fit["rc"] != 0:
         return {"fit": fit, "error": f"fit failed, see {fit['log']}"}
     env_threads = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    import os
-
     evr = run_measured([sys.executable, "-m", "evaluation.evaluate", "--model-dir", str(run), "--data", str(split),
                         "--out", str(ev)], work / "logs" / f"eval-{model}-{label(n)}.log", timeout_s,
                        env={**os.environ, **env_threads})

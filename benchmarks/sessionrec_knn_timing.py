@@ -19,7 +19,8 @@ import time
 
 sys.path.insert(0, os.environ.get("SESSION_REC", "/tmp/sr"))
 sys.path.append(os.environ.get("SESSION_REC_DEPS", "/tmp/sr_deps"))
-import numpy as np, pandas as pd, pyarrow.dataset as ds
+import numpy as np
+import pyarrow.dataset as ds
 np.in1d = np.isin  # numpy 2 removed in1d (session-rec predates it): same function
 
 split, model, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
