@@ -206,7 +206,12 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
     top_counts = torch.zeros(scorer.n_items, dtype=torch.int64)
     kk = min(top_k + 1, scorer.n_items)
     t0 = time.perf_counter()
-    state = scorer.begin(n_used) if n_used else None
+    if not n_used:
+        state = None
+    elif getattr(scorer, "wants_mode", False):  # e.g. a user-sequence RNN: carry state across a user's sessions
+        state = scorer.begin(n_used, mode=mode)
+    else:
+        state = scorer.begin(n_used)
     can_shrink = hasattr(scorer, "select")
     uses_time = bool(getattr(scorer, "uses_time", False))
     sl = np.arange(n_used)  # row of the scorer's state -> schedule slot

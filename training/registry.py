@@ -19,6 +19,12 @@ from typing import Any
 #: name -> "module:attribute" of the family class
 BUILTIN: dict[str, str] = {
     "gru4rec": "training.families.gru4rec:GRU4RecFamily",
+    "seqrnn": "training.families.seqrnn:SeqRNNFamily",
+    "seqrnn_re": "training.families.seqrnn:SeqRNNREFamily",
+    "seqrnn_ln": "training.families.seqrnn:SeqRNNLNFamily",
+    "seqrnn_re_ln": "training.families.seqrnn:SeqRNNRELNFamily",
+    "seqrnn_stack_re_ln": "training.families.seqrnn:StackedRELNFamily",
+    "hmlstm_re_ln": "training.families.seqrnn:HMLSTMRELNFamily",
     "pop": "training.baselines.pop:PopFamily",
     "spop": "training.baselines.spop:SPopFamily",
     "ppop": "training.baselines.ppop:PPopFamily",

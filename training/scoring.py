@@ -16,6 +16,11 @@ to a model only through::
     state = scorer.select(state, rows)              # OPTIONAL: keep only these state rows once
                                                     # some slots have gone idle for good (speed)
 
+A scorer with the class attribute ``wants_mode = True`` is begun as ``scorer.begin(n_slots,
+mode=mode)`` with the loop's mode ("session" | "user"), so that a model of user sequences
+(``seqrnn`` with ``sequence=user``) carries its state across one user's sessions in user mode
+and resets it at every session in session mode.
+
 A scorer with the class attribute ``uses_time = True`` (STAN, time-decayed Item-KNN) is
 stepped as ``scorer.step(state, items, ts)`` with ``ts`` the input events' times (int64
 microseconds since the epoch, 0 on idle rows).
