@@ -115,22 +115,33 @@ def _same_settings(prev, over: dict) -> bool:
 
 
 def fit_and_score(model: str, split: Path, run_dir: Path, table: str, train_table: str, sets: dict,
-                  threads: int) -> dict:
+                  threads: int, mode: str = "session", also: tuple[str, ...] = ()) -> dict:
+    """Fit ``model`` on ``train_table`` with ``sets`` and evaluate it on ``table`` (and on the
+    tables in ``also``: ``metrics_<table>``) in evaluation ``mode``; cached by settings."""
     from evaluation.evaluate import evaluate
     from training.trainer import train
 
     over = {**sets, "train_table": train_table, "num_threads": threads}
     done = run_dir / "done.json"  # re-runs reuse a finished fit + evaluation with the same settings
-    if done.exists() and _same_settings(json.loads(done.read_text()).get("sets"), over):
-        m = json.loads((run_dir / f"eval-{table}" / "metrics.json").read_text())
-        return {"metrics": m, "fit_wall_s": json.loads(done.read_text())["fit_wall_s"],
-                "eval_dir": run_dir / f"eval-{table}"}
+    tables = (table, *also)
+    if done.exists():
+        rec = json.loads(done.read_text())
+        if _same_settings(rec.get("sets"), over) and rec.get("mode", "session") == mode \
+                and all((run_dir / f"eval-{t}" / "metrics.json").exists() for t in tables):
+            out = {"fit_wall_s": rec["fit_wall_s"], "eval_dir": run_dir / f"eval-{table}"}
+            for t in tables:
+                m = json.loads((run_dir / f"eval-{t}" / "metrics.json").read_text())
+                out["metrics" if t == table else f"metrics_{t}"] = m
+            return out
     t0 = time.perf_counter()
     train(model, split, run_dir / "model", overrides=over, show_progress=False)
     fit = time.perf_counter() - t0
-    m = evaluate(run_dir / "model", split, run_dir / f"eval-{table}", table=table)
-    done.write_text(json.dumps({"sets": over, "fit_wall_s": fit}))
-    return {"metrics": m, "fit_wall_s": fit, "eval_dir": run_dir / f"eval-{table}"}
+    out = {"fit_wall_s": fit, "eval_dir": run_dir / f"eval-{table}"}
+    for t in tables:
+        m = evaluate(run_dir / "model", split, run_dir / f"eval-{t}", table=t, mode=mode)
+        out["metrics" if t == table else f"metrics_{t}"] = m
+    done.write_text(json.dumps({"sets": over, "fit_wall_s": fit, "mode": mode}))
+    return out
 
 
 def tune(model: str, split: Path, work: Path, select: str, threads: int, points=None) -> tuple[dict, list[dict]]:

@@ -5,7 +5,7 @@ Run::
     python -m evaluation.compare EVAL_DIR [EVAL_DIR ...] --baseline EVAL_DIR --out DIR \
         [--run NAME=EVAL_DIR[,EVAL_DIR...]] [--names a,b,c] \
         [--metrics recall_at_20,mrr_at_20,recall_at_5,mrr_at_5] [--unit auto|session|user] \
-        [--n-boot 1000] [--seed 0] [--level 0.95]
+        [--n-boot 1000] [--seed 0] [--level 0.95] [--by-length [2-5,6-25,26-]]
 
 An EVAL_DIR is what ``python -m evaluation.evaluate --out EVAL_DIR`` writes
 (``metrics.json`` + ``per_event.parquet``), or a folder holding exactly one
@@ -34,19 +34,41 @@ the user when ``--unit user`` (or ``auto`` and every event of every run has a ``
 column); 95 % percentile intervals from ``--n-boot`` cluster resamples with
 one ``--seed`` (common random numbers across runs and metrics); differences
 are run minus baseline with a paired bootstrap over the same resamples, and
-a two-sided paired Wilcoxon signed-rank test on per-unit means.
+a two-sided paired Wilcoxon signed-rank test on per-unit means. The uplift
+(Villatel et al. 2018, Tables 4 and 5) is the relative difference
+``(mean_run - mean_baseline) / mean_baseline`` in percent; its CI is the
+percentile interval of the same ratio of resampled means over the same paired
+resamples (none when the baseline's mean is 0: in the point estimate, uplift
+and CI are empty; in some resample only, the CI is).
 
 Metrics: ``recall|mrr|ndcg|precision_at_K`` are computed from the per-event
 ``rank``; any other name must be a numeric per-event column (e.g. a future
 ``hit_at_20_n5``), used as is (``recall_at_K_nN`` also finds ``hit_at_K_nN``).
+``recall_at_K_n_1`` (Villatel's Recall@K,N=1, which evaluate writes no column
+for) is ``1 + n_greater + n_ties <= K``: the next item under the conservative
+tie rule that evaluate uses for every Recall@K,N. Villatel's Table 4 is
+``--metrics recall_at_20_n_1,recall_at_20_n_5``.
+
+``--by-length 2-5,6-25,26-`` (Table 5; ``--by-length`` alone: these buckets;
+``LO-`` or ``LO+`` has no upper bound): the same statistics within each bucket
+of the per-event ``session_length`` (the evaluated session's number of events),
+each bucket resampled over its own units (paired, one seed); a bucket without
+events is shown empty.
 
 Writes into DIR (each file atomically): ``comparison.md``, ``comparison.csv``
 (one row per run x metric), ``comparison.json`` (rows + metadata),
 ``comparison_metrics.png`` (metric bars with CIs) and ``comparison_diffs.png``
-(differences to the baseline with CIs). From Python (the DAG)::
+(differences to the baseline with CIs); with ``--by-length`` also
+``comparison_by_length.{md,csv,json}`` (one row per bucket x run x metric;
+its tables are a section of comparison.md too); and, when every evaluation
+of every run has ``recall_per_step.json`` (evaluate writes it),
+``comparison_future_steps.png`` and ``.csv`` (Villatel's Figure 3: Recall@20
+of the item d steps ahead, d = 1..20, per run; a run of several seeds: mean
+over seeds, band min..max; and its uplift over the baseline). From Python (the DAG)::
 
     from evaluation.compare import compare
-    compare({"gru4rec": [d1, d2, d3], "pop": [d4]}, baseline="pop", out=DIR)
+    compare({"gru4rec": [d1, d2, d3], "pop": [d4]}, baseline="pop", out=DIR,
+            by_length=[(2, 5), (6, 25), (26, None)])
 """
 from __future__ import annotations
 
@@ -56,6 +78,7 @@ import io
 import json
 import logging
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -74,7 +97,18 @@ UNITS = ("auto", "session", "user")
 KEY_COLUMNS = ("session_id", "position", "target_item_id")
 METRICS_FILE, PER_EVENT_FILE = "metrics.json", "per_event.parquet"
 CSV_COLUMNS = ("run", "metric", "is_baseline", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi",
+               "uplift", "uplift_lo", "uplift_hi",
                "p_value", "n_events", "n_units", "unit", "n_seeds", "seed_min", "seed_max")
+#: comparison_by_length.csv: one row per length bucket x run x metric
+BY_LENGTH_CSV_COLUMNS = ("bucket", "length_min", "length_max", "run", "metric", "is_baseline", "mean", "lo", "hi",
+                         "diff", "diff_lo", "diff_hi", "uplift", "uplift_lo", "uplift_hi",
+                         "n_events", "n_units", "unit", "n_seeds")
+#: Villatel et al.'s session-length buckets (Table 5); ``None``: no upper bound
+VILLATEL_LENGTHS = ((2, 5), (6, 25), (26, None))
+#: what evaluate writes beside metrics.json: recall per future step d = 1..n_future
+FUTURE_STEPS_FILE, FUTURE_METRIC = "recall_per_step.json", "recall_at_20"
+FUTURE_CSV_COLUMNS = ("run", "metric", "step", "n_events", "mean", "seed_min", "seed_max", "n_seeds", "uplift")
+_N1_RE = re.compile(r"^recall_at_(\d+)_n_?1$")
 #: metrics.json values and per-event means must agree to this (float summation order only)
 _CHECK_TOL = 1e-6
 
@@ -173,6 +207,16 @@ def metric_values(run: EvalRun, metric: str) -> np.ndarray:
     col = metric
     if col not in cols and metric.startswith("recall_at_"):
         col = "hit_at_" + metric[len("recall_at_"):]
+    n1 = _N1_RE.match(metric)
+    if col not in cols and n1 and "n_greater" in cols and "n_ties" in cols:
+        # the next item under the conservative tie rule (evaluate's rule for every Recall@K,N)
+        v = (1.0 + cols["n_greater"] + cols["n_ties"] <= int(n1.group(1))).astype(np.float64)
+        reported = run.metrics.get(f"recall_at_{n1.group(1)}_n_1")
+        if isinstance(reported, (int, float)) and not math.isclose(
+                float(reported), float(v.mean()), rel_tol=_CHECK_TOL, abs_tol=_CHECK_TOL):
+            raise ValueError(f"{run.path}: per_event.parquet gives {metric}={v.mean():.6f} from n_greater + "
+                             f"n_ties but metrics.json says {reported:.6f}; the two files do not belong together")
+        return v
     def numeric(c):  # per-event hits (bool) count as 0/1 values
         return np.issubdtype(cols[c].dtype, np.number) or cols[c].dtype == np.bool_
 
@@ -242,14 +286,175 @@ def _default_names(dirs: list[Path]) -> list[str]:
     return [m if models.count(m) == 1 else f"{m}:{d}" for m, d in zip(models, dirs)]
 
 
+def _uplift(run_mean: float, base_mean: float, run_dist, base_dist, level: float):
+    """Relative uplift in % of a run over the baseline and the percentile interval of the same
+    ratio over the paired resamples ``run_dist`` / ``base_dist``: ``(None, None, None)`` when
+    the baseline's mean is 0, no interval when it is 0 in some resample."""
+    if base_mean == 0:
+        return None, None, None
+    u = (run_mean - base_mean) / base_mean * 100.0
+    if np.any(base_dist == 0):
+        return u, None, None
+    lo, hi = stats.percentile_interval((run_dist - base_dist) / base_dist * 100.0, level)
+    return u, lo, hi
+
+
+def _summaries(values: dict, names: list[str], metrics: list[str], baseline: str, unit_ids: np.ndarray,
+               n_boot: int, seed: int, level: float) -> dict:
+    """(run, metric) -> mean, lo, hi and, for a run other than the baseline, diff, diff_lo,
+    diff_hi (per-event difference resampled) and uplift, uplift_lo, uplift_hi (ratio of the
+    run's and the baseline's resampled means), all from ONE cluster bootstrap of every column
+    (common random numbers: the same resampled units for every run and metric)."""
+    cols, keys = [], []
+    for n in names:
+        for m in metrics:
+            cols.append(values[n, m])
+            keys.append(("value", n, m))
+            if n != baseline:
+                cols.append(values[n, m] - values[baseline, m])
+                keys.append(("diff", n, m))
+    dist = stats.bootstrap_distribution(np.stack(cols, 1), unit_ids, n_boot=n_boot, seed=seed)
+    j = {k: i for i, k in enumerate(keys)}
+    out = {}
+    for n in names:
+        for m in metrics:
+            jv = j["value", n, m]
+            lo, hi = stats.percentile_interval(dist[:, jv], level)
+            s = {"mean": float(cols[jv].mean()), "lo": lo, "hi": hi, "diff": None, "diff_lo": None,
+                 "diff_hi": None, "uplift": None, "uplift_lo": None, "uplift_hi": None}
+            if n != baseline:
+                jd, jb = j["diff", n, m], j["value", baseline, m]
+                dlo, dhi = stats.percentile_interval(dist[:, jd], level)
+                u, ulo, uhi = _uplift(s["mean"], float(cols[jb].mean()), dist[:, jv], dist[:, jb], level)
+                s.update(diff=float(cols[jd].mean()), diff_lo=dlo, diff_hi=dhi, uplift=u, uplift_lo=ulo, uplift_hi=uhi)
+            out[n, m] = s
+    return out
+
+
+def _bucket_label(lo: int, hi: int | None) -> str:
+    return f"{lo}-{hi}" if hi is not None else f"{lo}+"
+
+
+def parse_length_buckets(spec) -> list[tuple[int, int | None]]:
+    """``"2-5,6-25,26-"`` (``26+`` also reads as open-ended) or ``[(2, 5), (6, 25), (26, None)]``
+    -> session-length buckets ``lo <= length <= hi`` (``hi`` None: no upper bound). Raises
+    ``ValueError`` for a malformed, empty, reversed or overlapping bucket."""
+    want = "expected LO-HI or LO- (no upper bound), e.g. 2-5,6-25,26-"
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        pairs = []
+        for p in parts:
+            m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d*)|\+)", p)
+            if not m:
+                raise ValueError(f"by_length: bad bucket {p!r} in {spec!r}: {want}")
+            pairs.append((int(m.group(1)), int(m.group(2)) if m.group(2) else None))
+    else:
+        pairs = []
+        for b in spec:
+            try:
+                lo, hi = b
+                pairs.append((int(lo), None if hi is None else int(hi)))
+            except (TypeError, ValueError):
+                raise ValueError(f"by_length: bad bucket {b!r}: expected (lo, hi) or (lo, None)") from None
+    if not pairs:
+        raise ValueError(f"by_length: no bucket in {spec!r}: {want}")
+    for lo, hi in pairs:
+        if lo < 1 or (hi is not None and hi < lo):
+            raise ValueError(f"by_length: bucket {_bucket_label(lo, hi)}: needs 1 <= LO <= HI")
+    ordered = sorted(pairs, key=lambda b: b[0])
+    for (lo1, hi1), (lo2, hi2) in zip(ordered, ordered[1:]):
+        if hi1 is None or hi1 >= lo2:
+            raise ValueError(f"by_length: buckets {_bucket_label(lo1, hi1)} and {_bucket_label(lo2, hi2)} overlap")
+    return pairs
+
+
+def _session_lengths(loaded: dict[str, list[EvalRun]]) -> np.ndarray:
+    runs = [r for rs in loaded.values() for r in rs]
+    lacking = [str(r.path) for r in runs if "session_length" not in r.columns]
+    if lacking:
+        raise ValueError(f"by_length needs the per-event column session_length (written by evaluation.evaluate); "
+                         f"missing in {lacking}")
+    ref = runs[0].columns["session_length"]
+    for r in runs[1:]:
+        if not np.array_equal(r.columns["session_length"], ref):
+            raise IncompatibleRunsError(f"runs ({runs[0].path}) and ({r.path}) give different session_length "
+                                        "values to the same events")
+    return np.asarray(ref, dtype=np.int64)
+
+
+def _by_length(buckets, lengths, values, loaded, names, metrics, baseline, unit, unit_ids,
+               n_boot, seed, level) -> list[dict]:
+    """One row per bucket x run x metric: the statistics of ``_summaries`` on the bucket's events."""
+    rows = []
+    for lo, hi in buckets:
+        sel = (lengths >= lo) & ((lengths <= hi) if hi is not None else True)
+        n_ev = int(sel.sum())
+        n_un = int(len(np.unique(unit_ids[sel])))
+        summ = _summaries({k: v[sel] for k, v in values.items()}, names, metrics, baseline, unit_ids[sel],
+                          n_boot, seed, level) if n_ev else {}
+        for n in names:
+            for m in metrics:
+                empty = dict.fromkeys(("mean", "lo", "hi", "diff", "diff_lo", "diff_hi",
+                                       "uplift", "uplift_lo", "uplift_hi"))
+                rows.append({"bucket": _bucket_label(lo, hi), "length_min": lo, "length_max": hi, "run": n,
+                             "metric": m, "is_baseline": n == baseline, **summ.get((n, m), empty),
+                             "n_events": n_ev, "n_units": n_un, "unit": unit, "n_seeds": len(loaded[n])})
+    return rows
+
+
+def _future_steps(loaded: dict[str, list[EvalRun]], names: list[str], baseline: str) -> list[dict] | None:
+    """Rows of comparison_future_steps.csv from every evaluation's recall_per_step.json (None,
+    logged, when one lacks it or they disagree on the steps)."""
+    per_run = {}
+    for n in names:
+        per_run[n] = []
+        for r in loaded[n]:
+            f = r.path / FUTURE_STEPS_FILE
+            if not f.is_file():
+                log.info("no %s in %s: no future-step plot", FUTURE_STEPS_FILE, r.path)
+                return None
+            try:
+                steps = {int(x["step"]): x for x in json.loads(f.read_text())}
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{f}: not a list of per-step rows with a 'step' ({e})") from None
+            if not steps or any(FUTURE_METRIC not in x for x in steps.values()):
+                log.warning("%s has no %s per step: no future-step plot", f, FUTURE_METRIC)
+                return None
+            per_run[n].append(steps)
+    ref = per_run[baseline][0]
+    if any(sorted(s) != sorted(ref) for seeds in per_run.values() for s in seeds):
+        log.warning("the evaluations' %s files have different steps: no future-step plot", FUTURE_STEPS_FILE)
+        return None
+    base_mean = {}
+    rows = []
+    for n in names:
+        for d in sorted(ref):
+            v = [s[d][FUTURE_METRIC] for s in per_run[n]]
+            mean = None if any(x is None for x in v) else float(np.mean(v))
+            if n == baseline:
+                base_mean[d] = mean
+            b = base_mean[d]
+            uplift = None if n == baseline or mean is None or not b else (mean - b) / b * 100.0
+            rows.append({"run": n, "metric": FUTURE_METRIC, "step": d, "n_events": ref[d].get("n_events"),
+                         "mean": mean, "seed_min": None if mean is None else float(min(v)),
+                         "seed_max": None if mean is None else float(max(v)), "n_seeds": len(v), "uplift": uplift})
+    return rows
+
+
 def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_METRICS, unit: str = "auto",
-            n_boot: int = 1000, seed: int = 0, level: float = 0.95, command: str | None = None) -> dict:
+            n_boot: int = 1000, seed: int = 0, level: float = 0.95, command: str | None = None,
+            by_length=None) -> dict:
     """Compare ``runs`` (name -> evaluation dirs; several dirs = seeds, averaged per event)
     against ``runs[baseline]``; write comparison.{md,csv,json} and two PNGs into ``out``.
+    ``by_length`` (``"2-5,6-25,26-"`` or ``[(2, 5), (6, 25), (26, None)]``): also the
+    statistics per session-length bucket, comparison_by_length.{md,csv,json}. When every
+    evaluation has recall_per_step.json: comparison_future_steps.{png,csv}.
 
     Returns the content of comparison.json: ``{"metadata": ..., "runs": ..., "rows": [...]}``,
-    one row per run x metric (see CSV_COLUMNS). Raises ``IncompatibleRunsError`` when two
-    runs were not evaluated on the same test table.
+    one row per run x metric (see CSV_COLUMNS), plus ``"by_length"`` (the content of
+    comparison_by_length.json) when ``by_length`` is given and ``"future_steps"`` (the rows
+    of comparison_future_steps.csv) when those were written. Raises ``IncompatibleRunsError``
+    when two runs were not evaluated on the same test table.
     """
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -260,6 +465,7 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
         raise ValueError("every run needs at least one evaluation dir")
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not one of the runs {list(runs)}")
+    buckets = parse_length_buckets(by_length) if by_length is not None else None
     out = Path(out)
     # baseline first: everything is checked against, and ordered like, its first evaluation
     names = [baseline] + [n for n in runs if n != baseline]
@@ -270,6 +476,7 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
             if r is not ref:
                 check_same_test(ref, r, ref_name, n if len(loaded[n]) == 1 else f"{n}[{i}]")
     unit, unit_ids = _unit_of(loaded, unit)
+    lengths = _session_lengths(loaded) if buckets is not None else None
     n_events = ref.n_events
     n_units = int(len(np.unique(unit_ids)))
 
@@ -281,32 +488,17 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
             values[n, m] = np.mean(per_seed, axis=0) if len(per_seed) > 1 else per_seed[0]
             seed_points[n, m] = [float(v.mean()) for v in per_seed]
 
-    # one bootstrap for every column: run values and run-minus-baseline differences
-    cols, keys = [], []
-    for n in names:
-        for m in metrics:
-            cols.append(values[n, m])
-            keys.append(("value", n, m))
-            if n != baseline:
-                cols.append(values[n, m] - values[baseline, m])
-                keys.append(("diff", n, m))
-    dist = stats.bootstrap_distribution(np.stack(cols, 1), unit_ids, n_boot=n_boot, seed=seed)
-    interval = {k: stats.percentile_interval(dist[:, j], level) for j, k in enumerate(keys)}
-    point = {k: float(c.mean()) for k, c in zip(keys, cols)}
-
+    summ = _summaries(values, names, metrics, baseline, unit_ids, n_boot, seed, level)
     rows = []
     for n in names:
         for m in metrics:
-            lo, hi = interval["value", n, m]
-            row = {"run": n, "metric": m, "is_baseline": n == baseline, "mean": point["value", n, m],
-                   "lo": lo, "hi": hi, "diff": None, "diff_lo": None, "diff_hi": None, "p_value": None,
+            row = {"run": n, "metric": m, "is_baseline": n == baseline, **summ[n, m], "p_value": None,
                    "n_events": n_events, "n_units": n_units, "unit": unit, "n_seeds": len(loaded[n]),
                    "seed_min": min(seed_points[n, m]), "seed_max": max(seed_points[n, m])}
             if n != baseline:
-                dlo, dhi = interval["diff", n, m]
                 _, ma, _ = stats.unit_means(values[n, m], unit_ids)
                 _, mb, _ = stats.unit_means(values[baseline, m], unit_ids)
-                row.update(diff=point["diff", n, m], diff_lo=dlo, diff_hi=dhi, p_value=stats.wilcoxon(ma, mb))
+                row["p_value"] = stats.wilcoxon(ma, mb)
             rows.append(row)
 
     if command is None:
@@ -318,20 +510,43 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
         "level": level, "baseline": baseline, "metrics": metrics, "command": command,
         "interval": "percentile, cluster bootstrap over units; metric of a resample = sum of "
                     "per-event values / number of events of the drawn units",
+        "uplift": "(mean_run - mean_baseline) / mean_baseline in percent; interval: percentile of the "
+                  "same ratio of the run's and the baseline's means over the same paired resamples",
         "test": "two-sided paired Wilcoxon signed-rank on per-unit means (zero differences dropped)",
+        "by_length": None if buckets is None else [_bucket_label(lo, hi) for lo, hi in buckets],
     }
     run_info = {n: {"dirs": [str(r.path) for r in loaded[n]],
                     "models": [r.metrics.get("model") for r in loaded[n]],
                     "seed_values": {m: seed_points[n, m] for m in metrics},
                     "cost": _cost(loaded[n])} for n in names}
     result = {"metadata": meta, "runs": run_info, "rows": rows}
+    by_len = None
+    if buckets is not None:
+        by_len = {"metadata": {k: meta[k] for k in ("table", "ties", "rows_digest", "unit", "n_boot", "seed",
+                                                    "level", "baseline", "metrics", "command", "interval",
+                                                    "uplift")},
+                  "buckets": [{"bucket": _bucket_label(lo, hi), "length_min": lo, "length_max": hi}
+                              for lo, hi in buckets],
+                  "rows": _by_length(buckets, lengths, values, loaded, names, metrics, baseline, unit, unit_ids,
+                                     n_boot, seed, level)}
+    future = _future_steps(loaded, names, baseline)
+    meta["future_steps"] = future is not None
 
     out.mkdir(parents=True, exist_ok=True)
-    C.write_text(out / "comparison.md", _markdown(result))
+    C.write_text(out / "comparison.md", _markdown(result, by_len, future))
     C.write_text(out / "comparison.csv", _csv(rows))
     C.write_text(out / "comparison.json", json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
     _plot_metrics(result, out / "comparison_metrics.png")
     _plot_diffs(result, out / "comparison_diffs.png")
+    if by_len is not None:
+        C.write_text(out / "comparison_by_length.md", _by_length_markdown(by_len))
+        C.write_text(out / "comparison_by_length.csv", _csv(by_len["rows"], BY_LENGTH_CSV_COLUMNS))
+        C.write_text(out / "comparison_by_length.json", json.dumps(_json_safe(by_len), indent=2, sort_keys=True) + "\n")
+        result["by_length"] = by_len
+    if future is not None:
+        C.write_text(out / "comparison_future_steps.csv", _csv(future, FUTURE_CSV_COLUMNS))
+        _plot_future_steps(future, meta, out / "comparison_future_steps.png")
+        result["future_steps"] = future
     return result
 
 
@@ -365,17 +580,75 @@ def _json_safe(o):
     return o
 
 
-def _csv(rows: list[dict]) -> str:
+def _csv(rows: list[dict], columns=CSV_COLUMNS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r[k] is None else (repr(r[k]) if isinstance(r[k], float) else r[k]))
-                    for k in CSV_COLUMNS})
+                    for k in columns})
     return buf.getvalue()
 
 
-def _markdown(result: dict) -> str:
+def _fmt_uplift(u, lo, hi) -> str:
+    """``+6.5 % [+5.2, +7.8]``; ``—`` without an uplift (baseline mean 0), ``[—, —]`` without its CI."""
+    if u is None:
+        return "—"
+    ci = "—, —" if lo is None else f"{lo:+.1f}, {hi:+.1f}"
+    return f"{u:+.1f} % [{ci}]"
+
+
+def _by_length_tables(by_len: dict) -> list[str]:
+    """Villatel's Table 5 shape, one table per metric: a row per run, a column per length bucket;
+    each cell the run's mean [CI] and, but for the baseline, its uplift over the baseline [CI]."""
+    meta, rows = by_len["metadata"], by_len["rows"]
+    base = meta["baseline"]
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    labels = [b["bucket"] for b in by_len["buckets"]]
+    by = {(r["bucket"], r["run"], r["metric"]): r for r in rows}
+    lines = []
+    for m in meta["metrics"]:
+        head = [f"{m} by session length"]
+        for b in labels:
+            r = by[b, base, m]
+            head.append(f"{b} ({r['n_events']} events, {r['n_units']} {meta['unit']}s)")
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * len(labels)) + "|"]
+        for n in names:
+            cells = [n + (" (baseline)" if n == base else "")]
+            for b in labels:
+                r = by[b, n, m]
+                if r["mean"] is None:
+                    cells.append("—")
+                    continue
+                c = _fmt_ci(r["mean"], r["lo"], r["hi"])
+                if n != base:
+                    c += "; " + _fmt_uplift(r["uplift"], r["uplift_lo"], r["uplift_hi"])
+                cells.append(c)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _by_length_markdown(by_len: dict) -> str:
+    meta = by_len["metadata"]
+    pct = f"{meta['level'] * 100:g}%"
+    return "\n".join([
+        f"# By session length on table `{meta['table']}` (ties: {meta['ties']})",
+        "",
+        f"- buckets of the per-event `session_length` (events of the evaluated session); each bucket resampled "
+        f"over its own {meta['unit']}s, {meta['n_boot']} cluster-bootstrap resamples, seed {meta['seed']}, "
+        f"{pct} percentile intervals",
+        f"- uplift: relative to the baseline **{meta['baseline']}** in percent, {pct} CI of the ratio over the "
+        "same paired resamples; an empty bucket (no event) shows —",
+        f"- test rows digest: `{meta['rows_digest'][:16]}`",
+        f"- command: `{meta['command']}`",
+        "",
+    ] + _by_length_tables(by_len))
+
+
+def _markdown(result: dict, by_len: dict | None = None, future: list[dict] | None = None) -> str:
+    """comparison.md; ``by_len`` / ``future``: its by-length section and its line on the
+    future-step files (``compare`` returns them as ``by_length`` / ``future_steps``)."""
     meta, rows = result["metadata"], result["rows"]
     metrics, base = meta["metrics"], meta["baseline"]
     by = {(r["run"], r["metric"]): r for r in rows}
@@ -387,14 +660,15 @@ def _markdown(result: dict) -> str:
         f"- {meta['n_events']} events in {meta['n_units']} {meta['unit']}s (the resampled unit: **{meta['unit']}**); "
         f"{meta['n_boot']} cluster-bootstrap resamples, seed {meta['seed']}; {pct} percentile intervals",
         f"- differences: run minus baseline **{base}**, paired bootstrap {pct} CI, "
-        "two-sided paired Wilcoxon signed-rank p on per-unit means",
+        "two-sided paired Wilcoxon signed-rank p on per-unit means; uplift: the difference relative to the "
+        f"baseline in percent, {pct} CI of the ratio of means over the same paired resamples",
         f"- test rows digest (sha256 of sorted session_id, position, target_item_id): `{meta['rows_digest'][:16]}`",
         f"- command: `{meta['command']}`",
         "",
     ]
     head = ["run"]
     for m in metrics:
-        head += [m, f"Δ {m} vs {base}"]
+        head += [m, f"Δ {m} vs {base}", f"uplift {m} vs {base}"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     for n in names:
@@ -409,6 +683,7 @@ def _markdown(result: dict) -> str:
             cells.append(c)
             cells.append("—" if n == base else
                          f"{_fmt_ci(r['diff'], r['diff_lo'], r['diff_hi'], signed=True)}, {_fmt_p(r['p_value'])}")
+            cells.append("—" if n == base else _fmt_uplift(r["uplift"], r["uplift_lo"], r["uplift_hi"]))
         lines.append("| " + " | ".join(cells) + " |")
     costs = {n: result["runs"][n].get("cost") or {} for n in names}
     if any(any(v is not None for v in c.values()) for c in costs.values()):
@@ -423,6 +698,12 @@ def _markdown(result: dict) -> str:
             lines.append(f"| {n} | {_fmt_cost(c.get('fit_seconds'), '.1f')} | {_fmt_cost(c.get('eval_seconds'), '.1f')} | "
                          f"{_fmt_cost(c.get('eval_events_per_s'), ',.0f')} | {_fmt_cost(c.get('n_parameters'), ',.0f')} | "
                          f"{_fmt_cost(mb, '.2f')} |")
+    if by_len is not None:
+        lines += ["", "## By session length", ""] + _by_length_tables(by_len)[:-1]
+    if future is not None:
+        lines += ["", f"{FUTURE_METRIC} of the item d steps ahead, d = 1..{max(r['step'] for r in future)} (mean over "
+                  f"seeds, from each evaluation's {FUTURE_STEPS_FILE}): `comparison_future_steps.png`, "
+                  "`comparison_future_steps.csv`"]
     lines += ["", "Runs:", ""]
     for n in names:
         lines.append(f"- {n}: " + ", ".join(f"`{d}`" for d in result["runs"][n]["dirs"]))
@@ -481,6 +762,42 @@ def _plot_diffs(result: dict, path: Path) -> None:
     _bar_panels(result, path, diff=True)
 
 
+def _plot_future_steps(future: list[dict], meta: dict, path: Path) -> None:
+    """Villatel's Figure 3: (a) Recall@20 per future step, a line per run (a band: min..max over
+    its seeds); (b) its uplift over the baseline in percent (of the means over seeds)."""
+    plt = _plt()
+    base = meta["baseline"]
+    names = list(dict.fromkeys(r["run"] for r in future))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+
+    def series(n, key):
+        rs = [r for r in future if r["run"] == n]
+        return (np.array([r["step"] for r in rs]),
+                np.array([np.nan if r[key] is None else r[key] for r in rs], dtype=np.float64), rs)
+
+    for n in names:
+        x, y, rs = series(n, "mean")
+        line, = axes[0].plot(x, y, marker="o", ms=3, label=n + (" (baseline)" if n == base else ""))
+        if rs[0]["n_seeds"] > 1:
+            _, lo, _ = series(n, "seed_min")
+            _, hi, _ = series(n, "seed_max")
+            axes[0].fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        if n != base:
+            axes[1].plot(x, series(n, "uplift")[1], marker="o", ms=3, color=line.get_color(), label=n)
+    axes[0].set(xlabel="steps ahead d", ylabel=FUTURE_METRIC.replace("_at_", "@"),
+                title=f"{FUTURE_METRIC} of the item d steps ahead")
+    axes[1].axhline(0.0, color="black", lw=0.8)
+    axes[1].set(xlabel="steps ahead d", ylabel="uplift %", title=f"uplift over {base} (mean over seeds)")
+    if len(names) == 1:
+        axes[1].text(0.5, 0.5, "no run besides the baseline", ha="center", va="center", transform=axes[1].transAxes)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"future steps on {meta['table']} (band: min..max over seeds)", fontsize=10, y=1.02)
+    _save_png(fig, path)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -526,23 +843,32 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", required=True, help="run name or EVAL_DIR to compare against")
     ap.add_argument("--out", required=True)
     ap.add_argument("--names", help="comma-separated names of the positional runs")
-    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
+    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                    help="comma-separated (module docstring); Villatel's Table 4: recall_at_20_n_1,recall_at_20_n_5")
     ap.add_argument("--unit", default="auto", choices=UNITS,
                     help="resampling unit (auto: user when every run has user_id, else session)")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--level", type=float, default=0.95)
+    villatel = ",".join(f"{lo}-{'' if hi is None else hi}" for lo, hi in VILLATEL_LENGTHS)
+    ap.add_argument("--by-length", nargs="?", const=villatel, default=None, metavar="LO-HI,...,LO-",
+                    help="also per session-length bucket (per-event session_length; LO- has no upper bound), "
+                         f"mean [CI] and uplift [CI] per run, into comparison_by_length.*; alone: {villatel}")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         runs, base = _parse_runs(a.run_dirs, a.names, a.run, a.baseline)
+        if a.by_length is not None:
+            parse_length_buckets(a.by_length)
     except ValueError as e:
         ap.error(str(e))
     res = compare(runs, base, a.out, metrics=a.metrics, unit=a.unit, n_boot=a.n_boot, seed=a.seed,
-                  level=a.level, command="python -m evaluation.compare " + shlex.join(argv))
-    sys.stdout.write(_markdown(res))
-    print(f"wrote {Path(a.out) / 'comparison.md'} (+ .csv, .json, 2 PNGs)")
+                  level=a.level, command="python -m evaluation.compare " + shlex.join(argv), by_length=a.by_length)
+    sys.stdout.write(_markdown(res, res.get("by_length"), res.get("future_steps")))
+    extra = (["comparison_by_length.{md,csv,json}"] if "by_length" in res else []) + \
+        (["comparison_future_steps.{png,csv}"] if "future_steps" in res else [])
+    print(f"wrote {Path(a.out) / 'comparison.md'} (+ .csv, .json, 2 PNGs{''.join(', ' + e for e in extra)})")
     return 0
 
 

@@ -23,6 +23,10 @@ bookkeeping in the hot loop); sessions with fewer than 2 events produce no
   padding is small, and ``pack`` turns them into a ``PackedSequence`` so that the
   RNN never runs on padding) or split into ``max_len`` windows laid out
   session-parallel with a ``carry`` flag for truncated BPTT.
+* ``stream_windows`` -> ``list[StreamBatch]`` (truncated BPTT over session-parallel streams,
+  Villatel et al. 2018): ``session_parallel_schedule`` cut into windows of ``window``
+  steps, ``[B, T]`` each, with a ``reset`` flag where a new session starts inside a row;
+  the state is carried from one window to the next. No padding but the epoch's tail.
 """
 from __future__ import annotations
 
@@ -496,4 +500,44 @@ def sequence_batches(items: np.ndarray, offsets: np.ndarray, order: np.ndarray, 
     for k in range(n_batches):
         out.append(_build_batch(items, offsets, users, tab_sess[k], tab_first[k], tab_n[k],
                                 tab_carry[k]))
+    return out
+
+
+@dataclass
+class StreamBatch:
+    """Steps ``t0 .. t0+T-1`` of a session-parallel schedule, one row per slot, ``[B, T]``.
+
+    inputs: item_idx (0 on idle cells); targets: item_idx of the next event (-1 idle);
+    reset: a new session starts in this row at this step (zero the state first). The
+    state of row ``b`` after the window is the start state of row ``b`` of the next window.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    reset: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.targets >= 0
+
+    @property
+    def n_pairs(self) -> int:
+        return int((self.targets >= 0).sum())
+
+
+def stream_windows(items: np.ndarray, offsets: np.ndarray, order: np.ndarray, n_slots: int,
+                   window: int) -> list[StreamBatch]:
+    """Sessions (in ``order``) laid out session-parallel (``session_parallel_schedule``: a row
+    takes the next session as soon as its current one ends), cut into windows of ``window``
+    steps. Every (input, target) pair appears exactly once; only the last windows have idle
+    cells (rows whose sessions ran out), and they are never scored."""
+    if window < 1:
+        raise ValueError("window must be >= 1")
+    sch = session_parallel_schedule(items, offsets, order, n_slots)
+    out = []
+    for t0 in range(0, sch.n_steps, window):
+        sl = slice(t0, t0 + window)
+        out.append(StreamBatch(inputs=np.ascontiguousarray(sch.inputs[sl].T.clip(min=0)),
+                               targets=np.ascontiguousarray(sch.targets[sl].T),
+                               reset=np.ascontiguousarray(sch.reset[sl].T)))
     return out

@@ -285,3 +285,223 @@ def test_recall_at_k_n_from_the_evaluators_bool_hit_columns(tmp_path):
                              "hit_at_20_n_5": pa.array([True, False, True])}), d / "per_event.parquet")
     v = metric_values(load_eval(d), "recall_at_20_n_5")
     assert v.tolist() == [1.0, 0.0, 1.0] and v.dtype == np.float64
+
+
+# --------------------------------------------------------------------------- uplift, by length, future steps
+
+
+def _sessions(lengths):
+    """Events of sessions with these lengths (one prediction per event after the first)."""
+    lengths = np.asarray(lengths)
+    sid = np.repeat(np.arange(1, len(lengths) + 1), lengths - 1)
+    pos = np.concatenate([np.arange(n - 1) for n in lengths])
+    return sid, pos, np.repeat(lengths, lengths - 1), np.arange(len(sid)) + 1
+
+
+def test_uplift_of_a_constant_ratio_is_exact_with_a_degenerate_ci(tmp_path):
+    """Every session: baseline 5 of 10 predictions hit (rank 2), the run 6 (rank 1): Recall@20
+    0.5 -> 0.6 = +20 % in every resample; MRR@20 0.25 -> 0.6 = +140 %; the baseline's
+    Recall@1 is 0 -> no uplift."""
+    ev = _sessions([11] * 20)
+    base = np.tile([2.0] * 5 + [100.0] * 5, 20)
+    run = np.tile([1.0] * 6 + [100.0] * 4, 20)
+    b = write_eval(tmp_path / "b", base, events=ev)
+    a = write_eval(tmp_path / "a", run, events=ev, shuffle=2)
+    out = tmp_path / "cmp"
+    compare({"a": [a], "b": [b]}, "b", out, metrics=["recall_at_20", "mrr_at_20", "recall_at_1"], n_boot=200)
+    rows = _read_csv(out / "comparison.csv")
+    for m, want in (("recall_at_20", 20.0), ("mrr_at_20", 140.0)):
+        r = rows["a", m]
+        assert float(r["uplift"]) == pytest.approx(want, abs=1e-9)
+        assert (float(r["uplift_lo"]), float(r["uplift_hi"])) == pytest.approx((want, want), abs=1e-9)
+        assert rows["b", m]["uplift"] == rows["b", m]["uplift_lo"] == ""
+    assert rows["a", "recall_at_1"]["uplift"] == rows["a", "recall_at_1"]["uplift_lo"] == ""
+    js = {(r["run"], r["metric"]): r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert js["a", "recall_at_1"]["uplift"] is None and js["a", "mrr_at_20"]["uplift"] == pytest.approx(140.0)
+    md = (out / "comparison.md").read_text()
+    assert "| uplift recall_at_20 vs b |" in md
+    assert "+20.0 % [+20.0, +20.0]" in md and "+140.0 % [+140.0, +140.0]" in md
+    assert re.search(r"^\| a \|.*\| \+0\.6000 \[0\.600, 0\.600\], p=[0-9.e-]+ \| — \|$", md, re.M)  # recall_at_1 last
+
+
+def test_uplift_ci_is_the_percentile_interval_of_the_paired_resampled_ratio(tmp_path, two_runs):
+    gru_dir, good, pop_dir, bad = two_runs
+    res = compare({"gru": [gru_dir], "pop": [pop_dir]}, "pop", tmp_path / "cmp", metrics=["mrr_at_20"],
+                  n_boot=300, seed=3)
+    row = next(r for r in res["rows"] if r["run"] == "gru")
+    va, vb = stats.event_values(good, "mrr_at_20"), stats.event_values(bad, "mrr_at_20")
+    assert row["uplift"] == pytest.approx((va.mean() - vb.mean()) / vb.mean() * 100, rel=1e-12)
+    # slow reference: stats' documented draws (default_rng(seed), n_units indices per resample
+    # into the sorted unique units), each resample's event-level means, their ratio
+    sid = _events()[0]
+    units = np.unique(sid)
+    draws = np.random.default_rng(3).integers(0, len(units), size=(300, len(units)))
+    ratios = []
+    for d in draws:
+        sa = sb = n = 0.0
+        for u in units[d]:
+            sa += va[sid == u].sum()
+            sb += vb[sid == u].sum()
+            n += (sid == u).sum()
+        ratios.append(((sa / n) - (sb / n)) / (sb / n) * 100)
+    lo, hi = np.quantile(ratios, [0.025, 0.975])
+    assert (row["uplift_lo"], row["uplift_hi"]) == pytest.approx((lo, hi), rel=1e-9)
+    assert 0 < row["uplift_lo"] < row["uplift"] < row["uplift_hi"]  # gru is better: positive uplift
+    worse = next(r for r in compare({"gru": [gru_dir], "pop": [pop_dir]}, "gru", tmp_path / "cmp2",
+                                    metrics=["mrr_at_20"], n_boot=300, seed=3)["rows"] if r["run"] == "pop")
+    assert worse["uplift_lo"] < worse["uplift"] < worse["uplift_hi"] < 0
+
+
+def test_uplift_without_ci_when_a_resample_has_a_baseline_mean_of_zero(tmp_path):
+    ev = _sessions([3] * 30)
+    base = np.full(60, 100.0)
+    base[:2] = 1.0  # only the first session hits: most resamples leave it out
+    b = write_eval(tmp_path / "b", base, events=ev)
+    a = write_eval(tmp_path / "a", np.tile([1.0, 100.0], 30), events=ev)
+    res = compare({"a": [a], "b": [b]}, "b", tmp_path / "cmp", metrics=["recall_at_20"], n_boot=100)
+    row = next(r for r in res["rows"] if r["run"] == "a")
+    assert row["uplift"] == pytest.approx((0.5 - 2 / 60) / (2 / 60) * 100)
+    assert row["uplift_lo"] is None and row["uplift_hi"] is None
+    assert f"{row['uplift']:+.1f} % [—, —]" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+LENGTHS = [2, 3, 5, 6, 10, 25, 26, 40] * 5
+
+
+def test_by_length_selects_exactly_the_events_of_each_bucket(tmp_path):
+    ev = _sessions(LENGTHS)
+    sid, slen = ev[0], ev[2]
+    rng = np.random.default_rng(7)
+    ra, rb = rng.integers(1, 25, len(sid)).astype(float), rng.integers(1, 30, len(sid)).astype(float)
+    a = write_eval(tmp_path / "a", ra, events=ev, shuffle=4)
+    b = write_eval(tmp_path / "b", rb, events=ev)
+    out = tmp_path / "cmp"
+    res = compare({"a": [a], "b": [b]}, "b", out, metrics=["recall_at_20", "mrr_at_5"], n_boot=150, seed=2,
+                  by_length="1-1,2-5,6-25,26-")
+    assert {p.name for p in out.iterdir()} == OUT_FILES | {f"comparison_by_length.{e}" for e in ("md", "csv", "json")}
+    rows = {(r["bucket"], r["run"], r["metric"]): r for r in res["by_length"]["rows"]}
+    assert len(rows) == 4 * 2 * 2
+    for label, lo, hi in (("2-5", 2, 5), ("6-25", 6, 25), ("26+", 26, 10**9)):
+        idx = [i for i in range(len(sid)) if lo <= slen[i] <= hi]
+        n_sess = len({sid[i] for i in idx})
+        for m, val in (("recall_at_20", lambda r: float(r <= 20)), ("mrr_at_5", lambda r: 1 / r if r <= 5 else 0.0)):
+            ma = sum(val(ra[i]) for i in idx) / len(idx)
+            mb = sum(val(rb[i]) for i in idx) / len(idx)
+            r, rbase = rows[label, "a", m], rows[label, "b", m]
+            assert (r["n_events"], r["n_units"]) == (len(idx), n_sess)
+            assert r["mean"] == pytest.approx(ma, rel=1e-12) and rbase["mean"] == pytest.approx(mb, rel=1e-12)
+            assert r["uplift"] == pytest.approx((ma - mb) / mb * 100, rel=1e-9)
+            assert r["uplift_lo"] <= r["uplift"] <= r["uplift_hi"] and rbase["uplift"] is None
+            # resampled over the bucket's own sessions, with the run's seed
+            sub = np.array(idx)
+            _, clo, chi = stats.bootstrap_ci([val(x) for x in ra[sub]], sid[sub], n_boot=150, seed=2)
+            assert (r["lo"], r["hi"]) == pytest.approx((clo, chi), abs=1e-12)
+    assert rows["26+", "a", "recall_at_20"]["length_max"] is None
+    empty = rows["1-1", "a", "recall_at_20"]
+    assert empty["n_events"] == 0 and empty["mean"] is None and empty["uplift"] is None
+    csv_rows = list(csv.DictReader(open(out / "comparison_by_length.csv")))
+    assert csv_rows[0]["bucket"] == "1-1" and csv_rows[0]["mean"] == "" and csv_rows[0]["n_events"] == "0"
+    assert json.loads((out / "comparison_by_length.json").read_text()) == json.loads(json.dumps(res["by_length"]))
+    md, md_len = (out / "comparison.md").read_text(), (out / "comparison_by_length.md").read_text()
+    r = rows["6-25", "a", "recall_at_20"]
+    cell = (f"{r['mean']:.4f} [{r['lo']:.3f}, {r['hi']:.3f}]; "
+            f"{r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, {r['uplift_hi']:+.1f}]")
+    n625 = sum(1 for x in slen if 6 <= x <= 25)
+    for text in (md, md_len):
+        assert cell in text and f"6-25 ({n625} events, 15 sessions)" in text and "1-1 (0 events, 0 sessions)" in text
+        assert re.search(r"^\| a \| — \| ", text, re.M)  # the empty bucket's cell
+    assert "## By session length" in md
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("2-5,x", "bad bucket 'x'"), ("5-2", "1 <= LO <= HI"), (",", "no bucket"), ("2-5,4-8", "overlap"),
+    ("2-,6-9", "overlap"), ([(2, 5, 7)], "bad bucket"), ("0-3", "1 <= LO"),
+])
+def test_bad_by_length_spec_is_a_clear_error(tmp_path, two_runs, spec, words):
+    gru_dir, _, pop_dir, _ = two_runs
+    with pytest.raises(ValueError, match="by_length.*" + re.escape(words)):
+        compare({"gru": [gru_dir], "pop": [pop_dir]}, "pop", tmp_path / "cmp", n_boot=10, by_length=spec)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_by_length_cli_and_missing_session_length(tmp_path, two_runs, capsys):
+    gru_dir, good, pop_dir, _ = two_runs
+    with pytest.raises(SystemExit):
+        main([str(gru_dir), str(pop_dir), "--baseline", str(pop_dir), "--out", str(tmp_path / "x"),
+              "--by-length", "2-5,6+,abc"])
+    assert "bad bucket 'abc'" in capsys.readouterr().err
+    out = tmp_path / "cli"
+    assert main([str(gru_dir), "--baseline", str(pop_dir), "--out", str(out), "--n-boot", "30",
+                 "--metrics", "recall_at_20", "--by-length"]) == 0  # alone: Villatel's buckets
+    labels = [b["bucket"] for b in json.loads((out / "comparison_by_length.json").read_text())["buckets"]]
+    assert labels == ["2-5", "6-25", "26+"]
+    assert "comparison_by_length" in capsys.readouterr().out
+    d = tmp_path / "nolen"
+    d.mkdir()
+    t = pq.read_table(gru_dir / "per_event.parquet")
+    pq.write_table(t.drop_columns(["session_length"]), d / "per_event.parquet")
+    (d / "metrics.json").write_text((gru_dir / "metrics.json").read_text())
+    with pytest.raises(ValueError, match="session_length.*" + re.escape(str(d))):
+        compare({"x": [d], "pop": [pop_dir]}, "pop", tmp_path / "c2", n_boot=10, by_length="2-5")
+
+
+def _per_step(folder, seed, n_steps=20, none_at=None):
+    """recall_per_step.json as evaluate writes it; returns the recall_at_20 values."""
+    rng = np.random.default_rng(seed)
+    rows, vals = [], []
+    for d in range(1, n_steps + 1):
+        v = None if d == none_at else float(rng.random())
+        vals.append(v)
+        rows.append({"step": d, "n_events": 0 if v is None else 500 - d, "recall_at_5": 0.1,
+                     "recall_at_20": v})
+    (folder / "recall_per_step.json").write_text(json.dumps(rows))
+    return vals
+
+
+def test_future_steps_plot_and_csv_are_the_per_step_recalls(tmp_path, two_runs):
+    gru_dir, _, pop_dir, _ = two_runs
+    s2 = write_eval(tmp_path / "gru_s2", _ranks(9, 25), shuffle=1)
+    v1, v2, vb = _per_step(gru_dir, 1, none_at=20), _per_step(s2, 2, none_at=20), _per_step(pop_dir, 3, none_at=20)
+    out = tmp_path / "cmp"
+    res = compare({"gru": [gru_dir, s2], "pop": [pop_dir]}, "pop", out, metrics=["recall_at_20"], n_boot=20)
+    assert {p.name for p in out.iterdir()} == OUT_FILES | {"comparison_future_steps.png", "comparison_future_steps.csv"}
+    _assert_png(out / "comparison_future_steps.png")
+    rows = {(r["run"], int(r["step"])): r for r in csv.DictReader(open(out / "comparison_future_steps.csv"))}
+    assert len(rows) == 2 * 20
+    for d in range(1, 20):
+        g, p = rows["gru", d], rows["pop", d]
+        mean = (v1[d - 1] + v2[d - 1]) / 2
+        assert float(g["mean"]) == pytest.approx(mean, rel=1e-12) and float(p["mean"]) == pytest.approx(vb[d - 1])
+        assert (float(g["seed_min"]), float(g["seed_max"])) == (min(v1[d - 1], v2[d - 1]), max(v1[d - 1], v2[d - 1]))
+        assert float(g["uplift"]) == pytest.approx((mean - vb[d - 1]) / vb[d - 1] * 100, rel=1e-9)
+        assert g["n_seeds"] == "2" and int(g["n_events"]) == 500 - d and p["uplift"] == ""
+    assert rows["gru", 20]["mean"] == "" and rows["gru", 20]["uplift"] == ""  # no item 20 steps ahead
+    assert res["future_steps"][0]["run"] == "pop" and "comparison_future_steps.png" in (out / "comparison.md").read_text()
+    # one evaluation without the file: no future-step outputs, the rest as before
+    (s2 / "recall_per_step.json").unlink()
+    out2 = tmp_path / "cmp2"
+    res = compare({"gru": [gru_dir, s2], "pop": [pop_dir]}, "pop", out2, metrics=["recall_at_20"], n_boot=20)
+    assert {p.name for p in out2.iterdir()} == OUT_FILES and "future_steps" not in res
+
+
+def test_recall_at_k_n_1_is_the_next_item_under_the_conservative_tie_rule(tmp_path):
+    """Villatel's Recall@20,N=1 is always conservative; with optimistic ranks it differs from
+    recall_at_20: 1 + n_greater + n_ties <= 20."""
+    ev = _sessions([5] * 10)
+    rng = np.random.default_rng(1)
+    greater, ties = rng.integers(0, 30, 40), rng.integers(0, 5, 40)
+    rank = 1.0 + greater  # optimistic
+    want = (1 + greater + ties <= 20).astype(float)
+    assert want.mean() != np.mean(rank <= 20)
+    d = write_eval(tmp_path / "a", rank, events=ev, ties="optimistic",
+                   metrics_override={"recall_at_20_n_1": float(want.mean())})
+    t = pq.read_table(d / "per_event.parquet")
+    t = t.set_column(t.column_names.index("n_ties"), "n_ties", pa.array(ties, pa.int64()))
+    pq.write_table(t, d / "per_event.parquet")
+    b = write_eval(tmp_path / "b", np.full(40, 100.0), events=ev, ties="optimistic")
+    res = compare({"a": [d], "b": [b]}, "b", tmp_path / "cmp", metrics=["recall_at_20_n_1"], n_boot=10)
+    assert res["rows"][1]["mean"] == pytest.approx(want.mean(), rel=1e-12)
+    (d / "metrics.json").write_text(json.dumps({**json.loads((d / "metrics.json").read_text()),
+                                                "recall_at_20_n_1": 0.99}))
+    with pytest.raises(ValueError, match="do not belong together"):
+        compare({"a": [d], "b": [b]}, "b", tmp_path / "cmp2", metrics=["recall_at_20_n_1"], n_boot=10)

@@ -190,13 +190,14 @@ def _family(split, name="seqrnn", **kw):
     return fam
 
 
-@pytest.mark.parametrize("name,sequence", [("seqrnn_re_ln", "session"), ("seqrnn_stack_re_ln", "user")])
-def test_truncated_bptt_windows_give_the_loss_of_the_whole_sequence(split, name, sequence):
-    """bptt=split with max_len 3 carries the state from window to window: the summed loss over
+@pytest.mark.parametrize("name,sequence,bptt", [("seqrnn_re_ln", "session", "split"), ("seqrnn_stack_re_ln", "user", "split"), ("seqrnn_re_ln", "session", "parallel"), ("hmlstm_re_ln", "user", "parallel")])
+def test_truncated_bptt_windows_give_the_loss_of_the_whole_sequence(split, name, sequence, bptt):
+    """bptt=split (max_len 3) / parallel (window 3) carry the state from window to window (and
+    parallel resets it where a row starts its next sequence): the summed loss over
     the windows equals the cross-entropy of every pair of the unsplit sequences, computed one
     sequence at a time straight from the model."""
     torch.set_num_threads(1)
-    fam = _family(split, name, bptt="split", max_len=3, batch_size=8, sequence=sequence)
+    fam = _family(split, name, bptt=bptt, max_len=3, window=3, batch_size=8, sequence=sequence)
     fam.model.double()
     tot, n = 0.0, 0
     with torch.no_grad():

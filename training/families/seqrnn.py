@@ -56,12 +56,15 @@ Sequences (``sequence``):
   session, as the protocol says. Recall@K,N looks at the next N items of the *session*
   (the loop truncates at the session end), not across the user's next session.
 
-Training: BPTT over right-padded batches (``training.batching.sequence_batches``),
-``bptt="split"`` (default): every sequence is cut into windows of ``max_len`` pairs laid out
-session-parallel, the state carried from one window to the next (truncated BPTT, nothing
-dropped), or ``bptt="truncate"``: only each sequence's last ``max_len`` pairs (their Internal
-dataset kept the last 40 items). Padding never updates the state (the cells freeze masked
-rows) and is never scored. Loss: softmax cross-entropy over all items (their eq. 7), the mean
+Training: truncated BPTT. ``bptt="parallel"`` (default): the sequences laid out
+session-parallel (a row takes the next sequence as soon as its current one ends, its state
+zeroed there: ``training.batching.stream_windows``) and cut into windows of ``window`` steps,
+the state carried from one window to the next; nothing is dropped and nothing is padded but
+the epoch's tail. ``bptt="split"``: every sequence cut into windows of ``max_len`` pairs, one
+window per row (``training.batching.sequence_batches``; rows padded to the longest, which on
+short sessions is mostly padding: 3-4x slower on rsc15-100k). ``bptt="truncate"``: only each
+sequence's last ``max_len`` pairs (their Internal dataset kept the last 40 items). Padding
+never updates the state (the cells freeze masked rows) and is never scored. Loss: softmax cross-entropy over all items (their eq. 7), the mean
 over the batch's real pairs. Sequences are shuffled every epoch from
 ``training.family.generator(seed, epoch)`` (exact ``--resume``).
 
@@ -85,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.batching import sequence_batches
+from training.batching import sequence_batches, stream_windows
 from training.config import ConfigError, TrainConfig, config_from_dict
 from training.data import SessionData
 from training.family import Family, TrainContext, generator
@@ -93,7 +96,7 @@ from training.scoring import SessionScorerBase
 
 CELLS = ("gru", "hmlstm")
 SEQUENCES = ("session", "user")
-BPTT = ("split", "truncate")
+BPTT = ("parallel", "split", "truncate")
 
 
 @dataclass
@@ -114,8 +117,13 @@ class SeqRNNConfig(TrainConfig):
     hidden: int = 100
     #: session: every session is a sequence | user: a user's sessions concatenated in time order
     sequence: str = "session"
-    #: split: truncated BPTT windows of max_len pairs, state carried | truncate: last max_len pairs only
-    bptt: str = "split"
+    #: parallel: session-parallel streams in windows of max_len steps, state carried (truncated
+    #: BPTT, no padding) | split: each sequence cut into windows of max_len pairs, one per row |
+    #: truncate: each sequence's last max_len pairs only
+    bptt: str = "parallel"
+    #: parallel: steps per window (BPTT length; B · window events per optimizer step)
+    window: int = 10
+    #: split / truncate: pairs per window / pairs kept per sequence
     max_len: int = 50
     #: dropout on the input embedding and on every layer's output (not in the paper: 0)
     dropout: float = 0.0
@@ -137,7 +145,7 @@ class SeqRNNConfig(TrainConfig):
                                   ("bptt", self.bptt, BPTT)):
             if val not in choices:
                 raise ConfigError(f"{m}: {key} {val!r}: choose {' | '.join(choices)}")
-        for key in ("embedding", "hidden", "batch_size", "max_len", "n_layers"):
+        for key in ("embedding", "hidden", "batch_size", "max_len", "window", "n_layers"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{m}: {key} must be >= 1, got {getattr(self, key)}")
         if self.cell == "hmlstm" and self.n_layers < 2:
@@ -189,9 +197,11 @@ class GRULayer(nn.Module):
         """LayerNorm over the last axis of ``x [..., k, H]`` with gains/biases ``[k, H]``."""
         return F.layer_norm(x, x.shape[-1:]) * g + b
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, h: torch.Tensor, mask: torch.Tensor | None = None,
+                reset: torch.Tensor | None = None):
         """x [B, T, in], h [B, H] -> (outputs [B, T, H], state after each row's last real step).
-        Where ``mask`` [B, T] is False the row's state is left as it was."""
+        Where ``mask`` [B, T] is False the row's state is left as it was; where ``reset`` [B, T]
+        is True it is zeroed before the step (a new sequence starts there)."""
         B, T, _ = x.shape
         H = self.hidden
         xe = (x @ self.W_e).view(B, T, 3, H)  # every input product at once
@@ -199,8 +209,11 @@ class GRULayer(nn.Module):
             xe = self._ln(xe, self.ln_e_g, self.ln_e_b)
         else:
             xe = xe + self.b.view(3, H)
+        keep_t = None if reset is None else (~reset).to(x.dtype).unsqueeze(2)  # [B, T, 1]
         outs = []
         for t in range(T):
+            if keep_t is not None:
+                h = h * keep_t[:, t]
             hrz = (h @ self.W_hrz).view(B, 2, H)
             if self.layer_norm:
                 hrz = self._ln(hrz, self.ln_h_g[:2], self.ln_h_b[:2])
@@ -250,15 +263,17 @@ class SeqRNN(nn.Module):
             return self.hm.init_state(n, device)
         return [torch.zeros(n, layer.hidden, device=device, dtype=self.W_I.dtype) for layer in self.layers]
 
-    def forward(self, items: torch.Tensor, state: list[torch.Tensor], mask: torch.Tensor | None = None):
-        """items [B, T] (item_idx) -> (sequence outputs [B, T, D] to score, new state)."""
+    def forward(self, items: torch.Tensor, state: list[torch.Tensor], mask: torch.Tensor | None = None,
+                reset: torch.Tensor | None = None):
+        """items [B, T] (item_idx) -> (sequence outputs [B, T, D] to score, new state); ``mask``
+        False = padding (state kept), ``reset`` True = zero the state before this step."""
         x = self.drop(F.embedding(items, self.W_I))
         if self.cell == "hmlstm":
-            out, state = self.hm(x, state, mask, slope=self.slope)
+            out, state = self.hm(x, state, mask, slope=self.slope, reset=reset)
             return self.drop(out), state
         new = []
         for layer, h in zip(self.layers, state):
-            x, h = layer(x, h, mask)
+            x, h = layer(x, h, mask, reset)
             x = self.drop(x)
             new.append(h)
         return x, new
@@ -359,20 +374,28 @@ class SeqRNNFamily(Family):
         n_seq = len(self._offsets) - 1
         order = torch.randperm(n_seq, generator=gen).numpy()
         self._carry = None
-        yield from sequence_batches(self._items, self._offsets, order, c.batch_size, c.max_len,
-                                    mode=c.bptt, pack=c.bptt == "truncate")
+        if c.bptt == "parallel":
+            yield from stream_windows(self._items, self._offsets, order, c.batch_size, c.window)
+        else:
+            yield from sequence_batches(self._items, self._offsets, order, c.batch_size, c.max_len,
+                                        mode=c.bptt, pack=c.bptt == "truncate")
 
     def loss(self, b):
         dev = self.ctx.device
         x = torch.from_numpy(b.inputs).to(dev)
         y = torch.from_numpy(b.targets).to(dev)
-        mask = torch.from_numpy(b.mask).to(dev)
+        mask = y >= 0
         state = self.model.init_state(x.shape[0], dev)
-        if self._carry is not None and b.carry.any():  # truncated BPTT: continue these rows
+        reset = None
+        if self.cfg.bptt == "parallel":  # rows continue from the previous window; resets inside
+            reset = torch.from_numpy(b.reset).to(dev)
+            if self._carry is not None:
+                state = self._carry
+        elif self._carry is not None and b.carry.any():  # split: continue these rows
             keep = torch.from_numpy(b.carry).to(dev).unsqueeze(1)
             state = [torch.where(keep, c, s) for c, s in zip(self._carry, state)]
-        out, state = self.model(x, state, mask)
-        if self.cfg.bptt == "split":
+        out, state = self.model(x, state, mask, reset)
+        if self.cfg.bptt != "truncate":
             self._carry = [s.detach() for s in state]
         n = int(mask.sum())
         if n == 0:
