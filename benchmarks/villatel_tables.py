@@ -46,18 +46,19 @@ SHARED = ROOT.parent / "shared" / "data"
 #: dataset -> preprocess args, evaluation mode, RNN sequence kind, description
 DATASETS = {
     "ml100k": {
-        "fetch": True, "args": ["--input", "{raw}/ml-100k.inter", "--format", "recbole", "--split", "random_users"],
+        "fetch": True, "args": ["--input", "{raw}/ml-100k.inter", "--format", "movielens", "--split", "random_users"],
         "mode": "user", "sequence": "user",
         "what": "MovieLens 100K ratings as implicit events, 30-minute sessions per user; users split at random "
                 "80/10/10 (`random_users`, seeded): the test users are unseen in training (their Internal-dataset "
                 "setup); each user's sessions form one sequence (`sequence=user`), evaluated in user mode",
     },
     "ml100k-time": {
-        "fetch": True, "args": ["--input", "{raw}/ml-100k.inter", "--format", "recbole", "--split", "time",
-                                "--test-days", "20", "--valid-days", "20"],
+        "fetch": True, "args": ["--input", "{raw}/ml-100k.inter", "--format", "movielens", "--split", "time_strict",
+                                "--test-days", "22", "--valid-days", "25"],
         "mode": "user", "sequence": "user",
-        "what": "MovieLens 100K, global time cut (the last 20 days test, the 20 before valid); a test user's "
-                "earlier sessions are fed first, unscored (user mode)",
+        "what": "MovieLens 100K, strict global time cut (`time_strict`: the last 22 days test, the 25 before "
+                "valid, ~10 % of events each; sessions straddling a cut dropped); a test user's earlier sessions "
+                "are fed first, unscored (user mode); about half of the test users have no history",
     },
     "rsc15-100k": {
         "fetch": False, "args": BASE_DATASETS["rsc15-100k"]["args"], "mode": "session", "sequence": "session",

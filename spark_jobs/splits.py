@@ -108,6 +108,13 @@ def _assign(sess: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, dict]:
             tr2, _ = _first_after_cut(tr, vcut, "valid")
             lab = tr2.select("session_id", F.col("part").alias("p2"))
             sess = sess.join(lab, "session_id", "left").withColumn("part", F.coalesce("p2", "part")).drop("p2")
+            # A user whose sessions before the test cut all lie after the validation cut, with no
+            # history before it, lost them all to 'drop' above: no history is left, so no test either.
+            kept = (sess.where(F.col("part").isin("train", "valid")).select("user_id").distinct()
+                    .withColumn("_k", F.lit(True)))
+            sess = (sess.join(kept, "user_id", "left")
+                    .withColumn("part", F.when((F.col("part") == "test") & F.col("_k").isNull(), "drop")
+                                .otherwise(F.col("part"))).drop("_k"))
         return sess, {"global_cut": True, "cut_ts": _iso(cut), "valid_cut_ts": _iso(vcut)}
     if s == "user_90_5_5":
         w = Window.partitionBy("user_id").orderBy("start_us", "session_id")

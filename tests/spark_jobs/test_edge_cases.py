@@ -1,6 +1,7 @@
 """Hand-written edge cases for sessionize / filter / split, and bad input."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 
@@ -144,3 +145,73 @@ def test_rerun_replaces_output_atomically_and_identically(tmp_path):
         again = split_table(str(tmp_path / "out"), "time_strict", t)
         assert df.equals(again), t
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+
+
+def _random_users_run(tmp_path, path, seed, name):
+    _run(tmp_path, path, split="random_users", seed=seed, out=str(tmp_path / name))
+    out = str(tmp_path / name)
+    return {t: split_table(out, "random_users", t) for t in ("train", "valid", "test", "train_full")}
+
+
+def test_random_users_split_is_seeded_disjoint_80_10_10_and_keeps_users_whole(tmp_path):
+    # 2000 users, two sessions each (a day apart) of three events over items 0..9, the first
+    # session also holding the user's own item 1000 + u (seen by nobody else): in valid / test it
+    # is unseen (not in train, resp. train_full) and must go, leaving two events, so the session stays.
+    day, n_users = 86400, 2000
+    rows = []
+    for u in range(1, n_users + 1):
+        t = T0 + u * 10
+        rows += [(u, u % 10, t), (u, (u + 3) % 10, t + 1), (u, 1000 + u, t + 2),
+                 (u, (u + 5) % 10, t + day), (u, (u + 7) % 10, t + day + 1), (u, (u + 1) % 10, t + day + 2)]
+    path = _csv(tmp_path, rows)
+    a = _random_users_run(tmp_path, path, 7, "a")
+    again = _random_users_run(tmp_path, path, 7, "again")
+    other = _random_users_run(tmp_path, path, 8, "other")
+
+    def parts(tables):
+        return {p: frozenset(tables[p].user_id) for p in ("train", "valid", "test")}
+
+    users = parts(a)
+    assert parts(again) == users  # same seed: the same assignment
+    moved = sum(len(users[p] - parts(other)[p]) for p in users)
+    assert moved > n_users // 4  # another seed: another draw (about 1 - 0.66 of users move)
+    # every user in exactly one part
+    assert not (users["train"] & users["valid"] or users["train"] & users["test"] or users["valid"] & users["test"])
+    assert users["train"] | users["valid"] | users["test"] == set(range(1, n_users + 1))
+    assert set(a["train_full"].user_id) == users["train"] | users["valid"]
+    # The assignment is a per-user hash (xxhash64 of user id and seed, mod 10^6, against 0.8 / 0.9),
+    # not exact counts: the sizes are binomial, n = 2000; 3.5 standard deviations either side.
+    for p, frac in (("train", 0.8), ("valid", 0.1), ("test", 0.1)):
+        sd = (n_users * frac * (1 - frac)) ** 0.5
+        assert abs(len(users[p]) - n_users * frac) <= 3.5 * sd, (p, len(users[p]))
+    # all of a user's sessions are in the user's part: two sessions, 6 events in train,
+    # 5 in valid / test (the user's own item removed)
+    for p, n_events in (("train", 6), ("valid", 5), ("test", 5)):
+        per_user = a[p].groupby("user_id").agg(sessions=("session_id", "nunique"), events=("item_id", "size"))
+        assert (per_user.sessions == 2).all() and (per_user.events == n_events).all(), p
+    # no unseen items: valid within train's items, test within train_full's
+    assert set(a["valid"].item_id) <= set(a["train"].item_id)
+    assert set(a["test"].item_id) <= set(a["train_full"].item_id)
+    assert set(a["valid"].item_id) | set(a["test"].item_id) <= set(range(10))
+    assert sorted(a["valid"].groupby("session_id").seq.max().unique()) == [1, 2]  # seq renumbered
+
+
+def test_last_session_global_test_users_keep_training_history(tmp_path):
+    # Users 1..10: sessions on days 0, 10, ..., 90 and 101; user 11: days 95 and 102 only. The test
+    # cut is day 100 and the validation cut lands on day 90 (the 0.9 quantile of the training
+    # sessions' starts), so user 11's one session before the test cut is after the validation cut
+    # with no history before it and is dropped: user 11 has no history, so no test session either.
+    day, cut = 86400, T0 + 100 * 86400
+    rows = [(u, i, T0 + d * day + 60 * i) for u in range(1, 11) for d in [*range(0, 100, 10), 101] for i in (1, 2)]
+    rows += [(11, i, T0 + d * day + 60 * i) for d in (95, 102) for i in (1, 2)]
+    cut_ts = dt.datetime.fromtimestamp(cut, dt.timezone.utc).isoformat()
+    m = _run(tmp_path, _csv(tmp_path, rows), split="last_session_global", cut_ts=cut_ts)
+    meta = m["splits"]["last_session_global"]
+    vcut = dt.datetime.fromisoformat(meta["valid_cut_ts"]).timestamp()
+    assert T0 + 80 * day < vcut < T0 + 95 * day  # the scenario's premise
+    out = str(tmp_path / "out")
+    full, test = split_table(out, "last_session_global", "train_full"), split_table(out, "last_session_global", "test")
+    assert 11 not in set(full.user_id)
+    assert sorted(test.user_id.unique()) == list(range(1, 11))
+    assert set(test.user_id) <= set(full.user_id)
+    assert meta["dropped_sessions"] == 2  # user 11's two sessions

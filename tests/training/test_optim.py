@@ -440,3 +440,29 @@ def test_schedule_bad_arguments(kw, arg):
     opt = Adagrad([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     with pytest.raises(ValueError, match=arg):
         make_schedule(opt, **kw)
+
+
+def test_polynomial_schedule_villatel_values_with_a_real_adam():
+    # Villatel et al. 2018: Adam, lr 0.01 -> 0.001, power 0.5, over 50,000 steps, then flat.
+    # A float64 scalar with a constant gradient 1 and eps = 0: Adam's bias-corrected step is then
+    # exactly lr, so the parameter's move in optimizer step s+1 is the lr at schedule step s.
+    torch.set_num_threads(1)
+    W = torch.nn.Parameter(torch.zeros(1, dtype=D64))
+    W.grad = torch.ones(1, dtype=D64)
+    opt = Adam([W], lr=0.01, eps=0.0)
+    sched = make_schedule(opt, "polynomial", decay_steps=50_000, end_lr=0.001, power=0.5)
+    hand = {0: 0.01, 25_000: 0.009 * math.sqrt(0.5) + 0.001, 50_000: 0.001, 60_000: 0.001}
+    assert hand[25_000] == pytest.approx(0.0073639610306789, rel=1e-12)
+    got, moved = {}, {}
+    for s in range(60_001):
+        if s in hand:
+            got[s] = (sched.get_last_lr()[0], opt.param_groups[0]["lr"])
+            before = W.item()
+        opt.step()
+        if s in hand:
+            moved[s] = before - W.item()
+        sched.step()
+    for s, lr in hand.items():
+        assert got[s][0] == pytest.approx(lr, rel=1e-12), s
+        assert got[s][1] == pytest.approx(lr, rel=1e-12), s
+        assert moved[s] == pytest.approx(lr, rel=1e-8), s
