@@ -91,6 +91,22 @@ class TrainConfig(CommonConfig):
     train_path: str = "torch"
 
 
+@dataclass
+class VillatelTrainConfig(TrainConfig):
+    """Villatel et al. (2018) Table 2, "the same for all models" (their RNNs and CoEvent MF):
+    Adam, lr 0.01 decaying polynomially to 0.001 (power 0.5, 50,000 steps), batch 128. The
+    paper states no epoch count: 10 here."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 0.01
+    lr_schedule: str = "polynomial"
+    lr_decay_steps: int = 50_000
+    lr_end: float = 0.001
+    lr_power: float = 0.5
+    batch_size: int = 128
+    n_epochs: int = 10
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be applied (names the key and reason)."""
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.batching import SampleStore
-from training.config import ConfigError, TrainConfig, config_from_dict
+from training.config import ConfigError, VillatelTrainConfig, config_from_dict
 from training.family import Family, TrainContext, gather_rows, generator
 from training.losses import xe_loss
 from training.scoring import SessionScorerBase
@@ -63,7 +63,7 @@ SOFTMAX = ("auto", "full", "sampled")
 
 
 @dataclass
-class CoEventConfig(TrainConfig):
+class CoEventConfig(VillatelTrainConfig):
     """CoEvent MF (Villatel et al. 2018): next-item scores U[j]·V[i] from the current item i,
     softmax cross-entropy; U and V separate."""
 
@@ -76,14 +76,6 @@ class CoEventConfig(TrainConfig):
     #: sampled softmax: shared negatives per batch, drawn ∝ support^sample_alpha (logQ-corrected)
     n_sample: int = 2048
     sample_alpha: float = 0.5
-    optimizer: str = "adam"
-    learning_rate: float = 0.01
-    lr_schedule: str = "polynomial"
-    lr_decay_steps: int = 50_000
-    lr_end: float = 0.001
-    lr_power: float = 0.5
-    batch_size: int = 128
-    n_epochs: int = 10
 
     def __post_init__(self):
         if self.dim <= 0:

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.batching import sequence_batches, stream_windows
-from training.config import ConfigError, TrainConfig, config_from_dict
+from training.config import ConfigError, VillatelTrainConfig, config_from_dict
 from training.data import SessionData
 from training.family import Family, TrainContext, generator
 from training.scoring import SessionScorerBase
@@ -100,7 +100,7 @@ BPTT = ("parallel", "split", "truncate")
 
 
 @dataclass
-class SeqRNNConfig(TrainConfig):
+class SeqRNNConfig(VillatelTrainConfig):
     """Villatel et al. (2018) sequence RNNs: GRU / LN-GRU / stacked / HM-LSTM, tied or not,
     softmax cross-entropy over all items."""
 
@@ -130,14 +130,6 @@ class SeqRNNConfig(TrainConfig):
     #: HM-LSTM slope annealing: slope = min(slope_max, 1 + slope_anneal * epoch)
     slope_anneal: float = 0.04
     slope_max: float = 5.0
-    optimizer: str = "adam"
-    learning_rate: float = 0.01
-    lr_schedule: str = "polynomial"
-    lr_decay_steps: int = 50_000
-    lr_end: float = 0.001
-    lr_power: float = 0.5
-    batch_size: int = 128
-    n_epochs: int = 10
 
     def __post_init__(self):
         m = self.model
