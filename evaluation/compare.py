@@ -553,7 +553,8 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
 # --------------------------------------------------------------------------- writing
 
 
-COST_KEYS = ("fit_seconds", "eval_seconds", "eval_events_per_s", "n_parameters", "model_bytes")
+COST_KEYS = ("fit_seconds", "eval_seconds", "eval_events_per_s", "n_parameters", "model_bytes",
+             "latency_ms_p50", "latency_ms_p99", "latency_batch_rows_p50", "predict_us_per_event")
 
 
 def _cost(evals: list[EvalRun]) -> dict:
@@ -690,13 +691,18 @@ def _markdown(result: dict, by_len: dict | None = None, future: list[dict] | Non
         lines += ["", "Cost (mean over a run's seeds; fit = the training run's wall time, scoring = the evaluation "
                   "loop's wall time over this table; timings are of the machine and thread count they ran on; "
                   "parameters = elements of floating-point tensors, while a kNN's state is mostly integer index "
-                  "arrays, counted in model MB):", "",
-                  "| run | fit s | scoring s | scored events/s | parameters | model MB |", "|---|---:|---:|---:|---:|---:|"]
+                  "arrays, counted in model MB; step p50 / p99 = the model's prediction of one batch "
+                  "(one scorer.step call of the evaluation loop) in ms, of batches of the median rows shown; "
+                  "us/event = all step time / events fed):", "",
+                  "| run | fit s | scoring s | scored events/s | step p50 ms | step p99 ms | rows/step | us/event "
+                  "| parameters | model MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n in names:
             c = costs[n]
             mb = None if c.get("model_bytes") is None else c["model_bytes"] / 1e6
             lines.append(f"| {n} | {_fmt_cost(c.get('fit_seconds'), '.1f')} | {_fmt_cost(c.get('eval_seconds'), '.1f')} | "
-                         f"{_fmt_cost(c.get('eval_events_per_s'), ',.0f')} | {_fmt_cost(c.get('n_parameters'), ',.0f')} | "
+                         f"{_fmt_cost(c.get('eval_events_per_s'), ',.0f')} | {_fmt_cost(c.get('latency_ms_p50'), '.3f')} | "
+                         f"{_fmt_cost(c.get('latency_ms_p99'), '.3f')} | {_fmt_cost(c.get('latency_batch_rows_p50'), '.0f')} | "
+                         f"{_fmt_cost(c.get('predict_us_per_event'), '.2f')} | {_fmt_cost(c.get('n_parameters'), ',.0f')} | "
                          f"{_fmt_cost(mb, '.2f')} |")
     if by_len is not None:
         lines += ["", "## By session length", ""] + _by_length_tables(by_len)[:-1]

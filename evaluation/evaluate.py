@@ -27,7 +27,17 @@ model are removed first, then sessions left with < 2 events are dropped
   n_sessions, n_users, dropped_*), mode, tie mode, device, evaluation events/s,
   and ``test_digest``: sha256 of the sorted (session_id, position,
   target_item_id) rows (little-endian int64 triples), equal iff two runs
-  predicted the same events;
+  predicted the same events; the model's cost: ``n_parameters``,
+  ``model_bytes``, ``fit_seconds`` (``model_cost``) and its prediction latency
+  (``latency``), from the wall time of each ``scorer.step`` call of the loop
+  (one batch: one event for each active slot; CUDA synchronised before each
+  clock read): ``latency_ms_p50`` / ``latency_ms_p99`` (ms per call),
+  ``latency_batch_rows_p50`` (median rows per call: the loop's ``--slots``
+  rows while the slots are full, fewer at the tail, so compare latencies at
+  the same ``--slots``) and ``predict_us_per_event`` (all step seconds / the
+  events fed, scored + unscored history, in microseconds); percentiles are
+  numpy's ``method="linear"`` (interpolated between the two nearest calls);
+  None when nothing was stepped;
 * ``breakdown_length.csv`` / ``breakdown_position.csv`` (+ ``breakdowns.json``):
   the same metrics (+ recall_at_K_n_N) by session length (2-5, 6-25, 26+) and by
   1-based input position (1-2, 3-4, 5-9, 10+); ``breakdown_position_coarse.csv``
@@ -133,6 +143,24 @@ def model_cost(model_dir, ckpt: dict) -> dict:
             "fit_seconds": fit}
 
 
+#: numpy percentile method of the latency figures (linear interpolation between order statistics)
+LATENCY_PERCENTILE_METHOD = "linear"
+
+
+def latency(step_seconds: np.ndarray, step_rows: np.ndarray, n_events_fed: int) -> dict:
+    """Prediction latency from the loop's per-``scorer.step`` timings (module docstring):
+    p50 / p99 ms per call, median rows per call, microseconds per event fed; None when no
+    call was made."""
+    if not len(step_seconds):
+        return dict.fromkeys(("latency_ms_p50", "latency_ms_p99", "latency_batch_rows_p50",
+                              "predict_us_per_event"))
+    ms = np.asarray(step_seconds, np.float64) * 1e3
+    p50, p99 = np.percentile(ms, [50, 99], method=LATENCY_PERCENTILE_METHOD)
+    return {"latency_ms_p50": float(p50), "latency_ms_p99": float(p99),
+            "latency_batch_rows_p50": float(np.percentile(step_rows, 50, method=LATENCY_PERCENTILE_METHOD)),
+            "predict_us_per_event": float(ms.sum() * 1e3 / max(n_events_fed, 1))}
+
+
 def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conservative",
              ks=DEFAULT_KS, n_slots: int = 512, device: str = "auto", mode: str = "session",
              history_tables=None, only_items=None) -> dict:
@@ -194,6 +222,7 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
         f"coverage_at_{top_k}": coverage, f"mean_popularity_at_{top_k}": popularity,
         "test_digest": events_digest(sess_ids, res.position, tgt_ids),
         **model_cost(model_dir, ckpt),
+        **latency(res.step_seconds, res.step_rows, res.n_events + res.n_history_steps),
     })
     out.mkdir(parents=True, exist_ok=True)
     ck.write_json(out / "metrics.json", metrics)
@@ -254,6 +283,9 @@ def main(argv=None) -> int:
     m = evaluate(a.model_dir, a.data, a.out, a.table, a.ties, ks, a.slots, a.device, a.mode, hist)
     print(" ".join(f"{k}={m[k]:.4f}" for k in sorted(m) if k.startswith(("recall_at", "mrr_at"))))
     print(f"{m['n_events']} events, {m['eval_events_per_s']:.0f} events/s, ties={m['ties']}")
+    if m["latency_ms_p50"] is not None:
+        print(f"scorer.step: p50 {m['latency_ms_p50']:.3f} ms, p99 {m['latency_ms_p99']:.3f} ms per batch of "
+              f"{m['latency_batch_rows_p50']:.0f} rows (median), {m['predict_us_per_event']:.2f} us/event")
     return 0
 
 

@@ -54,6 +54,16 @@ is refused (topk puts NaN first, so column 0 of the top values shows it). The
 first ``top_k`` topk indices also give the top-K lists for
 catalogue coverage / popularity (ties at the cut are whatever topk picks; only
 coverage uses them).
+
+Prediction latency: every ``scorer.step`` call (the model's prediction of one
+batch, one event per row) is timed on its own with ``time.perf_counter``, from
+after its arguments are on the device to its return; on CUDA the device is
+synchronised right before both clock reads, so queued work of earlier calls is
+not charged to it and its own kernels are finished when it is read. Ranking,
+metrics, ``select`` / ``start_session`` / ``end_session`` are outside it.
+``EvalResult.step_seconds`` / ``step_rows`` hold each call's seconds and the
+rows it was given (``min(n_slots, n_lanes)`` while the slots are full; fewer at
+the tail for a scorer with ``select``; always all rows for one without it).
 """
 from __future__ import annotations
 
@@ -91,6 +101,10 @@ class EvalResult:
     n_history_sessions: int = 0  # history sessions fed (not scored)
     n_history_steps: int = 0
     n_end_session_calls: int = 0  # sessions ended (history + test)
+    #: seconds of each scorer.step call, in call order (module docstring, "Prediction latency")
+    step_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    #: rows passed to each scorer.step call (its batch size)
+    step_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_events(self) -> int:
@@ -201,6 +215,8 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         hist_count = np.array([hc.get(int(u), 0) for u in lane[:n_test]], np.int64)
 
     out_r, out_g, out_t, out_f = [], [], [], []
+    step_secs, step_rows = [], []
+    sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else None
     n_end = 0
     n_hist_steps = 0
     top_counts = torch.zeros(scorer.n_items, dtype=torch.int64)
@@ -232,14 +248,19 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
                 users = torch.from_numpy(np.where(starting & (sess >= 0), users_all[sess.clip(min=0)],
                                                   -1)).to(dev)
             state = scorer.start_session(state, torch.from_numpy(starting).to(dev), users)
-        x = sch.inputs[t, sl].clip(min=0)
+        args = (torch.from_numpy(sch.inputs[t, sl].clip(min=0)).to(dev),)
         if uses_time:  # time-aware baselines (STAN, time-decayed Item-KNN): input events' times
             act = sess >= 0
             ev_in = np.where(act, offsets[sess.clip(min=0)] + sch.position[t, sl], 0)
-            scores, state = scorer.step(state, torch.from_numpy(x).to(dev),
-                                        torch.from_numpy(np.where(act, event_ts[ev_in], 0)).to(dev))
-        else:
-            scores, state = scorer.step(state, torch.from_numpy(x).to(dev))
+            args += (torch.from_numpy(np.where(act, event_ts[ev_in], 0)).to(dev),)
+        if sync is not None:
+            sync(dev)
+        c0 = time.perf_counter()
+        scores, state = scorer.step(state, *args)
+        if sync is not None:
+            sync(dev)
+        step_secs.append(time.perf_counter() - c0)
+        step_rows.append(len(sl))
         scored = valid & (sess < n_test)  # idle rows have sess == -1 < n_test but valid False
         n_hist_steps += int((valid & (sess >= n_test)).sum())
         r = np.flatnonzero(scored)
@@ -304,4 +325,5 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         user_history=hist_count[s_idx] if hist_count is not None else None,
         top_counts=top_counts.numpy(), top_k=top_k, mode=mode,
         n_users=n_users if mode == "user" else 0, n_users_without_history=n_no_hist,
-        n_history_sessions=n_hist_sess, n_history_steps=n_hist_steps, n_end_session_calls=n_end)
+        n_history_sessions=n_hist_sess, n_history_steps=n_hist_steps, n_end_session_calls=n_end,
+        step_seconds=np.array(step_secs, np.float64), step_rows=np.array(step_rows, np.int64))

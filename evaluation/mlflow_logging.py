@@ -8,6 +8,8 @@ Layout in MLflow (what the DAG produces; usable without Airflow too)::
         child run one per candidate = model family x (train_full | recent fraction k)
                   params = the resolved config; per-epoch train_loss / train_events_per_s;
                   recall_at_K, mrr_at_K, precision_at_K on test, valid_* on validation;
+                  model size and prediction latency (n_parameters, model_bytes,
+                  latency_ms_p50 / _p99 per batch, predict_us_per_event);
                   artifacts: config, history, metrics JSON, breakdown tables, PNG plots;
                   model: evaluation.serving.SessionRecModel (pyfunc) over the checkpoint
     registry    <dataset>-<family>  one version per distinct checkpoint (digest tag);
@@ -320,11 +322,16 @@ def _param(k, v):
 #: evaluation counts logged as metrics (not only in metrics.json)
 EVAL_COUNTS = ("n_events", "n_sessions", "n_users", "n_items_ranked", "dropped_unknown_events",
                "dropped_short_sessions", "n_users_without_history", "eval_events_per_s")
+#: what the model costs (evaluation.evaluate: size and prediction latency), logged as metrics
+#: when the evaluation recorded them (None and older metrics.json files are skipped)
+COST_METRICS = ("n_parameters", "model_bytes", "latency_ms_p50", "latency_ms_p99", "latency_batch_rows_p50",
+                "predict_us_per_event")
 
 
 def log_evaluation(run_id: str, eval_dir: str | os.PathLike, table: str = "test", split_dir=None) -> dict:
-    """Metrics (``valid_`` prefix for the validation table) and eval counts, the table as an
-    ``mlflow.data`` input of the run (with its digest), JSON/CSV tables and breakdown PNG."""
+    """Metrics (``valid_`` prefix for the validation table), eval counts and the model's cost
+    (``COST_METRICS``), the table as an ``mlflow.data`` input of the run (with its digest),
+    JSON/CSV tables and breakdown PNG."""
     import mlflow
 
     from evaluation import plots
@@ -335,7 +342,8 @@ def log_evaluation(run_id: str, eval_dir: str | os.PathLike, table: str = "test"
     keys = [k for k in m if k.startswith(("recall_at_", "mrr_at_", "precision_at_", "ndcg_at_", "coverage_at_",
                                            "mean_popularity_at_")) and isinstance(m[k], (int, float))]
     metrics = {f"{prefix}{k}": float(m[k]) for k in keys}
-    metrics.update({f"{prefix}{k}": float(m[k]) for k in EVAL_COUNTS if isinstance(m.get(k), (int, float))})
+    metrics.update({f"{prefix}{k}": float(m[k]) for k in EVAL_COUNTS + COST_METRICS
+                    if isinstance(m.get(k), (int, float))})
     client = _client()
     client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
     if (eval_dir / "per_event.parquet").exists():
