@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -38,17 +39,23 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["seqrnn", "seqrnn_re", "seqrnn_ln", "seqrnn_re_ln", "seqrnn_stack_re_ln", "hmlstm_re_ln"]
 
 
-def _mm_seconds(m: int, k: int, n: int, reps: int = 5) -> float:
-    """Best wall time of one [m, k] @ [k, n] float32 product."""
+def _mm_seconds(m: int, k: int, n: int, reps: int = 7) -> float:
+    """Wall time of one [m, k] @ [k, n] float32 product: best of ``reps`` timings, each a loop
+    of enough products to last >= 20 ms (small products take microseconds)."""
     import torch
 
     a, b = torch.randn(m, k), torch.randn(k, n)
-    torch.mm(a, b)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)
+    t = time.perf_counter()
+    torch.mm(a, b, out=out)
+    loops = max(1, int(0.02 / max(time.perf_counter() - t, 1e-7)))
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
+        for _ in range(loops):
+            torch.mm(a, b, out=out)
+        best = min(best, (time.perf_counter() - t) / loops)
     return best
 
 
@@ -143,7 +150,7 @@ def one(name: str, split: str, variant: str, sequence: str, steps: int, threads:
     er = evaluate_sessions(scorer, sub, n_slots=512)
     cb = compute_bound(cfg, index.n_items, min(cfg.batch_size, data.n_sessions), cfg.window)
     eps = n_ev / train_s if train_s > 0 else float("nan")
-    return {"dataset": name, "variant": variant, "sequence": sequence, "n_items": index.n_items,
+    return {"load_average": os.getloadavg()[0], "dataset": name, "variant": variant, "sequence": sequence, "n_items": index.n_items,
             "train_events": int(data.n_events), "steps_timed": done, "events_timed": n_ev,
             "train_events_per_s": eps, "compute_bound_events_per_s": cb["events_per_s"],
             "fraction_of_limit": eps / cb["events_per_s"], "flops_per_event": cb["flops_per_event"],
@@ -192,6 +199,7 @@ def main(argv=None) -> int:
                      f"{r['compute_bound_events_per_s']:,.0f} | {r['fraction_of_limit']:.0%} | {rel:.2f}x | "
                      f"{r['eval_events_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} |")
     out = {"machine": cpu_label(), "date": time.strftime("%Y-%m-%d %H:%M"), "threads": a.threads,
+           "load_average_after": os.getloadavg(),
            "command": "python -m benchmarks.seqrnn_speed " + " ".join(sys.argv[1:] if argv is None else argv),
            "rows": rows, "table": "\n".join(lines)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

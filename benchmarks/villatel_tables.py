@@ -188,11 +188,19 @@ def findings(result: dict, names: dict, baseline: str) -> list[str]:
     for m in METRICS:
         rows = [r for r in result["rows"] if r["metric"] == m and r["run"] != baseline and r.get("uplift_lo") is not None]
         win = [r for r in rows if r["uplift_lo"] > 0 and (r.get("p_value") or 1) < 0.05]
+        ahead = [r for r in rows if r["uplift_lo"] > 0 and r not in win]
+
+        def cell(r):
+            return (f"{names.get(r['run'], r['run'])} {r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, "
+                    f"{r['uplift_hi']:+.1f}], Wilcoxon p = {r['p_value']:.2g}")
         if win:
-            out.append(f"- {LABELS[m]}: " + ", ".join(
-                f"**{names.get(r['run'], r['run'])}** {r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, {r['uplift_hi']:+.1f}]"
-                for r in win) + f" over {names[baseline]}.")
-        else:
+            out.append(f"- {LABELS[m]}: beats {names[baseline]} (uplift CI above 0 and p < 0.05): "
+                       + "; ".join(f"**{cell(r)}**" for r in win) + ".")
+        if ahead:
+            out.append(f"- {LABELS[m]}: ahead of {names[baseline]} by the bootstrap CI, but the Wilcoxon test "
+                       "(per-unit means, every unit weighing once) does not confirm it: "
+                       + "; ".join(cell(r) for r in ahead) + ".")
+        if not win and not ahead:
             top = max(rows, key=lambda r: r["mean"])
             out.append(f"- {LABELS[m]}: no model beats {names[baseline]}; the closest is "
                        f"{names.get(top['run'], top['run'])} at {top['uplift']:+.1f} % "

@@ -117,7 +117,7 @@ class SeqRNNConfig(VillatelTrainConfig):
     hidden: int = 100
     #: session: every session is a sequence | user: a user's sessions concatenated in time order
     sequence: str = "session"
-    #: parallel: session-parallel streams in windows of max_len steps, state carried (truncated
+    #: parallel: session-parallel streams in windows of `window` steps, state carried (truncated
     #: BPTT, no padding) | split: each sequence cut into windows of max_len pairs, one per row |
     #: truncate: each sequence's last max_len pairs only
     bptt: str = "parallel"
