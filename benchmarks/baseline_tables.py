@@ -115,18 +115,23 @@ def _same_settings(prev, over: dict) -> bool:
 
 
 def fit_and_score(model: str, split: Path, run_dir: Path, table: str, train_table: str, sets: dict,
-                  threads: int, mode: str = "session", also: tuple[str, ...] = ()) -> dict:
-    """Fit ``model`` on ``train_table`` with ``sets`` and evaluate it on ``table`` (and on the
-    tables in ``also``: ``metrics_<table>``) in evaluation ``mode``; cached by settings."""
+                  threads: int, mode: str = "session", also: tuple[str, ...] = (),
+                  init_from: Path | None = None) -> dict:
+    """Fit ``model`` on ``train_table`` with ``sets`` (starting from the run ``init_from`` if
+    given: fine-tuning) and evaluate it on ``table`` (and on the tables in ``also``:
+    ``metrics_<table>``) in evaluation ``mode``; cached by settings (and the start run's digest)."""
     from evaluation.evaluate import evaluate
+    from training import checkpoint as ck
     from training.trainer import train
 
     over = {**sets, "train_table": train_table, "num_threads": threads}
+    key = over if init_from is None else {
+        **over, "init_from": str(init_from), "init_digest": ck.weights_digest(ck.load_checkpoint(init_from))}
     done = run_dir / "done.json"  # re-runs reuse a finished fit + evaluation with the same settings
     tables = (table, *also)
     if done.exists():
         rec = json.loads(done.read_text())
-        if _same_settings(rec.get("sets"), over) and rec.get("mode", "session") == mode \
+        if _same_settings(rec.get("sets"), key) and rec.get("mode", "session") == mode \
                 and all((run_dir / f"eval-{t}" / "metrics.json").exists() for t in tables):
             out = {"fit_wall_s": rec["fit_wall_s"], "eval_dir": run_dir / f"eval-{table}"}
             for t in tables:
@@ -134,13 +139,13 @@ def fit_and_score(model: str, split: Path, run_dir: Path, table: str, train_tabl
                 out["metrics" if t == table else f"metrics_{t}"] = m
             return out
     t0 = time.perf_counter()
-    train(model, split, run_dir / "model", overrides=over, show_progress=False)
+    train(model, split, run_dir / "model", overrides=over, init_from=init_from, show_progress=False)
     fit = time.perf_counter() - t0
     out = {"fit_wall_s": fit, "eval_dir": run_dir / f"eval-{table}"}
     for t in tables:
         m = evaluate(run_dir / "model", split, run_dir / f"eval-{t}", table=t, mode=mode)
         out["metrics" if t == table else f"metrics_{t}"] = m
-    done.write_text(json.dumps({"sets": over, "fit_wall_s": fit, "mode": mode}))
+    done.write_text(json.dumps({"sets": key, "fit_wall_s": fit, "mode": mode}))
     return out
 
 
