@@ -190,6 +190,11 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
         if p["epochs"] is not None and registry.get(f).trainable and "n_epochs" not in o:
             o["n_epochs"] = p["epochs"]  # parameter-free families (POP) keep 0 epochs
         o.update(device=p["device"], train_table=p["train_table"])
+        missing = {k: what for k, what in registry.get(f).source_runs.items() if not o.get(k)}
+        if missing:  # the DAG does not (yet) train a teacher / an M1 first and hand it over
+            raise PipelineParamError(
+                f"family {f!r} needs " + ", ".join(f"{k} (the path of {w})" for k, w in missing.items())
+                + f" in param 'overrides', e.g. {{\"{f}\": {{\"{next(iter(missing))}\": \"/path/to/run\"}}}}")
         try:  # typed: the same dataclass the training step fills, so errors surface here
             resolve_config(f, overrides=o)
         except Exception as e:  # ConfigError names the key

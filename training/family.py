@@ -43,6 +43,9 @@ class Family:
     Config: ClassVar[type] = object
     #: False for families with nothing to learn by gradient descent (POP, counting baselines)
     trainable: ClassVar[bool] = True
+    #: config keys that must name another trained run (key -> what it is), e.g. a distillation
+    #: student's teacher; the DAG refuses such a family without them
+    source_runs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: Any, ctx: TrainContext):
         self.cfg = cfg

@@ -476,3 +476,20 @@ def test_fine_tunes_from_its_weights_on_the_recent_table(runs, split, tmp_path):
     assert json.loads((tmp_path / "ft1" / "config.json").read_text())["hidden"] == SMALL["hidden"]
     after = ck.load_checkpoint(tmp_path / "ft1")["state_dict"]
     assert not all(torch.equal(after[k], pre[k]) for k in pre)
+
+
+def test_dag_refuses_a_student_without_its_source_run(tmp_path):
+    from dags import pipeline_steps as steps
+
+    def resolve(fams, overrides=None):
+        return steps.resolve({"data_dir": str(tmp_path), "families": fams, "fractions": [], "epochs": 1,
+                              "device": "cpu", "overrides": overrides or {}},
+                             dag_id="session_rec_pipeline", dag_run_id="manual__t",
+                             interval_start="2014-04-07T00:00:00Z", interval_end="2014-04-08T00:00:00Z")
+
+    for fam, key in (("tan_distill", "teacher_run"), ("tan_emb", "item_embeddings_from")):
+        with pytest.raises(steps.PipelineParamError, match=f"{fam!r} needs {key}"):
+            resolve(["tan", fam])
+        cfg = resolve(["tan", fam], {fam: {key: str(tmp_path / "run")}})
+        assert cfg["overrides"][fam][key] == str(tmp_path / "run")
+    assert resolve(["tan", "tan_teacher"])["families"] == ["tan", "tan_teacher"]

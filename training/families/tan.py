@@ -606,6 +606,7 @@ class TanTeacherFamily(TanFamily):
 class TanDistillFamily(TanFamily):
     name = "tan_distill"
     Config = TanDistillConfig
+    source_runs = {"teacher_run": "a trained tan_teacher run"}
 
     def __init__(self, cfg: TanDistillConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
@@ -657,6 +658,7 @@ class TanDistillFamily(TanFamily):
 class TanEmbFamily(TanFamily):
     name = "tan_emb"
     Config = TanEmbConfig
+    source_runs = {"item_embeddings_from": "a trained tan run (M1)"}
 
     def __init__(self, cfg: TanEmbConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
