@@ -103,8 +103,8 @@ def one(name: str, split: str, variant: str, sequence: str, steps: int, threads:
     from training.config import config_to_dict, resolve_config
     from training.data import read_events, read_item_index
     from training.family import TrainContext
-    from training.optim import build_optimizer, make_schedule
-    from training.trainer import table_support
+    from training.optim import clip_grad_norm
+    from training.trainer import AutogradRunner, table_support
 
     torch.set_num_threads(threads)
     cfg = resolve_config(variant, overrides={"sequence": sequence, "num_threads": threads, "device": "cpu"})
@@ -114,8 +114,8 @@ def one(name: str, split: str, variant: str, sequence: str, steps: int, threads:
     fam = fam_cls(cfg, TrainContext(index=index, data=data, support=table_support(data, index.n_items),
                                     device=torch.device("cpu")))
     fam.init_weights(torch.Generator().manual_seed(0))
-    opt = build_optimizer("adam", fam.param_groups(), lr=cfg.learning_rate)
-    sched = make_schedule(opt, "polynomial", decay_steps=cfg.lr_decay_steps, end_lr=cfg.lr_end, power=cfg.lr_power)
+    runner = AutogradRunner(fam, cfg, torch.device("cpu"))  # the trainer's optimizer and LR schedule
+    opt, sched = runner.opt, runner.sched
     fam.model.train()
     it = iter(fam.batches(0))
     n_ev, t0, done = 0, None, 0
@@ -131,6 +131,8 @@ def one(name: str, split: str, variant: str, sequence: str, steps: int, threads:
             continue
         loss, n = res
         loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm(runner.params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()

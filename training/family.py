@@ -17,6 +17,7 @@ early stopping, progress.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
@@ -88,6 +89,14 @@ class Family:
     def scorer(cls, ckpt: dict, device: torch.device):
         """Checkpoint (``training.checkpoint`` format) -> ``training.scoring.Scorer``."""
         raise NotImplementedError
+
+
+def glorot_(t: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator) -> None:
+    """Glorot-uniform in place: U(-s, s), s = sqrt(6 / (fan_in + fan_out)), drawn from ``gen``
+    (TF1's / Keras' default initializer; every family's "Glorot uniform")."""
+    s = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) * 2 * s - s)
 
 
 def generator(seed: int, epoch: int) -> torch.Generator:

@@ -45,7 +45,6 @@ Train / evaluate::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +54,7 @@ from torch import nn
 
 from training.batching import SampleStore
 from training.config import ConfigError, VillatelTrainConfig, config_from_dict
-from training.family import Family, TrainContext, gather_rows, generator
+from training.family import Family, TrainContext, gather_rows, generator, glorot_
 from training.losses import xe_loss
 from training.scoring import SessionScorerBase
 
@@ -170,9 +169,7 @@ class CoEventFamily(Family):
 
     def init_weights(self, gen: torch.Generator) -> None:
         for p in self.model.parameters():  # Glorot uniform (fan = n_items + d)
-            s = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))
-            with torch.no_grad():
-                p.copy_(torch.rand(p.shape, generator=gen) * 2 * s - s)
+            glorot_(p, p.shape[0], p.shape[1], gen)
 
     def batches(self, epoch: int):
         """(current items, next items, shared negatives or None) of ``batch_size`` pairs."""

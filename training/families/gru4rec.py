@@ -32,7 +32,6 @@ setting has it on CPU, else ``native`` on CPU, else ``torch``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +40,7 @@ from torch import nn
 
 from training.batching import SampleStore, session_parallel_schedule
 from training.config import ConfigError, TrainConfig, config_from_dict
-from training.family import Family, TrainContext, gather_rows, generator
+from training.family import Family, TrainContext, gather_rows, generator, glorot_
 from training.losses import check_loss_config, sampled_loss
 from training.scoring import RNNScorer
 
@@ -82,13 +81,6 @@ class GRU4RecConfig(TrainConfig):
     sample_store_size: int = 10_000_000
     #: auto | chunk | native | manual | torch (module docstring)
     train_path: str = "auto"
-
-
-def glorot_(t: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator) -> None:
-    """Glorot-uniform in place: U(-s, s), s = sqrt(6 / (fan_in + fan_out))."""
-    s = math.sqrt(6.0 / (fan_in + fan_out))
-    with torch.no_grad():
-        t.copy_(torch.rand(t.shape, generator=gen) * 2 * s - s)
 
 
 class GRU4RecModel(nn.Module):

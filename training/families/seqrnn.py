@@ -80,7 +80,6 @@ Train / evaluate::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +90,7 @@ from torch import nn
 from training.batching import sequence_batches, stream_windows
 from training.config import ConfigError, VillatelTrainConfig, config_from_dict
 from training.data import SessionData
-from training.family import Family, TrainContext, generator
+from training.family import Family, TrainContext, generator, glorot_
 from training.scoring import SessionScorerBase
 
 CELLS = ("gru", "hmlstm")
@@ -174,9 +173,7 @@ class GRULayer(nn.Module):
         H = self.hidden
         with torch.no_grad():
             for w in (self.W_e, self.W_hrz, self.W_hh):  # Glorot uniform per gate block
-                fan_in, fan_out = w.shape[0], H
-                s = math.sqrt(6.0 / (fan_in + fan_out))
-                w.copy_(torch.rand(w.shape, generator=gen) * 2 * s - s)
+                glorot_(w, w.shape[0], H, gen)
             if self.layer_norm:
                 self.ln_e_g.fill_(1.0), self.ln_h_g.fill_(1.0)
                 self.ln_e_b.zero_(), self.ln_h_b.zero_()
@@ -349,10 +346,8 @@ class SeqRNNFamily(Family):
 
     def init_weights(self, gen: torch.Generator) -> None:
         m = self.model
-        with torch.no_grad():
-            for w in [m.W_I] + ([] if m.tied else [m.W_O]):  # Glorot uniform over (n_items, d)
-                s = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
-                w.copy_(torch.rand(w.shape, generator=gen) * 2 * s - s)
+        for w in [m.W_I] + ([] if m.tied else [m.W_O]):  # Glorot uniform over (n_items, d)
+            glorot_(w, w.shape[0], w.shape[1], gen)
         if m.cell == "hmlstm":
             m.hm.reset_parameters(gen)
         else:

@@ -124,7 +124,6 @@ Train / evaluate::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,7 +134,7 @@ from torch import nn
 from training import checkpoint as ck
 from training.batching import PAD_INPUT, SampleStore
 from training.config import ConfigError, TrainConfig, config_from_dict
-from training.family import Family, TrainContext, gather_rows, generator
+from training.family import Family, TrainContext, gather_rows, generator, glorot_
 from training.losses import xe_loss
 from training.scoring import RNNScorer
 
@@ -248,11 +247,6 @@ class TanEmbConfig(TanConfig):
 
 
 # ----------------------------------------------------------------------------- models
-def _glorot_(w: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator) -> None:
-    s = math.sqrt(6.0 / (fan_in + fan_out))
-    w.copy_(torch.rand(w.shape, generator=gen, dtype=w.dtype) * 2 * s - s)
-
-
 class _TanBase(nn.Module):
     """Item table -> one GRU layer -> ``head`` (identity for M1); subclasses give the item
     table (``input_table``), ``head`` and ``all_scores``."""
@@ -271,7 +265,7 @@ class _TanBase(nn.Module):
         g, H, E = self.gru, self.gru.hidden_size, self.gru.input_size
         with torch.no_grad():
             for k in range(3):
-                _glorot_(g.weight_ih_l0[k * H:(k + 1) * H], E, H, gen)
+                glorot_(g.weight_ih_l0[k * H:(k + 1) * H], E, H, gen)
                 nn.init.orthogonal_(g.weight_hh_l0[k * H:(k + 1) * H], generator=gen)
             g.bias_ih_l0.zero_()
             g.bias_hh_l0.zero_()
@@ -314,7 +308,7 @@ class TanRNN(_TanBase):
     def reset_parameters(self, gen: torch.Generator) -> None:
         with torch.no_grad():
             self.W_I.copy_(torch.rand(self.W_I.shape, generator=gen) * 0.1 - 0.05)  # Keras "uniform"
-            _glorot_(self.W_O, self.W_O.shape[1], self.n_items, gen)  # Dense(n_items) on H inputs
+            glorot_(self.W_O, self.W_O.shape[1], self.n_items, gen)  # Dense(n_items) on H inputs
             self.b_O.zero_()
         self.reset_gru(gen)
 
@@ -342,7 +336,7 @@ class TanEmbRNN(_TanBase):
     def reset_parameters(self, gen: torch.Generator) -> None:
         with torch.no_grad():
             for lin in (self.fc, self.proj):
-                _glorot_(lin.weight, lin.in_features, lin.out_features, gen)
+                glorot_(lin.weight, lin.in_features, lin.out_features, gen)
                 lin.bias.zero_()
         self.reset_gru(gen)
 
