@@ -185,16 +185,12 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
     if extra:
         raise PipelineParamError(f"param 'overrides' names family {extra} that is not in 'families' {fams}")
     overrides: dict[str, dict[str, Any]] = {}
+    sources = dependent_sources(fams, ov)
     for f in fams:
         o = dict(ov.get(f, {}))
         if p["epochs"] is not None and registry.get(f).trainable and "n_epochs" not in o:
             o["n_epochs"] = p["epochs"]  # parameter-free families (POP) keep 0 epochs
         o.update(device=p["device"], train_table=p["train_table"])
-        missing = {k: what for k, what in registry.get(f).source_runs.items() if not o.get(k)}
-        if missing:  # the DAG does not (yet) train a teacher / an M1 first and hand it over
-            raise PipelineParamError(
-                f"family {f!r} needs " + ", ".join(f"{k} (the path of {w})" for k, w in missing.items())
-                + f" in param 'overrides', e.g. {{\"{f}\": {{\"{next(iter(missing))}\": \"/path/to/run\"}}}}")
         try:  # typed: the same dataclass the training step fills, so errors surface here
             resolve_config(f, overrides=o)
         except Exception as e:  # ConfigError names the key
@@ -220,9 +216,36 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
     data_dir = Path(p["data_dir"] or os.environ.get("RNNREC_DATA_DIR") or ROOT / "data").resolve()
     start, end = _iso(interval_start), _iso(interval_end)
     root = data_dir / "pipeline" / p["dataset"] / interval_key(start, end)
-    return {"params": p, "inputs": inputs, "overrides": overrides, "finetune": finetune, "families": fams, "fractions": fr,
+    return {"params": p, "inputs": inputs, "overrides": overrides, "finetune": finetune, "families": fams,
+            "sources": sources, "fractions": fr,
             "data_dir": str(data_dir), "root": str(root), "dag_id": dag_id, "dag_run_id": dag_run_id,
             "interval_start": start, "interval_end": end}
+
+
+def dependent_sources(fams: list[str], overrides: dict) -> dict[str, dict[str, str]]:
+    """Which families need another run of this DAG run, and whose: ``{family: {config key:
+    source family}}`` for every ``Family.source_runs`` key the overrides leave empty (a
+    distillation student's ``teacher_run``, M4's ``item_embeddings_from``). The source is the
+    first family the key accepts that is in ``families`` and needs no source itself; the DAG
+    trains it in ``train`` and the dependent family after it (:func:`plan_dependent`)."""
+    from training import registry
+
+    need = {f: [k for k in registry.get(f).source_runs if not (overrides.get(f) or {}).get(k)] for f in fams}
+    need = {f: ks for f, ks in need.items() if ks}
+    out: dict[str, dict[str, str]] = {}
+    for f, keys in need.items():
+        for k in keys:
+            allowed = registry.get(f).source_runs[k]
+            have = [a for a in allowed if a in fams and a not in need]
+            if not have:
+                chained = [a for a in allowed if a in need]
+                raise PipelineParamError(
+                    f"family {f!r} needs {k}, a trained {' | '.join(allowed)} run: add {allowed[0]!r} to param "
+                    "'families' (the DAG trains it first and hands its run over)"
+                    + (f" ({chained} cannot serve: it needs a source run itself)" if chained else "")
+                    + f", or name a run in param 'overrides', e.g. {{\"{f}\": {{\"{k}\": \"/path/to/run\"}}}}")
+            out.setdefault(f, {})[k] = have[0]
+    return out
 
 
 # --------------------------------------------------------------------------- data steps
@@ -355,14 +378,41 @@ def _final_and_select(overrides: dict, refit: bool) -> tuple[dict | None, dict]:
     return ({**overrides, "train_table": "train_full"} if refit else None), {**overrides, "train_table": "train"}
 
 
+def _fresh_spec(cfg: dict, f: str, split_dir: str, refit: bool) -> dict:
+    final, select = _final_and_select(cfg["overrides"][f], refit)
+    return {"candidate": f, "family": f, "fraction": None, "split_dir": split_dir,
+            "final": None if final is None else {"overrides": final, "init_from": None},
+            "select": {"overrides": select, "init_from": None}, "parent_candidate": None, "sources": {}}
+
+
 def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
+    """The families trained from scratch first: every one that needs no other run of this DAG run."""
     refit = cfg["params"]["train_table"] == "train_full"
+    return [_fresh_spec(cfg, f, prep["split_dir"], refit) for f in cfg["families"] if f not in cfg.get("sources", {})]
+
+
+def plan_dependent(cfg: dict, pretrained: list[dict]) -> list[dict]:
+    """The families that need a run ``train`` made (``cfg["sources"]``: a distillation student and
+    its teacher, M4 and its M1): the final model gets the source's final model, the selection
+    copy the source's selection copy, so that nothing of ``valid`` reaches the selection copy
+    through its source either. Each spec names its sources' candidate, run and digest (lineage)."""
+    refit = cfg["params"]["train_table"] == "train_full"
+    by = {p["candidate"]: p for p in pretrained}
     specs = []
     for f in cfg["families"]:
-        final, select = _final_and_select(cfg["overrides"][f], refit)
-        specs.append({"candidate": f, "family": f, "fraction": None, "split_dir": prep["split_dir"],
-                      "final": None if final is None else {"overrides": final, "init_from": None},
-                      "select": {"overrides": select, "init_from": None}, "parent_candidate": None})
+        need = cfg.get("sources", {}).get(f)
+        if not need:
+            continue
+        spec = _fresh_spec(cfg, f, pretrained[0]["split_dir"], refit)
+        for key, src in need.items():
+            if src not in by:
+                raise PipelineParamError(f"family {f!r}: its source {src!r} ({key}) was not trained in this run")
+            s = by[src]
+            spec["select"]["overrides"][key] = s["select_run_dir"]
+            if spec["final"] is not None:
+                spec["final"]["overrides"][key] = s["run_dir"]
+            spec["sources"][key] = {"candidate": src, "run_id": s["child_run_id"], "digest": s["digest"]}
+        specs.append(spec)
     return specs
 
 
@@ -383,7 +433,7 @@ def plan_finetune(cfg: dict, pretrained: list[dict]) -> list[dict]:
             specs.append({"candidate": f"{pre['family']}-recent{k}", "family": pre["family"], "fraction": k,
                           "split_dir": pre["split_dir"], "final": final, "select": select,
                           "parent_candidate": pre["candidate"], "parent_run_id": pre["child_run_id"],
-                          "parent_digest": pre["digest"]})
+                          "parent_digest": pre["digest"], "sources": pre.get("sources") or {}})
     return specs
 
 
@@ -430,6 +480,9 @@ def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
             lineage = {"parent_run_id": spec["parent_run_id"], "parent_candidate": spec["parent_candidate"],
                        "parent_digest": spec["parent_digest"],
                        "init_optimizer": (spec["final"] or spec["select"])["overrides"].get("init_optimizer", "reset")}
+        for key, src in (spec.get("sources") or {}).items():  # the teacher / M1 it was given
+            lineage.update({f"source.{key}.candidate": src["candidate"], f"source.{key}.run_id": src["run_id"],
+                            f"source.{key}.digest": src["digest"]})
         ml.set_tags(rid, {**tables, **lineage, "select_model_uri": sel_uri})
     return {**spec, "run_dir": str(dest), "select_run_dir": str(sdest), "child_run_id": rid, **logged,
             "select_model_uri": sel_uri, "final_train_end_us": _train_end_us(dest),

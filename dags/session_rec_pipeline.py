@@ -14,6 +14,9 @@ resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking 
                                and the final model on train_full)
   -> train_recent[family, k]  (pool "gpu", fine-tuned from train[family]: the selection copy on
                                the recent 1/k of train, the final model on train_recent_<k>)
+  -> train_dependent[family]  (after train: families that need one of its runs, e.g. tan_distill's
+                               teacher_run from tan_teacher, tan_emb's item_embeddings_from from tan;
+                               then train_recent_dependent, evaluate_dependent, evaluate_recent_dependent)
   -> evaluate[...] (selection copies on valid, final models on test)
   -> compare_and_register (choose on valid; register; move "champion" only on a paired test
                            against the champion on a table neither trained on)
@@ -128,6 +131,10 @@ def session_rec_pipeline():
         return _steps().plan_pretrain(cfg, prep)
 
     @task
+    def plan_dependent(cfg: dict, pretrained) -> list[dict]:
+        return _steps().plan_dependent(cfg, list(pretrained[:]))
+
+    @task
     def plan_finetune(cfg: dict, pretrained) -> list[dict]:
         # one slice request: iterating the lazy XCom sequence probes past its end, which
         # Airflow logs as an "XCom not found" error line
@@ -170,12 +177,20 @@ def session_rec_pipeline():
         prep = preprocess(cfg, raw)
     quality = quality_gates(cfg, prep)
     parent = start_tracking(cfg, prep, quality)
-    pretrained = train.partial(cfg=cfg, parent_run_id=parent).expand(spec=plan_pretrain(cfg, prep))
-    finetuned = train.override(task_id="train_recent").partial(cfg=cfg, parent_run_id=parent).expand(
-        spec=plan_finetune(cfg, pretrained))
-    ev_pre = evaluate.partial(cfg=cfg).expand(trained=pretrained)
-    ev_fine = evaluate.override(task_id="evaluate_recent").partial(cfg=cfg).expand(trained=finetuned)
-    [ev_pre, ev_fine] >> compare_and_register(cfg, parent)
+    def train_stage(suffix: str, specs):
+        """train{suffix} mapped over ``specs``, then train_recent{suffix} (fine-tuned from it) and
+        both evaluations. A stage whose plan is empty is skipped, and so is all that follows it."""
+        trained = train.override(task_id=f"train{suffix}").partial(cfg=cfg, parent_run_id=parent).expand(spec=specs)
+        finetuned = train.override(task_id=f"train_recent{suffix}").partial(cfg=cfg, parent_run_id=parent).expand(
+            spec=plan_finetune.override(task_id=f"plan_finetune{suffix}")(cfg, trained))
+        return trained, [evaluate.override(task_id=f"evaluate{suffix}").partial(cfg=cfg).expand(trained=trained),
+                         evaluate.override(task_id=f"evaluate_recent{suffix}").partial(cfg=cfg).expand(
+                             trained=finetuned)]
+
+    pretrained, ev_pre = train_stage("", plan_pretrain(cfg, prep))
+    # families that need a run of `train` (a distillation student's teacher, M4's M1) train after it
+    _, ev_dep = train_stage("_dependent", plan_dependent(cfg, pretrained))
+    ev_pre + ev_dep >> compare_and_register(cfg, parent)
 
 
 def _spark_submit_preprocess(cfg, raw):

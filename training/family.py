@@ -44,9 +44,10 @@ class Family:
     Config: ClassVar[type] = object
     #: False for families with nothing to learn by gradient descent (POP, counting baselines)
     trainable: ClassVar[bool] = True
-    #: config keys that must name another trained run (key -> what it is), e.g. a distillation
-    #: student's teacher; the DAG refuses such a family without them
-    source_runs: ClassVar[dict[str, str]] = {}
+    #: config keys that must name another trained run: key -> the families such a run may be
+    #: of (the first is the one the DAG trains for it), e.g. a distillation student's teacher.
+    #: The DAG trains that family first and hands its run over (dags.pipeline_steps.plan_dependent)
+    source_runs: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, cfg: Any, ctx: TrainContext):
         self.cfg = cfg

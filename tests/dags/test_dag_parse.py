@@ -32,7 +32,8 @@ print(json.dumps({
     "timetable": type(dag.timetable).__name__ if dag else None,
     "params": sorted(dag.params.keys()) if dag else [],
     "doc": bool(dag and dag.doc_md),
-    "train_pool": [t.pool for t in dag.tasks if t.task_id in ("train", "train_recent")] if dag else [],
+    "train_pool": [t.pool for t in dag.tasks if t.task_id.startswith("train")] if dag else [],
+    "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
     "train_retries": [t.retries for t in dag.tasks if t.task_id == "train"] if dag else [],
 }))
 """
@@ -58,7 +59,16 @@ def test_dagbag_imports_without_errors_and_parses_fast(tmp_path):
     assert r["doc"]
     assert {"resolve", "ingest", "preprocess", "quality_gates", "start_tracking", "train", "train_recent",
             "evaluate", "evaluate_recent", "compare_and_register"} <= set(r["tasks"])
-    assert r["train_pool"] == ["gpu", "gpu"]
+    assert r["train_pool"] == ["gpu"] * 4
+    # the families that need another run (tan_distill, tan_emb) train after `train`, fine-tune and are
+    # evaluated like the others, and the comparison waits for them
+    up = r["upstream"]
+    assert up["plan_dependent"] == ["resolve", "train"] and up["train_dependent"] == ["plan_dependent", "resolve",
+                                                                                     "start_tracking"]
+    assert up["plan_finetune_dependent"] == ["resolve", "train_dependent"]
+    assert up["evaluate_dependent"] == ["resolve", "train_dependent"]
+    assert {"evaluate", "evaluate_recent", "evaluate_dependent", "evaluate_recent_dependent"} <= set(
+        up["compare_and_register"])
     assert r["train_retries"] == [2]
     assert {"dataset", "input", "families", "epochs", "fractions", "device", "overrides"} <= set(r["params"])
 

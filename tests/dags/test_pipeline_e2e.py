@@ -21,15 +21,21 @@ import pytest
 DATE = "2014-04-06"  # interval [2014-04-05, 2014-04-06): data covers 04-01 .. 04-05
 INTERVAL = "20140405T000000Z_20140406T000000Z"
 CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "synthetic_start": "2014-04-01",
-        "families": ["gru4rec", "pop", "toygru", "vsknn"], "epochs": 1, "fractions": [4], "device": "cpu",
+        "families": ["gru4rec", "pop", "toygru", "vsknn", "tan_distill", "tan_emb", "tan", "tan_teacher"],
+        "epochs": 1, "fractions": [4], "device": "cpu",
         "overrides": {"gru4rec": {"layers": [32], "n_sample": 128, "batch_size": 32, "num_threads": 1},
-                      "toygru": {"hidden": 8, "num_threads": 1}}}
+                      "toygru": {"hidden": 8, "num_threads": 1},
+                      **{f: {"embedding": 8, "hidden": 8, "batch_size": 128, "num_threads": 1}
+                         for f in ("tan", "tan_teacher", "tan_distill")},
+                      "tan_emb": {"embedding": 8, "hidden": 8, "emb_hidden": 8, "batch_size": 128, "num_threads": 1}}}
 # toygru: the one-layer GRU defined and registered in tests/training/test_toy_family.py alone,
 # found by every Airflow task process through $RNNREC_PLUGINS (a family added without
 # touching the registry runs in the DAG's mapped train / evaluate tasks); vsknn: a session-kNN
-# baseline (issue 14) in the same tasks, its "fine-tuned" candidate refit on train_recent_4
+# baseline (issue 14) in the same tasks, its "fine-tuned" candidate refit on train_recent_4;
+# Tan et al.'s M1 (tan), M3 (tan_teacher -> tan_distill) and M4 (tan -> tan_emb): the students
+# are trained by train_dependent from this run's teacher / M1 (issue 16)
 PLUGIN = "tests.training.test_toy_family"
-CANDIDATES = ["gru4rec", "gru4rec-recent4", "pop", "pop-recent4", "toygru", "toygru-recent4", "vsknn", "vsknn-recent4"]
+CANDIDATES = sorted(f + s for f in CONF["families"] for s in ("", "-recent4"))
 
 
 def _snapshot(data: Path) -> dict:
@@ -107,7 +113,7 @@ def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
     assert p.data.tags["rnnrec_dag_id"] == "session_rec_pipeline"
     assert p.data.tags["rnnrec_interval"] == "2014-04-05T00:00:00+00:00/2014-04-06T00:00:00+00:00"
     assert p.data.tags["rnnrec_dag_run_id"] and p.data.tags["rnnrec_git_commit"]
-    assert p.data.params["pipeline.families"] == '["gru4rec", "pop", "toygru", "vsknn"]'
+    assert p.data.params["pipeline.families"] == json.dumps(CONF["families"])
     assert p.inputs.dataset_inputs and p.inputs.dataset_inputs[0].dataset.digest == \
         p.data.tags["rnnrec_manifest_sha256"][:32]
     parent_files = {f.path for f in c.list_artifacts(p.info.run_id, "comparison")}
@@ -146,6 +152,48 @@ def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
     # DAG-side metrics == MLflow metrics == evaluation output on disk
     row = {r["candidate"]: r for r in pipeline["second"]["candidates"]}["gru4rec"]
     assert row["mrr_at_20"] == pytest.approx(g.data.metrics["mrr_at_20"])
+
+
+def test_students_learn_from_this_runs_teacher_and_m1_with_lineage(pipeline):
+    """tan_distill and tan_emb were trained after, and from, the tan_teacher / tan runs of the same
+    DAG run: the final model from the source's final model, the selection copy from the source's
+    selection copy (which never saw valid); the child runs record which run and weights."""
+    from training import checkpoint as ck
+
+    data = pipeline["data"]
+    root = data / "pipeline" / "synthetic" / INTERVAL
+    c = _client(data)
+    exp = c.get_experiment_by_name("rnnrec-synthetic")
+    (p,) = c.search_runs([exp.experiment_id], "tags.rnnrec_role = 'parent'")
+    by = {r.data.tags["rnnrec_candidate"]: r
+          for r in c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")}
+    for student, key, src, dkey in (("tan_distill", "teacher_run", "tan_teacher", "teacher_digest"),
+                                    ("tan_emb", "item_embeddings_from", "tan", "item_embeddings_digest")):
+        for cand in (student, f"{student}-recent4"):
+            for where in ("models", "select"):
+                conf = json.loads((root / where / cand / "config.json").read_text())
+                assert conf[key] == str(root / where / src), (cand, where)
+                assert conf[dkey] == ck.weights_digest(ck.load_checkpoint(root / where / src)), (cand, where)
+            t = by[cand].data.tags
+            assert t[f"rnnrec_source.{key}.candidate"] == src
+            assert t[f"rnnrec_source.{key}.run_id"] == by[src].info.run_id
+            assert t[f"rnnrec_source.{key}.digest"] == by[src].data.tags["rnnrec_ckpt_digest"]
+    # M4's item table is M1's, fixed
+    m1, m4 = (ck.load_checkpoint(root / "models" / f)["state_dict"] for f in ("tan", "tan_emb"))
+    import torch
+
+    assert torch.equal(m1["W_I"], m4["E"])
+    # every one of them is served by the pyfunc from the registry
+    import mlflow
+    import pandas as pd
+
+    import pyarrow.parquet as pq
+
+    known = pq.read_table(root / "processed" / "splits" / "time_strict" / "item_index").column("item_id").to_pylist()
+    for fam in ("tan", "tan_distill", "tan_emb"):
+        out = mlflow.pyfunc.load_model(f"models:/synthetic-{fam}@champion").predict(
+            pd.DataFrame({"session": [known[:2]]}), params={"k": 5})
+        assert len(out["items"][0]) == 5 and set(out["items"][0]) <= set(known)
 
 
 def test_registry_versions_champion_and_pyfunc_serving(pipeline):

@@ -478,18 +478,56 @@ def test_fine_tunes_from_its_weights_on_the_recent_table(runs, split, tmp_path):
     assert not all(torch.equal(after[k], pre[k]) for k in pre)
 
 
-def test_dag_refuses_a_student_without_its_source_run(tmp_path):
+def _resolve(tmp_path, fams, overrides=None, train_table="train_full"):
     from dags import pipeline_steps as steps
 
-    def resolve(fams, overrides=None):
-        return steps.resolve({"data_dir": str(tmp_path), "families": fams, "fractions": [], "epochs": 1,
-                              "device": "cpu", "overrides": overrides or {}},
-                             dag_id="session_rec_pipeline", dag_run_id="manual__t",
-                             interval_start="2014-04-07T00:00:00Z", interval_end="2014-04-08T00:00:00Z")
+    return steps.resolve({"data_dir": str(tmp_path), "families": fams, "fractions": [4], "epochs": 1,
+                          "device": "cpu", "overrides": overrides or {}, "train_table": train_table},
+                         dag_id="session_rec_pipeline", dag_run_id="manual__t",
+                         interval_start="2014-04-07T00:00:00Z", interval_end="2014-04-08T00:00:00Z")
 
-    for fam, key in (("tan_distill", "teacher_run"), ("tan_emb", "item_embeddings_from")):
-        with pytest.raises(steps.PipelineParamError, match=f"{fam!r} needs {key}"):
-            resolve(["tan", fam])
-        cfg = resolve(["tan", fam], {fam: {key: str(tmp_path / "run")}})
-        assert cfg["overrides"][fam][key] == str(tmp_path / "run")
-    assert resolve(["tan", "tan_teacher"])["families"] == ["tan", "tan_teacher"]
+
+def test_dag_trains_a_student_after_its_source_run_or_says_what_to_add(tmp_path):
+    from dags import pipeline_steps as steps
+
+    # no source family in the run: the error says which to add (or which override to set)
+    for fam, key, src in (("tan_distill", "teacher_run", "tan_teacher"), ("tan_emb", "item_embeddings_from", "tan")):
+        with pytest.raises(steps.PipelineParamError, match=f"{fam!r} needs {key}.*add {src!r} to param 'families'"):
+            _resolve(tmp_path, ["gru4rec", fam])
+        cfg = _resolve(tmp_path, ["tan", fam], {fam: {key: str(tmp_path / "run")}})  # given: trained at once
+        assert cfg["overrides"][fam][key] == str(tmp_path / "run") and cfg["sources"] == {}
+        assert [s["family"] for s in steps.plan_pretrain(cfg, {"split_dir": "S"})] == ["tan", fam]
+    # a source that needs a source itself cannot serve: tan_emb accepts tan_distill, but not here
+    with pytest.raises(steps.PipelineParamError, match="cannot serve"):
+        _resolve(tmp_path, ["tan_teacher", "tan_distill", "tan_emb"])
+
+    cfg = _resolve(tmp_path, ["tan_emb", "tan_distill", "tan", "tan_teacher"])
+    assert cfg["sources"] == {"tan_emb": {"item_embeddings_from": "tan"}, "tan_distill": {"teacher_run": "tan_teacher"}}
+    pre = steps.plan_pretrain(cfg, {"split_dir": "S"})
+    assert [s["candidate"] for s in pre] == ["tan", "tan_teacher"]  # the students wait
+    trained = [{**s, "run_dir": f"/m/{s['candidate']}", "select_run_dir": f"/s/{s['candidate']}",
+                "child_run_id": f"run-{s['candidate']}", "digest": f"d-{s['candidate']}"} for s in pre]
+    dep = {s["candidate"]: s for s in steps.plan_dependent(cfg, trained)}
+    assert sorted(dep) == ["tan_distill", "tan_emb"]
+    # final model <- the source's final model; selection copy <- the source's selection copy
+    assert dep["tan_distill"]["final"]["overrides"]["teacher_run"] == "/m/tan_teacher"
+    assert dep["tan_distill"]["select"]["overrides"]["teacher_run"] == "/s/tan_teacher"
+    assert dep["tan_distill"]["select"]["overrides"]["train_table"] == "train"
+    assert dep["tan_emb"]["final"]["overrides"]["item_embeddings_from"] == "/m/tan"
+    assert dep["tan_emb"]["select"]["overrides"]["item_embeddings_from"] == "/s/tan"
+    assert dep["tan_distill"]["sources"] == {"teacher_run": {"candidate": "tan_teacher", "run_id": "run-tan_teacher",
+                                                             "digest": "d-tan_teacher"}}
+    assert "teacher_run" not in cfg["overrides"]["tan_distill"]  # the plan did not write into the run config
+    # their fine-tuned copies keep the same teacher and lineage
+    ft = steps.plan_finetune(cfg, [{**s, "run_dir": "/m/tan_distill", "select_run_dir": "/s/tan_distill",
+                                    "child_run_id": "run-d", "digest": "dd"} for s in [dep["tan_distill"]]])
+    assert [f["candidate"] for f in ft] == ["tan_distill-recent4"]
+    assert ft[0]["final"]["overrides"]["teacher_run"] == "/m/tan_teacher"
+    assert ft[0]["select"]["overrides"]["teacher_run"] == "/s/tan_teacher"
+    assert ft[0]["final"]["init_from"] == "/m/tan_distill" and ft[0]["sources"] == dep["tan_distill"]["sources"]
+    # without a refit the selection copy is the model: one teacher, the one trained on train
+    cfg = _resolve(tmp_path, ["tan_teacher", "tan_distill"], train_table="train")
+    trained = [{**s, "run_dir": "/s/tan_teacher", "select_run_dir": "/s/tan_teacher", "child_run_id": "r",
+                "digest": "d"} for s in steps.plan_pretrain(cfg, {"split_dir": "S"})]
+    (d,) = steps.plan_dependent(cfg, trained)
+    assert d["final"] is None and d["select"]["overrides"]["teacher_run"] == "/s/tan_teacher"

@@ -600,11 +600,11 @@ class TanTeacherFamily(TanFamily):
 class TanDistillFamily(TanFamily):
     name = "tan_distill"
     Config = TanDistillConfig
-    source_runs = {"teacher_run": "a trained tan_teacher run"}
+    source_runs = {"teacher_run": ("tan_teacher", "tan")}
 
     def __init__(self, cfg: TanDistillConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
-        src = _load_source(cfg.teacher_run, "teacher_run", cfg.model, ctx, ("tan_teacher", "tan"))
+        src = _load_source(cfg.teacher_run, "teacher_run", cfg.model, ctx, self.source_runs["teacher_run"])
         tcfg = config_from_dict(src["config"], f"teacher_run {cfg.teacher_run}")
         if not tcfg.reverse:
             raise ConfigError(f"{cfg.model}: teacher_run={cfg.teacher_run!r} was not trained on reversed "
@@ -652,11 +652,12 @@ class TanDistillFamily(TanFamily):
 class TanEmbFamily(TanFamily):
     name = "tan_emb"
     Config = TanEmbConfig
-    source_runs = {"item_embeddings_from": "a trained tan run (M1)"}
+    source_runs = {"item_embeddings_from": ("tan", "tan_distill")}
 
     def __init__(self, cfg: TanEmbConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
-        src = _load_source(cfg.item_embeddings_from, "item_embeddings_from", cfg.model, ctx, ("tan", "tan_distill"))
+        src = _load_source(cfg.item_embeddings_from, "item_embeddings_from", cfg.model, ctx,
+                           self.source_runs["item_embeddings_from"])
         E = src["state_dict"]["W_I"]
         if E.shape[1] != cfg.embedding:
             raise ConfigError(f"{cfg.model}: item_embeddings_from={cfg.item_embeddings_from!r} has {E.shape[1]}-d "
