@@ -64,16 +64,14 @@ For one dataset it
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from benchmarks.baseline_tables import DATASETS, fit_and_score, preprocess
+from benchmarks.baseline_tables import DATASETS, preprocess
+from benchmarks.table_jobs import Job, run_jobs
 from benchmarks.villatel_tables import RNN_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,58 +100,6 @@ def run_name(model: str, k: int) -> str:
 
 
 # ----------------------------------------------------------------------------- fitting
-
-
-def _job(run: str, model: str, split: str, run_dir: str, sets: dict, threads: int, mode: str,
-         init_from: str | None) -> dict:
-    logging.basicConfig(level=logging.WARNING)
-    r = fit_and_score(model, Path(split), Path(run_dir), "test", "train", sets, threads, mode=mode,
-                      init_from=None if init_from is None else Path(init_from))
-    hist = json.loads((Path(run_dir) / "model" / "history.json").read_text())
-    best = hist["run"].get("best_epoch")
-    return {"run": run, "model": model, "sets": sets, "init_from": init_from, "run_dir": run_dir,
-            "eval_dir": str(r["eval_dir"]), "fit_wall_s": r["fit_wall_s"], "test": r["metrics"],
-            "best_epoch": best, "epochs_run": len(hist["epochs"]),
-            "valid_best": hist["epochs"][best - 1].get("early_stop_value") if best else None,
-            "train_sessions": hist["run"]["train_sessions"], "train_events": hist["run"]["train_events"]}
-
-
-@dataclass
-class Job:
-    """One fit: ``resolve(results)`` gives (family, settings, init_from) once every job named in
-    ``deps`` has its result (settings may depend on them: a teacher's path and digest)."""
-    key: str
-    run: str
-    seed: int
-    fraction: int
-    resolve: Callable[[dict], tuple[str, dict, str | None]]
-    deps: list[str] = field(default_factory=list)
-
-
-def run_jobs(jobs: list[Job], split: Path, work: Path, n_jobs: int, threads: int, mode: str) -> dict[str, dict]:
-    """Run ``jobs``, at most ``n_jobs`` at a time; whenever a worker is free, the first job in
-    list order whose dependencies are done starts. Returns key -> ``_job``'s result."""
-    results: dict[str, dict] = {}
-    pending = list(jobs)
-    running: dict[cf.Future, Job] = {}
-    with cf.ProcessPoolExecutor(max_workers=n_jobs) as ex:
-        while pending or running:
-            ready = [j for j in pending if all(d in results for d in j.deps)]
-            for j in ready[:n_jobs - len(running)]:
-                pending.remove(j)
-                model, sets, init = j.resolve(results)
-                running[ex.submit(_job, j.run, model, str(split), str(work / j.key), sets, threads, mode,
-                                  init)] = j
-            if not running:
-                raise RuntimeError(f"jobs waiting on runs that never ran: {[(j.key, j.deps) for j in pending]}")
-            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for f in finished:
-                j = running.pop(f)
-                r = results[j.key] = {**f.result(), "key": j.key, "seed": j.seed, "fraction": j.fraction}
-                log.info("[%d/%d] %s seed %d: %d epochs (best %s), test R@20 %.4f MRR@20 %.4f (%.0f s)",
-                         len(results), len(jobs), j.run, j.seed, r["epochs_run"], r["best_epoch"],
-                         r["test"]["recall_at_20"], r["test"]["mrr_at_20"], r["fit_wall_s"])
-    return results
 
 
 def _digest(run_dir: str) -> str:

@@ -28,7 +28,6 @@ finished fit + evaluation is reused on a re-run with the same settings (``done.j
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import logging
 import shlex
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 from benchmarks.baseline_tables import DATASETS as BASE_DATASETS
-from benchmarks.baseline_tables import fit_and_score
+from benchmarks.table_jobs import fixed, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -98,17 +97,6 @@ def preprocess(dataset: str, work: Path) -> Path:
     return split
 
 
-def _job(run: str, model: str, split: str, run_dir: str, sets: dict, threads: int, mode: str) -> dict:
-    logging.basicConfig(level=logging.WARNING)
-    r = fit_and_score(model, Path(split), Path(run_dir), "test", "train", sets, threads, mode=mode,
-                      also=("valid",))
-    hist = json.loads((Path(run_dir) / "model" / "history.json").read_text())
-    return {"run": run, "model": model, "sets": sets, "eval_dir": str(r["eval_dir"]), "fit_wall_s": r["fit_wall_s"],
-            "valid": r["metrics_valid"], "test": r["metrics"], "best_epoch": hist["run"].get("best_epoch"),
-            "epochs_run": len(hist["epochs"]),
-            "train_events_per_s": [round(e["events_per_s"]) for e in hist["epochs"]]}
-
-
 def _rnn_job(name: str, dropout: float, seed: int, split: Path, work: Path, sequence: str, max_epochs: int):
     tag = "" if dropout == 0 else f"-d{dropout:g}"
     sets = {**RNN_SETTINGS, "sequence": sequence, "n_epochs": max_epochs, "seed": seed}
@@ -118,16 +106,14 @@ def _rnn_job(name: str, dropout: float, seed: int, split: Path, work: Path, sequ
 
 
 def run_all(jobs: list[tuple], n_jobs: int, threads: int, mode: str) -> list[dict]:
-    done: list[dict] = []
-    with cf.ProcessPoolExecutor(max_workers=n_jobs) as ex:
-        futs = [ex.submit(_job, *j, threads, mode) for j in jobs]
-        for f in cf.as_completed(futs):
-            r = f.result()
-            done.append(r)
-            log.info("[%d/%d] %s seed %s: valid R@20 %.4f, test R@20 %.4f (%.0f s)", len(done), len(jobs),
-                     r["run"], r["sets"].get("seed"), r["valid"]["recall_at_20"], r["test"]["recall_at_20"],
-                     r["fit_wall_s"])
-    return done
+    """``(run, family, split, run_dir, settings)`` fits, scored on valid and test."""
+    if not jobs:
+        return []
+    split = Path(jobs[0][2])
+    assert all(Path(j[2]) == split and Path(j[3]).parent == Path(jobs[0][3]).parent for j in jobs)
+    done = run_jobs([fixed(Path(rd).name, run, model, sets) for run, model, _, rd, sets in jobs], split,
+                    Path(jobs[0][3]).parent, n_jobs, threads, mode, also=("valid",))
+    return list(done.values())
 
 
 def plan_and_run(dataset: str, split: Path, work: Path, seeds: int, max_epochs: int, n_jobs: int,

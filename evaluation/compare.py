@@ -53,7 +53,13 @@ tie rule that evaluate uses for every Recall@K,N. Villatel's Table 4 is
 ``LO-`` or ``LO+`` has no upper bound): the same statistics within each bucket
 of the per-event ``session_length`` (the evaluated session's number of events),
 each bucket resampled over its own units (paired, one seed); a bucket without
-events is shown empty.
+events is shown empty. ``--by COLUMN[=BUCKETS]`` (repeatable) does the same for
+other per-event columns (``BY_COLUMNS``): ``user_history_sessions`` (user mode:
+the user's sessions in the history tables, 0 = none; default ``0,1-6,7-``),
+``input_position`` (1-based position of the click the prediction follows, =
+``position`` + 1; default ``1-2,3-4,5-9,10-``, Quadrana et al.'s) and
+``session_length``; a lone ``N`` is the bucket ``N-N``. Files:
+``comparison_by_{length,user_history,position}.{md,csv,json}``.
 
 Writes into DIR (each file atomically): ``comparison.md``, ``comparison.csv``
 (one row per run x metric), ``comparison.json`` (rows + metadata),
@@ -103,8 +109,21 @@ CSV_COLUMNS = ("run", "metric", "is_baseline", "mean", "lo", "hi", "diff", "diff
 BY_LENGTH_CSV_COLUMNS = ("bucket", "length_min", "length_max", "run", "metric", "is_baseline", "mean", "lo", "hi",
                          "diff", "diff_lo", "diff_hi", "uplift", "uplift_lo", "uplift_hi",
                          "n_events", "n_units", "unit", "n_seeds")
+#: comparison_by_<name>.csv of the other columns: one row per bucket x run x metric
+BY_CSV_COLUMNS = ("bucket", "column", "min", "max", "run", "metric", "is_baseline", "mean", "lo", "hi",
+                  "diff", "diff_lo", "diff_hi", "uplift", "uplift_lo", "uplift_hi",
+                  "n_events", "n_units", "unit", "n_seeds")
 #: Villatel et al.'s session-length buckets (Table 5); ``None``: no upper bound
 VILLATEL_LENGTHS = ((2, 5), (6, 25), (26, None))
+#: per-event columns a comparison can be broken down by: column -> (what it is, default
+#: buckets, file name part). input_position = position + 1 (1 = the prediction after the first
+#: click); the defaults are evaluate's breakdowns (Quadrana et al.'s positions and history)
+BY_COLUMNS = {
+    "session_length": ("session length", "2-5,6-25,26-", "length"),
+    "input_position": ("input position in the session (1 = after its first click)", "1-2,3-4,5-9,10-", "position"),
+    "user_history_sessions": ("user history (the user's sessions in the history tables; 0 = none)", "0,1-6,7-",
+                              "user_history"),
+}
 #: what evaluate writes beside metrics.json: recall per future step d = 1..n_future
 FUTURE_STEPS_FILE, FUTURE_METRIC = "recall_per_step.json", "recall_at_20"
 FUTURE_CSV_COLUMNS = ("run", "metric", "step", "n_events", "mean", "seed_min", "seed_max", "n_seeds", "uplift")
@@ -339,15 +358,23 @@ def parse_length_buckets(spec) -> list[tuple[int, int | None]]:
     """``"2-5,6-25,26-"`` (``26+`` also reads as open-ended) or ``[(2, 5), (6, 25), (26, None)]``
     -> session-length buckets ``lo <= length <= hi`` (``hi`` None: no upper bound). Raises
     ``ValueError`` for a malformed, empty, reversed or overlapping bucket."""
-    want = "expected LO-HI or LO- (no upper bound), e.g. 2-5,6-25,26-"
+    return parse_buckets(spec, "by_length", lo_min=1)
+
+
+def parse_buckets(spec, what: str = "by", lo_min: int = 0) -> list[tuple[int, int | None]]:
+    """Buckets ``lo <= value <= hi`` of an integer per-event column, from ``"0,1-6,7-"`` (a lone
+    ``N`` is ``N-N``) or pairs; ``lo >= lo_min``; ``what`` names the option in errors."""
+    want = "expected LO-HI, N or LO- (no upper bound), e.g. 2-5,6-25,26-"
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split(",") if p.strip()]
         pairs = []
         for p in parts:
-            m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d*)|\+)", p)
+            m = re.fullmatch(r"(\d+)\s*(?:(-)\s*(\d*)|(\+))?", p)
             if not m:
-                raise ValueError(f"by_length: bad bucket {p!r} in {spec!r}: {want}")
-            pairs.append((int(m.group(1)), int(m.group(2)) if m.group(2) else None))
+                raise ValueError(f"{what}: bad bucket {p!r} in {spec!r}: {want}")
+            lo = int(m.group(1))
+            pairs.append((lo, lo) if not (m.group(2) or m.group(4)) else
+                         (lo, int(m.group(3)) if m.group(3) else None))
     else:
         pairs = []
         for b in spec:
@@ -355,39 +382,56 @@ def parse_length_buckets(spec) -> list[tuple[int, int | None]]:
                 lo, hi = b
                 pairs.append((int(lo), None if hi is None else int(hi)))
             except (TypeError, ValueError):
-                raise ValueError(f"by_length: bad bucket {b!r}: expected (lo, hi) or (lo, None)") from None
+                raise ValueError(f"{what}: bad bucket {b!r}: expected (lo, hi) or (lo, None)") from None
     if not pairs:
-        raise ValueError(f"by_length: no bucket in {spec!r}: {want}")
+        raise ValueError(f"{what}: no bucket in {spec!r}: {want}")
     for lo, hi in pairs:
-        if lo < 1 or (hi is not None and hi < lo):
-            raise ValueError(f"by_length: bucket {_bucket_label(lo, hi)}: needs 1 <= LO <= HI")
+        if lo < lo_min or (hi is not None and hi < lo):
+            raise ValueError(f"{what}: bucket {_bucket_label(lo, hi)}: needs {lo_min} <= LO <= HI")
     ordered = sorted(pairs, key=lambda b: b[0])
     for (lo1, hi1), (lo2, hi2) in zip(ordered, ordered[1:]):
         if hi1 is None or hi1 >= lo2:
-            raise ValueError(f"by_length: buckets {_bucket_label(lo1, hi1)} and {_bucket_label(lo2, hi2)} overlap")
+            raise ValueError(f"{what}: buckets {_bucket_label(lo1, hi1)} and {_bucket_label(lo2, hi2)} overlap")
     return pairs
 
 
-def _session_lengths(loaded: dict[str, list[EvalRun]]) -> np.ndarray:
+def parse_by(spec) -> dict[str, list[tuple[int, int | None]]]:
+    """``{"user_history_sessions": "0,1-6,7-", ...}`` or ``["COLUMN=BUCKETS", ...]`` -> column ->
+    buckets, for the columns of ``BY_COLUMNS`` (``session_length``: lower bounds >= 1)."""
+    items = spec.items() if isinstance(spec, dict) else (str(x).partition("=")[::2] for x in spec)
+    out = {}
+    for col, b in items:
+        col = col.strip()
+        if col not in BY_COLUMNS:
+            raise ValueError(f"by: unknown column {col!r}; one of {', '.join(BY_COLUMNS)} (COLUMN=BUCKETS)")
+        if col in out:
+            raise ValueError(f"by: column {col!r} given twice")
+        out[col] = parse_buckets(b or BY_COLUMNS[col][1], f"by {col}", lo_min=1 if col == "session_length" else 0)
+    return out
+
+
+def _column(loaded: dict[str, list[EvalRun]], col: str) -> np.ndarray:
+    """The per-event values of ``col`` (``input_position`` = ``position`` + 1), the same in every run."""
+    src = "position" if col == "input_position" else col
     runs = [r for rs in loaded.values() for r in rs]
-    lacking = [str(r.path) for r in runs if "session_length" not in r.columns]
+    lacking = [str(r.path) for r in runs if src not in r.columns]
     if lacking:
-        raise ValueError(f"by_length needs the per-event column session_length (written by evaluation.evaluate); "
-                         f"missing in {lacking}")
-    ref = runs[0].columns["session_length"]
+        raise ValueError(f"by {col} needs the per-event column {src} (written by evaluation.evaluate"
+                         + (" in user mode" if src == "user_history_sessions" else "") + f"); missing in {lacking}")
+    ref = runs[0].columns[src]
     for r in runs[1:]:
-        if not np.array_equal(r.columns["session_length"], ref):
-            raise IncompatibleRunsError(f"runs ({runs[0].path}) and ({r.path}) give different session_length "
+        if not np.array_equal(r.columns[src], ref):
+            raise IncompatibleRunsError(f"runs ({runs[0].path}) and ({r.path}) give different {src} "
                                         "values to the same events")
-    return np.asarray(ref, dtype=np.int64)
+    return np.asarray(ref, dtype=np.int64) + (1 if col == "input_position" else 0)
 
 
-def _by_length(buckets, lengths, values, loaded, names, metrics, baseline, unit, unit_ids,
-               n_boot, seed, level) -> list[dict]:
+def _by_buckets(buckets, col_values, values, loaded, names, metrics, baseline, unit, unit_ids,
+                n_boot, seed, level) -> list[dict]:
     """One row per bucket x run x metric: the statistics of ``_summaries`` on the bucket's events."""
     rows = []
     for lo, hi in buckets:
-        sel = (lengths >= lo) & ((lengths <= hi) if hi is not None else True)
+        sel = (col_values >= lo) & ((col_values <= hi) if hi is not None else True)
         n_ev = int(sel.sum())
         n_un = int(len(np.unique(unit_ids[sel])))
         summ = _summaries({k: v[sel] for k, v in values.items()}, names, metrics, baseline, unit_ids[sel],
@@ -396,7 +440,7 @@ def _by_length(buckets, lengths, values, loaded, names, metrics, baseline, unit,
             for m in metrics:
                 empty = dict.fromkeys(("mean", "lo", "hi", "diff", "diff_lo", "diff_hi",
                                        "uplift", "uplift_lo", "uplift_hi"))
-                rows.append({"bucket": _bucket_label(lo, hi), "length_min": lo, "length_max": hi, "run": n,
+                rows.append({"bucket": _bucket_label(lo, hi), "min": lo, "max": hi, "run": n,
                              "metric": m, "is_baseline": n == baseline, **summ.get((n, m), empty),
                              "n_events": n_ev, "n_units": n_un, "unit": unit, "n_seeds": len(loaded[n])})
     return rows
@@ -443,7 +487,7 @@ def _future_steps(loaded: dict[str, list[EvalRun]], names: list[str], baseline: 
 
 def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_METRICS, unit: str = "auto",
             n_boot: int = 1000, seed: int = 0, level: float = 0.95, command: str | None = None,
-            by_length=None) -> dict:
+            by_length=None, by=None) -> dict:
     """Compare ``runs`` (name -> evaluation dirs; several dirs = seeds, averaged per event)
     against ``runs[baseline]``; write comparison.{md,csv,json} and two PNGs into ``out``.
     ``by_length`` (``"2-5,6-25,26-"`` or ``[(2, 5), (6, 25), (26, None)]``): also the
@@ -465,7 +509,11 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
         raise ValueError("every run needs at least one evaluation dir")
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not one of the runs {list(runs)}")
-    buckets = parse_length_buckets(by_length) if by_length is not None else None
+    by_cols = parse_by(by or {})
+    if by_length is not None:
+        if "session_length" in by_cols:
+            raise ValueError("give the session-length buckets once: by_length or by['session_length']")
+        by_cols = {"session_length": parse_length_buckets(by_length), **by_cols}
     out = Path(out)
     # baseline first: everything is checked against, and ordered like, its first evaluation
     names = [baseline] + [n for n in runs if n != baseline]
@@ -476,7 +524,7 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
             if r is not ref:
                 check_same_test(ref, r, ref_name, n if len(loaded[n]) == 1 else f"{n}[{i}]")
     unit, unit_ids = _unit_of(loaded, unit)
-    lengths = _session_lengths(loaded) if buckets is not None else None
+    col_values = {c: _column(loaded, c) for c in by_cols}
     n_events = ref.n_events
     n_units = int(len(np.unique(unit_ids)))
 
@@ -513,36 +561,49 @@ def compare(runs: dict[str, list[Path]], baseline: str, out, metrics=DEFAULT_MET
         "uplift": "(mean_run - mean_baseline) / mean_baseline in percent; interval: percentile of the "
                   "same ratio of the run's and the baseline's means over the same paired resamples",
         "test": "two-sided paired Wilcoxon signed-rank on per-unit means (zero differences dropped)",
-        "by_length": None if buckets is None else [_bucket_label(lo, hi) for lo, hi in buckets],
+        "by_length": None if "session_length" not in by_cols else
+        [_bucket_label(lo, hi) for lo, hi in by_cols["session_length"]],
+        "by": {c: [_bucket_label(lo, hi) for lo, hi in b] for c, b in by_cols.items()},
     }
     run_info = {n: {"dirs": [str(r.path) for r in loaded[n]],
                     "models": [r.metrics.get("model") for r in loaded[n]],
                     "seed_values": {m: seed_points[n, m] for m in metrics},
                     "cost": _cost(loaded[n])} for n in names}
     result = {"metadata": meta, "runs": run_info, "rows": rows}
-    by_len = None
-    if buckets is not None:
-        by_len = {"metadata": {k: meta[k] for k in ("table", "ties", "rows_digest", "unit", "n_boot", "seed",
-                                                    "level", "baseline", "metrics", "command", "interval",
-                                                    "uplift")},
-                  "buckets": [{"bucket": _bucket_label(lo, hi), "length_min": lo, "length_max": hi}
-                              for lo, hi in buckets],
-                  "rows": _by_length(buckets, lengths, values, loaded, names, metrics, baseline, unit, unit_ids,
-                                     n_boot, seed, level)}
+    by_out = {}
+    for col, buckets in by_cols.items():
+        brows = _by_buckets(buckets, col_values[col], values, loaded, names, metrics, baseline, unit, unit_ids,
+                            n_boot, seed, level)
+        for r in brows:
+            r["column"] = col
+            if col == "session_length":  # the columns comparison_by_length.csv always had
+                r["length_min"], r["length_max"] = r["min"], r["max"]
+        by_out[col] = {"metadata": {**{k: meta[k] for k in ("table", "ties", "rows_digest", "unit", "n_boot", "seed",
+                                                            "level", "baseline", "metrics", "command", "interval",
+                                                            "uplift")}, "column": col},
+                       "buckets": [{"bucket": _bucket_label(lo, hi), "min": lo, "max": hi,
+                                    **({"length_min": lo, "length_max": hi} if col == "session_length" else {})}
+                                   for lo, hi in buckets],
+                       "rows": brows}
     future = _future_steps(loaded, names, baseline)
     meta["future_steps"] = future is not None
 
     out.mkdir(parents=True, exist_ok=True)
-    C.write_text(out / "comparison.md", _markdown(result, by_len, future))
+    C.write_text(out / "comparison.md", _markdown(result, by_out, future))
     C.write_text(out / "comparison.csv", _csv(rows))
     C.write_text(out / "comparison.json", json.dumps(_json_safe(result), indent=2, sort_keys=True) + "\n")
     _plot_metrics(result, out / "comparison_metrics.png")
     _plot_diffs(result, out / "comparison_diffs.png")
-    if by_len is not None:
-        C.write_text(out / "comparison_by_length.md", _by_length_markdown(by_len))
-        C.write_text(out / "comparison_by_length.csv", _csv(by_len["rows"], BY_LENGTH_CSV_COLUMNS))
-        C.write_text(out / "comparison_by_length.json", json.dumps(_json_safe(by_len), indent=2, sort_keys=True) + "\n")
-        result["by_length"] = by_len
+    for col, b in by_out.items():
+        stem = f"comparison_by_{BY_COLUMNS[col][2]}"
+        C.write_text(out / f"{stem}.md", _by_length_markdown(b))
+        C.write_text(out / f"{stem}.csv", _csv(b["rows"], BY_LENGTH_CSV_COLUMNS if col == "session_length"
+                                                else BY_CSV_COLUMNS))
+        C.write_text(out / f"{stem}.json", json.dumps(_json_safe(b), indent=2, sort_keys=True) + "\n")
+    if by_out:
+        result["by"] = by_out
+    if "session_length" in by_out:
+        result["by_length"] = by_out["session_length"]
     if future is not None:
         C.write_text(out / "comparison_future_steps.csv", _csv(future, FUTURE_CSV_COLUMNS))
         _plot_future_steps(future, meta, out / "comparison_future_steps.png")
@@ -608,8 +669,9 @@ def _by_length_tables(by_len: dict) -> list[str]:
     labels = [b["bucket"] for b in by_len["buckets"]]
     by = {(r["bucket"], r["run"], r["metric"]): r for r in rows}
     lines = []
+    what = BY_COLUMNS[meta.get("column", "session_length")][0]
     for m in meta["metrics"]:
-        head = [f"{m} by session length"]
+        head = [f"{m} by {what.split(' (')[0]}"]
         for b in labels:
             r = by[b, base, m]
             head.append(f"{b} ({r['n_events']} events, {r['n_units']} {meta['unit']}s)")
@@ -632,11 +694,13 @@ def _by_length_tables(by_len: dict) -> list[str]:
 
 def _by_length_markdown(by_len: dict) -> str:
     meta = by_len["metadata"]
+    col = meta.get("column", "session_length")
+    what = BY_COLUMNS[col][0]
     pct = f"{meta['level'] * 100:g}%"
     return "\n".join([
-        f"# By session length on table `{meta['table']}` (ties: {meta['ties']})",
+        f"# By {what.split(' (')[0]} on table `{meta['table']}` (ties: {meta['ties']})",
         "",
-        f"- buckets of the per-event `session_length` (events of the evaluated session); each bucket resampled "
+        f"- buckets of the per-event `{col}` ({what}); each bucket resampled "
         f"over its own {meta['unit']}s, {meta['n_boot']} cluster-bootstrap resamples, seed {meta['seed']}, "
         f"{pct} percentile intervals",
         f"- uplift: relative to the baseline **{meta['baseline']}** in percent, {pct} CI of the ratio over the "
@@ -647,9 +711,12 @@ def _by_length_markdown(by_len: dict) -> str:
     ] + _by_length_tables(by_len))
 
 
-def _markdown(result: dict, by_len: dict | None = None, future: list[dict] | None = None) -> str:
-    """comparison.md; ``by_len`` / ``future``: its by-length section and its line on the
-    future-step files (``compare`` returns them as ``by_length`` / ``future_steps``)."""
+def _markdown(result: dict, by_cols: dict | None = None, future: list[dict] | None = None) -> str:
+    """comparison.md; ``by_cols`` / ``future``: its by-column sections and its line on the
+    future-step files (``compare`` returns them as ``by`` / ``future_steps``); a ``by_cols`` that
+    is one breakdown (the older ``by_length`` content) is the by-session-length one."""
+    if by_cols is not None and "rows" in by_cols:
+        by_cols = {"session_length": by_cols}
     meta, rows = result["metadata"], result["rows"]
     metrics, base = meta["metrics"], meta["baseline"]
     by = {(r["run"], r["metric"]): r for r in rows}
@@ -704,8 +771,8 @@ def _markdown(result: dict, by_len: dict | None = None, future: list[dict] | Non
                          f"{_fmt_cost(c.get('latency_ms_p99'), '.3f')} | {_fmt_cost(c.get('latency_batch_rows_p50'), '.0f')} | "
                          f"{_fmt_cost(c.get('predict_us_per_event'), '.2f')} | {_fmt_cost(c.get('n_parameters'), ',.0f')} | "
                          f"{_fmt_cost(mb, '.2f')} |")
-    if by_len is not None:
-        lines += ["", "## By session length", ""] + _by_length_tables(by_len)[:-1]
+    for col, b in (by_cols or {}).items():
+        lines += ["", f"## By {BY_COLUMNS[col][0]}", ""] + _by_length_tables(b)[:-1]
     if future is not None:
         lines += ["", f"{FUTURE_METRIC} of the item d steps ahead, d = 1..{max(r['step'] for r in future)} (mean over "
                   f"seeds, from each evaluation's {FUTURE_STEPS_FILE}): `comparison_future_steps.png`, "
@@ -860,6 +927,10 @@ def main(argv=None) -> int:
     ap.add_argument("--by-length", nargs="?", const=villatel, default=None, metavar="LO-HI,...,LO-",
                     help="also per session-length bucket (per-event session_length; LO- has no upper bound), "
                          f"mean [CI] and uplift [CI] per run, into comparison_by_length.*; alone: {villatel}")
+    ap.add_argument("--by", action="append", default=[], metavar="COLUMN[=LO-HI,...]",
+                    help="also per bucket of a per-event column: "
+                         + "; ".join(f"{c} ({w}; default {d})" for c, (w, d, _) in BY_COLUMNS.items())
+                         + "; into comparison_by_<length|position|user_history>.*")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -867,12 +938,16 @@ def main(argv=None) -> int:
         runs, base = _parse_runs(a.run_dirs, a.names, a.run, a.baseline)
         if a.by_length is not None:
             parse_length_buckets(a.by_length)
+        by = parse_by(a.by)
+        if a.by_length is not None and "session_length" in by:
+            raise ValueError("give the session-length buckets once: --by-length or --by session_length=...")
     except ValueError as e:
         ap.error(str(e))
     res = compare(runs, base, a.out, metrics=a.metrics, unit=a.unit, n_boot=a.n_boot, seed=a.seed,
-                  level=a.level, command="python -m evaluation.compare " + shlex.join(argv), by_length=a.by_length)
-    sys.stdout.write(_markdown(res, res.get("by_length"), res.get("future_steps")))
-    extra = (["comparison_by_length.{md,csv,json}"] if "by_length" in res else []) + \
+                  level=a.level, command="python -m evaluation.compare " + shlex.join(argv), by_length=a.by_length,
+                  by=by)
+    sys.stdout.write(_markdown(res, res.get("by"), res.get("future_steps")))
+    extra = [f"comparison_by_{BY_COLUMNS[c][2]}.{{md,csv,json}}" for c in res.get("by", {})] + \
         (["comparison_future_steps.{png,csv}"] if "future_steps" in res else [])
     print(f"wrote {Path(a.out) / 'comparison.md'} (+ .csv, .json, 2 PNGs{''.join(', ' + e for e in extra)})")
     return 0

@@ -505,3 +505,53 @@ def test_recall_at_k_n_1_is_the_next_item_under_the_conservative_tie_rule(tmp_pa
                                                 "recall_at_20_n_1": 0.99}))
     with pytest.raises(ValueError, match="do not belong together"):
         compare({"a": [d], "b": [b]}, "b", tmp_path / "cmp2", metrics=["recall_at_20_n_1"], n_boot=10)
+
+
+def test_by_user_history_and_input_position_select_exactly_their_events(tmp_path, capsys):
+    """Quadrana et al.'s breakdowns with CIs: per bucket of user_history_sessions (0 = a user
+    without history) and of the 1-based input position (position + 1), means by hand."""
+    ev = _sessions([2, 3, 5, 6, 10] * 6)
+    sid, pos = ev[0], ev[1]
+    n_s = len(np.unique(sid))
+    hist_of_session = np.array([0, 1, 3, 6, 7, 12] * 5)[:n_s]  # history sessions of each session's user
+    hist = hist_of_session[sid - 1].astype(np.int32)
+    users = (sid % 7).astype(np.int64)
+    rng = np.random.default_rng(11)
+    ra, rb = rng.integers(1, 25, len(sid)).astype(float), rng.integers(1, 30, len(sid)).astype(float)
+    cols = {"user_history_sessions": hist}
+    a = write_eval(tmp_path / "a", ra, events=ev, user_id=users, extra_columns=cols, shuffle=3)
+    b = write_eval(tmp_path / "b", rb, events=ev, user_id=users, extra_columns=cols)
+    out = tmp_path / "cmp"
+    res = compare({"a": [a], "b": [b]}, "b", out, metrics=["recall_at_20"], n_boot=100, seed=1,
+                  by={"user_history_sessions": "0,1-6,7-", "input_position": "1,2-4,5-"})
+    assert {f"comparison_by_{n}.{e}" for n in ("user_history", "position") for e in ("md", "csv", "json")} <= \
+        {p.name for p in out.iterdir()}
+    assert "comparison_by_length.md" not in {p.name for p in out.iterdir()}
+    for col, want in (("user_history_sessions", [("0", lambda i: hist[i] == 0), ("1-6", lambda i: 1 <= hist[i] <= 6),
+                                                 ("7+", lambda i: hist[i] >= 7)]),
+                      ("input_position", [("1-1", lambda i: pos[i] == 0), ("2-4", lambda i: 1 <= pos[i] <= 3),
+                                          ("5+", lambda i: pos[i] >= 4)])):
+        rows = {(r["bucket"], r["run"]): r for r in res["by"][col]["rows"]}
+        for label, inside in want:
+            label = "0-0" if label == "0" else label
+            idx = [i for i in range(len(sid)) if inside(i)]
+            ma, mb = np.mean(ra[idx] <= 20), np.mean(rb[idx] <= 20)
+            r = rows[label, "a"]
+            assert r["n_events"] == len(idx) and r["column"] == col
+            assert r["mean"] == pytest.approx(ma, rel=1e-12) and rows[label, "b"]["mean"] == pytest.approx(mb)
+            assert r["uplift"] == pytest.approx((ma - mb) / mb * 100, rel=1e-9)
+        csv_rows = list(csv.DictReader(open(out / f"comparison_by_{'user_history' if 'user' in col else 'position'}.csv")))
+        assert csv_rows[0]["column"] == col and "length_min" not in csv_rows[0]
+    md = (out / "comparison.md").read_text()
+    assert "## By user history" in md and "## By input position in the session" in md
+    # the CLI: defaults per column, errors name the column
+    assert main([str(a), "--baseline", str(b), "--out", str(tmp_path / "cli"), "--n-boot", "20", "--metrics",
+                 "recall_at_20", "--by", "user_history_sessions", "--by", "input_position"]) == 0
+    got = json.loads((tmp_path / "cli" / "comparison_by_position.json").read_text())
+    assert [x["bucket"] for x in got["buckets"]] == ["1-2", "3-4", "5-9", "10+"]
+    with pytest.raises(SystemExit):
+        main([str(a), "--baseline", str(b), "--out", str(tmp_path / "x"), "--by", "user=0,1-"])
+    assert "unknown column 'user'" in capsys.readouterr().err
+    nohist = write_eval(tmp_path / "c", ra, events=ev)
+    with pytest.raises(ValueError, match="user_history_sessions.*user mode"):
+        compare({"c": [nohist], "b": [b]}, "b", tmp_path / "c2", n_boot=10, by={"user_history_sessions": "0-"})
