@@ -86,6 +86,10 @@ class TrainConfig(CommonConfig):
     early_stop_patience: int = 0
     early_stop_metric: str = "mrr_at_20"
     early_stop_table: str = "valid"
+    #: session | user: score early_stop_table in evaluation.loop's user mode, each user's
+    #: sessions of the training table fed first, unscored (as ``evaluate --mode user``): for
+    #: families that carry a user state or embedding (HRNN, user GRUs, user sequences)
+    early_stop_mode: str = "session"
     #: how a step is computed: "torch" (autograd, the reference); families with a measured
     #: faster path add their own values and "auto" (GRU4Rec: chunk | native | manual)
     train_path: str = "torch"

@@ -201,6 +201,8 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
     valid = None
     patience = getattr(cfg, "early_stop_patience", 0)
     if patience > 0:
+        if cfg.early_stop_mode not in ("session", "user"):
+            raise ConfigError(f"early_stop_mode {cfg.early_stop_mode!r}: session | user")
         valid = read_events(data_dir, cfg.early_stop_table, index, min_session_length=2)
         _disjoint_sessions(data, valid, cfg.train_table, cfg.early_stop_table)
 
@@ -293,11 +295,14 @@ def train(model: str, data_dir: str | Path, out: str | Path, config_file=None, s
         stats["train_path"] = path
         improved = True
         if valid is not None:
-            from training.validation import conservative_ranks, metric
+            from training.validation import conservative_ranks, metric, user_mode_ranks
 
             scorer = fam_cls.scorer(ckpt_dict(epoch + 1), device)
-            stats["early_stop_value"] = metric(cfg.early_stop_metric, conservative_ranks(scorer, valid))
-            stats["early_stop_metric"] = f"{cfg.early_stop_table}/{cfg.early_stop_metric}"
+            ranks = conservative_ranks(scorer, valid) if cfg.early_stop_mode == "session" else \
+                user_mode_ranks(scorer, valid, history=[data])
+            stats["early_stop_value"] = metric(cfg.early_stop_metric, ranks)
+            stats["early_stop_metric"] = f"{cfg.early_stop_table}/{cfg.early_stop_metric}" + (
+                " (user mode)" if cfg.early_stop_mode == "user" else "")
             improved = best is None or stats["early_stop_value"] > best["early_stop_value"]
             if improved:
                 best = stats

@@ -2,8 +2,11 @@
 
 The same protocol as ``evaluation.loop`` (every position after the first, each session
 from a zero state, full ranking, ties counted against the model), reduced to what the
-trainer needs: one metric. It lives here so that ``training`` never imports
+trainer needs: one metric. It lives here so that session-mode training never imports
 ``evaluation``; tests/training/test_trainer.py checks that both give the same numbers.
+User mode (``early_stop_mode=user``: each user's history fed first, the user state carried)
+is the evaluation loop itself (``evaluation.loop.evaluate_sessions``, imported on use), not
+a second copy of its user-lane layout.
 """
 from __future__ import annotations
 
@@ -33,6 +36,16 @@ def conservative_ranks(scorer, data: SessionData, n_slots: int = 256) -> np.ndar
         tgt = s.gather(1, y[rows].to(dev).unsqueeze(1))
         out.append(((s >= tgt).sum(1)).cpu().numpy())  # counts the target itself: = 1 + others
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def user_mode_ranks(scorer, data: SessionData, history: list[SessionData], n_slots: int = 256) -> np.ndarray:
+    """Conservative ranks (1 + #other items scoring >= the target) of every target of ``data``
+    scored by the evaluation loop in user mode: each user's ``history`` sessions are fed
+    first, unscored, then the user's sessions of ``data``."""
+    from evaluation.loop import evaluate_sessions
+
+    res = evaluate_sessions(scorer, data, n_slots=n_slots, mode="user", history=history)
+    return (1 + res.greater + res.ties).astype(np.float64)
 
 
 def metric(name: str, rank: np.ndarray) -> float:

@@ -375,3 +375,33 @@ def test_logs_to_mlflow_with_its_config_metrics_and_model(trained, split, tmp_pa
 
     out = served.predict(pd.DataFrame({"session": [[105, 106]], "user_id": [1000]}), params={"k": 3})
     assert len(out["items"][0]) == 3
+
+
+def test_early_stopping_in_user_mode_is_the_user_mode_evaluation(tmp_path, monkeypatch):
+    """early_stop_mode=user scores valid as `evaluate --mode user` does after the training
+    table (history fed first, the user-sequence state carried); session mode scores another way."""
+    from evaluation.evaluate import evaluate
+    from tests.training.toy import events_table, random_sessions, write_split
+    from training import validation
+    from training.config import ConfigError
+    from training.trainer import train
+
+    sess = random_sessions(90, 20, seed=5, max_len=10)
+    tr = events_table(sess, user_of=lambda s: 1000 + (s - 1) % 30)
+    va = events_table(random_sessions(30, 20, seed=6, start_id=7000, max_len=8), t0=1_700_000_000,
+                      user_of=lambda s: 1000 + (s - 7000) % 30)
+    split = write_split(tmp_path / "split", {"train_full": tr, "train": tr, "valid": va, "test": va})
+    got = {}
+    real = validation.metric
+    monkeypatch.setattr(validation, "metric", lambda name, rank: got.setdefault(len(got), real(name, rank)))
+    over = {"num_threads": 1, "device": "cpu", "n_epochs": 1, "embedding": 8, "hidden": 8, "sequence": "user",
+            "train_table": "train", "early_stop_patience": 1, "early_stop_metric": "mrr_at_20"}
+    for mode in ("user", "session"):
+        train("seqrnn", split, tmp_path / mode, show_progress=False, overrides={**over, "early_stop_mode": mode})
+    m = evaluate(tmp_path / "user", split, tmp_path / "ev", table="valid", mode="user", history_tables=["train"])
+    assert got[0] == pytest.approx(m["mrr_at_20"], abs=1e-12)
+    assert got[1] != pytest.approx(got[0], abs=1e-6)  # same weights (seed), scored without the history
+    hist = json.loads((tmp_path / "user" / "history.json").read_text())
+    assert hist["epochs"][0]["early_stop_metric"] == "valid/mrr_at_20 (user mode)"
+    with pytest.raises(ConfigError, match="early_stop_mode 'users'"):
+        train("seqrnn", split, tmp_path / "bad", show_progress=False, overrides={**over, "early_stop_mode": "users"})
