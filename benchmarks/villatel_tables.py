@@ -80,8 +80,10 @@ LABELS = {"recall_at_20_n_1": "Recall@20,N=1", "recall_at_20_n_5": "Recall@20,N=
 log = logging.getLogger("villatel_tables")
 
 
-def preprocess(dataset: str, work: Path) -> Path:
-    spec = DATASETS[dataset]
+def preprocess(dataset: str, work: Path, datasets: dict | None = None) -> Path:
+    """The split of ``dataset`` (``datasets``: name -> {"args", "fetch"}; default this module's),
+    made once by the project's Spark job under ``work`` (MovieLens fetched first when ``fetch``)."""
+    spec = (DATASETS if datasets is None else datasets)[dataset]
     split_kind = spec["args"][spec["args"].index("--split") + 1]
     split = work / dataset / "splits" / split_kind
     if (split / "test").exists() and (split / "split.json").exists():

@@ -351,7 +351,7 @@ def _summaries(values: dict, names: list[str], metrics: list[str], baseline: str
 
 
 def _bucket_label(lo: int, hi: int | None) -> str:
-    return f"{lo}-{hi}" if hi is not None else f"{lo}+"
+    return f"{lo}+" if hi is None else (str(lo) if hi == lo else f"{lo}-{hi}")
 
 
 def parse_length_buckets(spec) -> list[tuple[int, int | None]]:

@@ -397,10 +397,10 @@ def test_by_length_selects_exactly_the_events_of_each_bucket(tmp_path):
             _, clo, chi = stats.bootstrap_ci([val(x) for x in ra[sub]], sid[sub], n_boot=150, seed=2)
             assert (r["lo"], r["hi"]) == pytest.approx((clo, chi), abs=1e-12)
     assert rows["26+", "a", "recall_at_20"]["length_max"] is None
-    empty = rows["1-1", "a", "recall_at_20"]
+    empty = rows["1", "a", "recall_at_20"]
     assert empty["n_events"] == 0 and empty["mean"] is None and empty["uplift"] is None
     csv_rows = list(csv.DictReader(open(out / "comparison_by_length.csv")))
-    assert csv_rows[0]["bucket"] == "1-1" and csv_rows[0]["mean"] == "" and csv_rows[0]["n_events"] == "0"
+    assert csv_rows[0]["bucket"] == "1" and csv_rows[0]["mean"] == "" and csv_rows[0]["n_events"] == "0"
     assert json.loads((out / "comparison_by_length.json").read_text()) == json.loads(json.dumps(res["by_length"]))
     md, md_len = (out / "comparison.md").read_text(), (out / "comparison_by_length.md").read_text()
     r = rows["6-25", "a", "recall_at_20"]
@@ -408,7 +408,7 @@ def test_by_length_selects_exactly_the_events_of_each_bucket(tmp_path):
             f"{r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, {r['uplift_hi']:+.1f}]")
     n625 = sum(1 for x in slen if 6 <= x <= 25)
     for text in (md, md_len):
-        assert cell in text and f"6-25 ({n625} events, 15 sessions)" in text and "1-1 (0 events, 0 sessions)" in text
+        assert cell in text and f"6-25 ({n625} events, 15 sessions)" in text and "| 1 (0 events, 0 sessions)" in text
         assert re.search(r"^\| a \| — \| ", text, re.M)  # the empty bucket's cell
     assert "## By session length" in md
 
@@ -529,11 +529,10 @@ def test_by_user_history_and_input_position_select_exactly_their_events(tmp_path
     assert "comparison_by_length.md" not in {p.name for p in out.iterdir()}
     for col, want in (("user_history_sessions", [("0", lambda i: hist[i] == 0), ("1-6", lambda i: 1 <= hist[i] <= 6),
                                                  ("7+", lambda i: hist[i] >= 7)]),
-                      ("input_position", [("1-1", lambda i: pos[i] == 0), ("2-4", lambda i: 1 <= pos[i] <= 3),
+                      ("input_position", [("1", lambda i: pos[i] == 0), ("2-4", lambda i: 1 <= pos[i] <= 3),
                                           ("5+", lambda i: pos[i] >= 4)])):
         rows = {(r["bucket"], r["run"]): r for r in res["by"][col]["rows"]}
         for label, inside in want:
-            label = "0-0" if label == "0" else label
             idx = [i for i in range(len(sid)) if inside(i)]
             ma, mb = np.mean(ra[idx] <= 20), np.mean(rb[idx] <= 20)
             r = rows[label, "a"]

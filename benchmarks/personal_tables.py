@@ -1,0 +1,234 @@
+"""Personalised RNNs against the session RNN (issue 15): Quadrana et al. (2017) HRNN and
+Donkers et al. (2017) user-based GRUs, on our data.
+
+    python -m benchmarks.personal_tables --dataset ml100k [--work /tmp/personal_tables] [--out docs/results]
+    python -m benchmarks.personal_tables --dataset ml100k-global
+    python -m benchmarks.personal_tables --dataset trivago-100k
+
+For one dataset it
+
+1. preprocesses the raw data with the project's Spark job as Quadrana et al. did (30-minute
+   sessions, repeated clicks removed, item support, sessions of >= 3 events, users with >= 5
+   sessions; the arguments per dataset are in ``DATASETS``; MovieLens 100K is fetched first);
+   the last session of each user is test and the one before valid (``last_session``), or the
+   global-cut variant (``last_session_global``);
+2. fits every model on ``train`` only, ``--seeds`` seeds each for the trained ones: the session
+   RNN (GRU4Rec: each session from a zero state), RNN Concat, HRNN-Init, HRNN-All, the three
+   user-based GRU cells, PPOP and Item-KNN; the RNNs' epoch is chosen by early stopping on
+   ``valid`` scored in user mode (``early_stop_mode=user``), never on ``test``;
+3. scores ``valid`` and ``test`` in user mode (each user's training sessions fed first,
+   unscored; ``evaluation.loop``);
+4. runs ``evaluation.compare`` against the session RNN: Recall / MRR / Precision @5 and @20 with
+   95% bootstrap CIs over users, uplift in % with its CI and the paired Wilcoxon p; the same by
+   user history length and by position in the session (``--by``), into
+   OUT/personal-<dataset>/ and OUT/personal-<dataset>.md.
+
+Fits run ``--jobs`` at a time (``benchmarks.table_jobs``); a finished fit is reused on a re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.table_jobs import fixed, run_jobs
+from benchmarks.villatel_tables import SHARED, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_QUADRANA = ["--remove-repeats", "--min-item-support", "10", "--min-session-length", "3"]
+DATASETS = {
+    "ml100k": {
+        "fetch": True, "args": ["--input", "{raw}/ml-100k.inter", "--format", "movielens", *_QUADRANA,
+                                "--min-sessions-per-user", "5", "--split", "last_session"],
+        "what": "MovieLens 100K ratings as implicit events, 30-minute sessions per user, consecutive repeats "
+                "removed, items with >= 10 events, sessions of >= 3 events, users with >= 5 sessions; each user's "
+                "last session is test, the one before valid (`last_session`, Quadrana et al.'s protocol; it "
+                "leaks through time: a user's test session may precede another user's training sessions)",
+    },
+    "ml100k-global": {
+        "fetch": True, "args": ["--input", "{raw}/ml-100k.inter", "--format", "movielens", *_QUADRANA,
+                                "--min-sessions-per-user", "5", "--split", "last_session_global"],
+        "what": "MovieLens 100K as `ml100k`, split by a global time cut (`last_session_global`: the cut at the "
+                "90 % quantile of session starts; each user's first session after it is test, for users with "
+                "training history; valid the same rule inside train)",
+    },
+    "trivago-100k": {
+        "fetch": False, "args": ["--input", "trivago-100k/trivago_val_100k.parquet.snappy", "--format", "trivago",
+                                 "--sessionize-by-user", "--idle-gap-minutes", "30", "--remove-repeats",
+                                 "--min-item-support", "5", "--min-session-length", "2",
+                                 "--min-sessions-per-user", "2", "--split", "last_session"],
+        "what": "trivago RecSys Challenge 2019 sample (2 days), item actions re-sessionized per user at 30 idle "
+                "minutes, repeats removed, items with >= 5 events, sessions of >= 2 events, users with >= 2 "
+                "sessions (the sample is too short for 5); last session per user test, the one before valid",
+    },
+}
+RNN_SETTINGS = {"early_stop_patience": 2, "early_stop_metric": "recall_at_20", "early_stop_table": "valid",
+                "early_stop_mode": "user"}
+#: run name -> (family, settings, label): the session RNN first (the baseline of every test)
+MODELS = {
+    "gru4rec": ("gru4rec", {}, "RNN (session GRU4Rec)"),
+    "rnn_concat": ("rnn_concat", {}, "RNN Concat"),
+    "hrnn_init": ("hrnn_init", {}, "HRNN-Init"),
+    "hrnn_all": ("hrnn_all", {}, "HRNN-All"),
+    "ugru_linear": ("ugru_linear", {}, "User GRU, linear"),
+    "ugru_rect": ("ugru_rect", {}, "User GRU, rectified linear"),
+    "ugru_attn": ("ugru_attn", {}, "User GRU, attentional"),
+    "ppop": ("ppop", {}, "PPOP"),
+    "itemknn": ("itemknn", {}, "Item-KNN"),
+}
+BASELINE = "gru4rec"
+METRICS = ["recall_at_5", "recall_at_20", "mrr_at_5", "mrr_at_20", "precision_at_5", "precision_at_20"]
+LABELS = {"recall_at_5": "R@5", "recall_at_20": "R@20", "mrr_at_5": "MRR@5", "mrr_at_20": "MRR@20",
+          "precision_at_5": "P@5", "precision_at_20": "P@20"}
+BY = {"user_history_sessions": "0,1-4,5-6,7-14,15-", "input_position": "1-2,3-4,5-9,10-"}
+
+log = logging.getLogger("personal_tables")
+
+
+def plan(models: list[str], seeds: int, max_epochs: int) -> list:
+    from training import registry
+
+    jobs = []
+    for run in models:
+        fam, sets, _ = MODELS[run]
+        trainable = registry.get(fam).trainable
+        for s in range(1, (seeds if trainable else 1) + 1):
+            extra = {**RNN_SETTINGS, "n_epochs": max_epochs} if trainable else {}
+            jobs.append(fixed(f"{run}-s{s}", run, fam, {**extra, **sets, "seed": s}))
+    return jobs
+
+
+def _cell(r: dict) -> str:
+    c = f"{r['mean']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]"
+    if r.get("n_seeds", 1) > 1:
+        c += f" ({r['seed_min']:.4f}..{r['seed_max']:.4f})"
+    return c
+
+
+def main_table(result: dict, labels: dict) -> list[str]:
+    """One row per model: each metric mean [CI] (seed range); uplift over the session RNN and p on @20."""
+    by = {}
+    for r in result["rows"]:
+        by.setdefault(r["run"], {})[r["metric"]] = r
+    head = ("| model | " + " | ".join(LABELS[m] for m in METRICS)
+            + " | uplift R@20 vs RNN | uplift MRR@20 vs RNN | Wilcoxon p R@20 / MRR@20 |")
+    out = [head, "|---|" + "---:|" * (len(METRICS) + 3)]
+    for run, ms in by.items():
+        cells = [_cell(ms[m]) for m in METRICS]
+        for m in ("recall_at_20", "mrr_at_20"):
+            r = ms[m]
+            cells.append("—" if r.get("uplift") is None or run == BASELINE else
+                         f"{r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, {r['uplift_hi']:+.1f}]")
+        p = [ms[m].get("p_value") for m in ("recall_at_20", "mrr_at_20")]
+        cells.append("—" if p[0] is None else f"{p[0]:.2g} / {p[1]:.2g}")
+        out.append(f"| {labels.get(run, run)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def findings(result: dict, labels: dict) -> list[str]:
+    """Per personalised model: better / worse / no difference than the session RNN on R@20 and MRR@20
+    (uplift CI excludes 0 and Wilcoxon p < 0.05)."""
+    out = []
+    for m in ("recall_at_20", "mrr_at_20"):
+        rows = [r for r in result["rows"] if r["metric"] == m and r["run"] != BASELINE]
+        better = [r for r in rows if r.get("uplift_lo") is not None and r["uplift_lo"] > 0 and r["p_value"] < 0.05]
+        worse = [r for r in rows if r.get("uplift_hi") is not None and r["uplift_hi"] < 0 and r["p_value"] < 0.05]
+        same = [r for r in rows if r not in better and r not in worse]
+
+        def cell(r):
+            return (f"{labels.get(r['run'], r['run'])} {r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, "
+                    f"{r['uplift_hi']:+.1f}], p = {r['p_value']:.2g}")
+        out.append(f"- {LABELS[m]}: better than the session RNN: " + ("; ".join(f"**{cell(r)}**" for r in better)
+                                                                    or "none") + ".")
+        if worse:
+            out.append("  Worse: " + "; ".join(cell(r) for r in worse) + ".")
+        if same:
+            out.append("  Not distinguishable (CI of the uplift spans 0 or p >= 0.05): "
+                       + "; ".join(cell(r) for r in same) + ".")
+    return out
+
+
+def _demote(md: str) -> str:
+    return "\n".join(("###" + ln[1:]) if ln.startswith("# ") else ln for ln in md.splitlines())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    ap.add_argument("--work", default="/tmp/personal_tables")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated run names of MODELS")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--max-epochs", type=int, default=10, help="RNN epochs at most (early stopping on valid)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=2, help="fits at a time")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not SHARED.exists():
+        ap.error(f"{SHARED} is missing: the real datasets live there")
+    models = [m for m in a.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad or BASELINE not in models:
+        ap.error(f"--models: unknown {bad} (known: {', '.join(MODELS)}); {BASELINE} (the baseline) is required")
+    spec = DATASETS[a.dataset]
+    split = preprocess(a.dataset, Path(a.work), DATASETS)
+    work = Path(a.work) / a.dataset / "runs"
+    t0 = time.time()
+    done = run_jobs(plan(models, a.seeds, a.max_epochs), split, work, a.jobs, a.threads, "user", also=("valid",))
+
+    from benchmarks.machine import cpu_label
+    from evaluation.compare import compare
+    from spark_jobs import contract as C
+
+    by_run: dict[str, list[dict]] = {}
+    for r in sorted(done.values(), key=lambda r: (r["run"], r["seed"])):
+        by_run.setdefault(r["run"], []).append(r)
+    labels = {k: v[2] for k, v in MODELS.items()}
+    runs = {m: [Path(r["eval_dir"]) for r in by_run[m]] for m in models}
+    out = Path(a.out) / f"personal-{a.dataset}"
+    cmd = f"python -m benchmarks.personal_tables --dataset {a.dataset} --seeds {a.seeds} --max-epochs {a.max_epochs}"
+    result = compare(runs, baseline=BASELINE, out=out, metrics=METRICS, by=BY, unit="user",
+                     command=cmd + " (evaluation.compare.compare() on its evaluation dirs)")
+    manifest = json.loads((split.parent.parent / "manifest.json").read_text())
+    tables = manifest["splits"][split.name]["tables"]
+    test_m = next(iter(done.values()))["test"]
+    fit_rows = ["| run | seeds | valid R@20 (mean) | epochs run (best), per seed | fit s (mean) |",
+                "|---|---:|---:|---|---:|"]
+    for k, rs in by_run.items():
+        ep = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in rs) if rs[0]["best_epoch"] else "—"
+        fit_rows.append(f"| {labels.get(k, k)} | {len(rs)} | {sum(r['valid']['recall_at_20'] for r in rs) / len(rs):.4f}"
+                        f" | {ep} | {sum(r['fit_wall_s'] for r in rs) / len(rs):.1f} |")
+    sections = []
+    for col, stem in (("user_history_sessions", "user_history"), ("input_position", "position")):
+        f = out / f"comparison_by_{stem}.md"
+        if f.exists():
+            sections += [_demote(f.read_text()), ""]
+    md = [f"# {a.dataset}: personalised RNNs (HRNN, user-based GRUs) against the session RNN", "",
+          f"Data: {spec['what']}. Tables (events / sessions): " + ", ".join(
+              f"{t} {tables[t]['events']:,} / {tables[t]['sessions']:,}" for t in ("train", "valid", "test")
+              if t in tables) + f"; {test_m.get('n_users', '?')} test users, "
+          f"{test_m.get('n_users_without_history', '?')} without history. Machine: {cpu_label()}, "
+          f"{time.strftime('%Y-%m-%d')}, {a.jobs} fits at a time with {a.threads} torch thread(s) each; "
+          f"{(time.time() - t0) / 60:.0f} min wall. Reproduce: `{cmd}`.", "",
+          "Protocol: every model is fit on `train` only, each RNN with its paper's defaults and the epoch "
+          f"with the best `valid` Recall@20 scored in user mode (early stopping, patience 2, at most {a.max_epochs} "
+          f"epochs); {a.seeds} seeds for the trained models (mean over seeds; CI = bootstrap over users of the "
+          "seed-averaged per-event values; the seed range in parentheses). Scored in user mode: each user's "
+          "training sessions are fed first, unscored (HRNN's bootstrap), then the test session; full ranking over "
+          "all training items, ties counted against the target. Baseline of every test: the session RNN.", "",
+          "## Does personalisation help here?", "", *findings(result, labels), "",
+          "## Results", "", *main_table(result, labels), "", *sections,
+          "## Fits", "", *fit_rows, "",
+          "## Full comparison (evaluation.compare)", "", _demote((out / "comparison.md").read_text())]
+    C.write_text(Path(a.out) / f"personal-{a.dataset}.md", "\n".join(md))
+    C.write_text(out / "runs.json", json.dumps(list(done.values()), indent=1, default=str))
+    print((Path(a.out) / f"personal-{a.dataset}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
