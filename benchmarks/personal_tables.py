@@ -102,6 +102,14 @@ def plan(models: list[str], seeds: int, max_epochs: int) -> list:
     return jobs
 
 
+def _uplift(r: dict) -> str:
+    """``+6.5 % [+5.2, +7.8]``; — without an uplift (the baseline's mean is 0), [—] without its CI."""
+    if r.get("uplift") is None:
+        return "— (baseline mean 0)"
+    ci = "—" if r.get("uplift_lo") is None else f"{r['uplift_lo']:+.1f}, {r['uplift_hi']:+.1f}"
+    return f"{r['uplift']:+.1f} % [{ci}]"
+
+
 def _cell(r: dict) -> str:
     c = f"{r['mean']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]"
     if r.get("n_seeds", 1) > 1:
@@ -121,10 +129,9 @@ def main_table(result: dict, labels: dict) -> list[str]:
         cells = [_cell(ms[m]) for m in METRICS]
         for m in ("recall_at_20", "mrr_at_20"):
             r = ms[m]
-            cells.append("—" if r.get("uplift") is None or run == BASELINE else
-                         f"{r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, {r['uplift_hi']:+.1f}]")
+            cells.append("—" if run == BASELINE else _uplift(r))
         p = [ms[m].get("p_value") for m in ("recall_at_20", "mrr_at_20")]
-        cells.append("—" if p[0] is None else f"{p[0]:.2g} / {p[1]:.2g}")
+        cells.append(" / ".join("—" if x is None else f"{x:.2g}" for x in p))
         out.append(f"| {labels.get(run, run)} | " + " | ".join(cells) + " |")
     return out
 
@@ -140,8 +147,8 @@ def findings(result: dict, labels: dict) -> list[str]:
         same = [r for r in rows if r not in better and r not in worse]
 
         def cell(r):
-            return (f"{labels.get(r['run'], r['run'])} {r['uplift']:+.1f} % [{r['uplift_lo']:+.1f}, "
-                    f"{r['uplift_hi']:+.1f}], p = {r['p_value']:.2g}")
+            p = "—" if r.get("p_value") is None else f"{r['p_value']:.2g}"
+            return f"{labels.get(r['run'], r['run'])} {_uplift(r)}, p = {p}"
         out.append(f"- {LABELS[m]}: better than the session RNN: " + ("; ".join(f"**{cell(r)}**" for r in better)
                                                                     or "none") + ".")
         if worse:
