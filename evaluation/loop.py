@@ -16,6 +16,9 @@ Protocol v2 (``docs/DESIGN.md`` "Evaluation protocol (v2)"), two modes:
   counted in ``EvalResult.n_users_without_history``. Test sessions without a
   user id (-1) are each their own anonymous "user" without history.
   ``start_session`` gets the user ids (int64, -1 unknown) of the starting rows.
+  The last click of a session is only ever a target; a scorer with ``wants_last_item``
+  gets it at ``end_session(state, rows, last_items)`` (a model of whole user sequences,
+  which trained on it as the input before the user's next session, feeds it there).
 
 Scorer calls (``training.scoring``): ``start_session`` before the first step of
 a session (the rows that start), ``step`` once per step, ``end_session`` right
@@ -230,6 +233,7 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         state = scorer.begin(n_used)
     can_shrink = hasattr(scorer, "select")
     uses_time = bool(getattr(scorer, "uses_time", False))
+    wants_last = bool(getattr(scorer, "wants_last_item", False))
     sl = np.arange(n_used)  # row of the scorer's state -> schedule slot
     for t in range(sch.n_steps if n_used else 0):
         tg = sch.targets[t, sl]
@@ -300,7 +304,11 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
             out_r.append(np.stack([s_r, sch.position[t, sl[r]], tg[r]], 1))
         ending = valid & sch.session_end[t, sl]
         if ending.any():
-            state = scorer.end_session(state, torch.from_numpy(ending).to(dev))
+            if wants_last:  # the session's last click (this step's target), never an input otherwise
+                state = scorer.end_session(state, torch.from_numpy(ending).to(dev),
+                                           torch.from_numpy(np.where(ending, tg, 0)).to(dev))
+            else:
+                state = scorer.end_session(state, torch.from_numpy(ending).to(dev))
             n_end += int(ending.sum())
     secs = time.perf_counter() - t0
     if out_r:

@@ -21,6 +21,12 @@ mode=mode)`` with the loop's mode ("session" | "user"), so that a model of user 
 (``seqrnn`` with ``sequence=user``) carries its state across one user's sessions in user mode
 and resets it at every session in session mode.
 
+A scorer with the class attribute ``wants_last_item = True`` gets ``end_session(state, slots,
+last_items)``: ``last_items`` [n_slots] int64 holds the item_idx of each ending session's last
+click (0 elsewhere), which is a target but never an input of ``step``. A model of user
+sequences (trained on a user's sessions back to back, so that click was the input before the
+user's next session) feeds it into its state there.
+
 A scorer with the class attribute ``uses_time = True`` (STAN, time-decayed Item-KNN) is
 stepped as ``scorer.step(state, items, ts)`` with ``ts`` the input events' times (int64
 microseconds since the epoch, 0 on idle rows).

@@ -265,15 +265,19 @@ def test_user_mode_evaluation_scores_after_the_users_history(split):
     hs = np.flatnonzero(hist.user_ids == u)
     hs = hs[np.lexsort((hist.session_ids[hs], hist.start_ts[hs]))]
     assert len(hs) == 3 and res.n_users_without_history > 0  # the anonymous test sessions
-    seq = np.concatenate([hist.items[hist.offsets[s]:hist.offsets[s + 1]] for s in hs]
-                         + [test.items[test.offsets[0]:test.offsets[0] + 1]])
+    # the user's whole history, every click (the last of each session too: the model trained on
+    # it as the input before the user's next session), then the test session
+    t_items = test.items[test.offsets[0]:test.offsets[1]]
+    seq = np.concatenate([hist.items[hist.offsets[s]:hist.offsets[s + 1]] for s in hs] + [t_items])
+    n_hist = len(seq) - len(t_items)
     with torch.no_grad():
         out, _ = fam.model(torch.from_numpy(seq.astype(np.int64))[None], fam.model.init_state(1))
-        scores = fam.model.all_scores(out[0, -1])
-    target = int(test.items[test.offsets[0] + 1])
-    expect = int((scores > scores[target]).sum())
-    row = np.flatnonzero((res.session_idx == 0) & (res.position == 0))
-    assert len(row) == 1 and int(res.greater[row[0]]) == expect
+        scores = fam.model.all_scores(out[0])  # [len(seq), n_items]
+    for p in range(len(t_items) - 1):
+        sc_p = scores[n_hist + p]
+        expect = int((sc_p > sc_p[int(t_items[p + 1])]).sum())
+        row = np.flatnonzero((res.session_idx == 0) & (res.position == p))
+        assert len(row) == 1 and int(res.greater[row[0]]) == expect, p
 
 
 @pytest.fixture(scope="module")

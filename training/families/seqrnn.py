@@ -300,6 +300,7 @@ class SeqRNNScorer(SessionScorerBase):
     a ``sequence=user`` model keeps the state across sessions of the same user."""
 
     wants_mode = True  # the evaluation loop says which mode it runs (begin(..., mode=))
+    wants_last_item = True  # a user sequence trained on each session's last click as an input
 
     def __init__(self, model: SeqRNN, device: torch.device, carry_users: bool):
         self.model = model.to(device).eval()
@@ -331,6 +332,17 @@ class SeqRNNScorer(SessionScorerBase):
         *st, last = state
         out, st = self.model.step(items.to(self.device), st)
         return self.model.all_scores(out).float(), list(st) + [last]
+
+    @torch.no_grad()
+    def end_session(self, state, slots, last_items=None):
+        """In user mode a user sequence goes on into the user's next session: the ending rows
+        take their session's last click into the state (as in training); otherwise nothing."""
+        if last_items is None or not self.carry_users or self.mode != "user":
+            return state
+        *st, last = state
+        _, nxt = self.model.step(last_items.to(self.device), st)
+        m = slots.to(self.device)
+        return [torch.where(m.view(-1, *([1] * (a.dim() - 1))), b, a) for a, b in zip(st, nxt)] + [last]
 
 
 # ----------------------------------------------------------------------------- family
