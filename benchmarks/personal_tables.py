@@ -159,6 +159,43 @@ def findings(result: dict, labels: dict) -> list[str]:
     return out
 
 
+def too_small(a, spec: dict, manifest: dict, tables: dict) -> None:
+    """OUT/personal-<dataset>.md saying why there is no table: what each preprocessing step left."""
+    from spark_jobs import contract as C
+
+    steps = ["| step | events | sessions | users | items |", "|---|---:|---:|---:|---:|"]
+    for st in manifest.get("steps", []):
+        name = st["step"] + (f" (round {st['round']})" if "round" in st else "")
+        steps.append(f"| {name} | {st.get('events', 0):,} | {st.get('sessions', 0):,} | {st.get('users', 0):,} | "
+                     f"{st.get('items', 0):,} |")
+    md = [f"# {a.dataset}: personalised RNNs — too small for a table", "",
+          f"Data: {spec['what']}.", "",
+          f"After Quadrana et al.'s filters the split has {tables['test']['sessions']} test users "
+          f"(test {tables['test']['events']:,} events, train {tables['train']['events']:,} events in "
+          f"{tables['train']['sessions']:,} sessions), fewer than the {a.min_test_users} this driver needs for "
+          "a per-user bootstrap and a Wilcoxon test worth reporting. What each step left (the project's Spark job, "
+          "`manifest.json`):", "", *steps, "",
+          *_why(manifest), "",
+          f"Reproduce: `python -m benchmarks.personal_tables --dataset {a.dataset}`."]
+    C.write_text(Path(a.out) / f"personal-{a.dataset}.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def _why(manifest: dict) -> list[str]:
+    """The two numbers that explain a too-small split: sessions per user, and the share of
+    events that only repeated the previous click."""
+    by = {st["step"]: st for st in manifest.get("steps", [])}
+    first = by.get("sessionized") or by.get("read")
+    out = []
+    if first and first.get("users"):
+        out.append(f"Sessions per user after sessionizing: {first['sessions'] / first['users']:.2f} "
+                   f"({first['sessions']:,} sessions of {first['users']:,} users): few users come back.")
+    if first and "remove_repeats" in by:
+        out.append(f"Consecutive repeats removed: {1 - by['remove_repeats']['events'] / first['events']:.0%} of "
+                   "the events.")
+    return out + ["Requiring returning users leaves too little to measure personalisation on this data."]
+
+
 def _demote(md: str) -> str:
     return "\n".join(("###" + ln[1:]) if ln.startswith("# ") else ln for ln in md.splitlines())
 
@@ -173,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-epochs", type=int, default=10, help="RNN epochs at most (early stopping on valid)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2, help="fits at a time")
+    ap.add_argument("--min-test-users", type=int, default=30,
+                    help="below this many test sessions (one per user) no table: the reason, with the counts")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not SHARED.exists():
@@ -183,6 +222,11 @@ def main(argv=None) -> int:
         ap.error(f"--models: unknown {bad} (known: {', '.join(MODELS)}); {BASELINE} (the baseline) is required")
     spec = DATASETS[a.dataset]
     split = preprocess(a.dataset, Path(a.work), DATASETS)
+    manifest = json.loads((split.parent.parent / "manifest.json").read_text())
+    tables = manifest["splits"][split.name]["tables"]
+    if tables["test"]["sessions"] < a.min_test_users:
+        too_small(a, spec, manifest, tables)
+        return 0
     work = Path(a.work) / a.dataset / "runs"
     t0 = time.time()
     done = run_jobs(plan(models, a.seeds, a.max_epochs), split, work, a.jobs, a.threads, "user", also=("valid",))
@@ -200,8 +244,6 @@ def main(argv=None) -> int:
     cmd = f"python -m benchmarks.personal_tables --dataset {a.dataset} --seeds {a.seeds} --max-epochs {a.max_epochs}"
     result = compare(runs, baseline=BASELINE, out=out, metrics=METRICS, by=BY, unit="user",
                      command=cmd + " (evaluation.compare.compare() on its evaluation dirs)")
-    manifest = json.loads((split.parent.parent / "manifest.json").read_text())
-    tables = manifest["splits"][split.name]["tables"]
     test_m = next(iter(done.values()))["test"]
     fit_rows = ["| run | seeds | valid R@20 (mean) | epochs run (best), per seed | fit s (mean) |",
                 "|---|---:|---:|---|---:|"]
