@@ -70,7 +70,13 @@ RNN_SETTINGS = {"early_stop_patience": 2, "early_stop_metric": "recall_at_20", "
                 "early_stop_mode": "user"}
 #: run name -> (family, settings, label): the session RNN first (the baseline of every test)
 MODELS = {
-    "gru4rec": ("gru4rec", {}, "RNN (session GRU4Rec)"),
+    # Quadrana et al.'s "RNN": GRU4Rec with TOP1 and HRNN's session-level setting (500 units,
+    # 1-of-N input, dropout 0.2, Adagrad 0.1 with momentum 0.1, batch 100, in-batch negatives)
+    "gru4rec": ("gru4rec", {"layers": [500], "embedding": "onehot", "loss": "top1", "final_act": "tanh",
+                            "dropout_hidden": 0.2, "learning_rate": 0.1, "momentum": 0.1, "batch_size": 100,
+                            "n_sample": 0}, "RNN (session GRU4Rec, TOP1)"),
+    # this project's default GRU4Rec (cross-entropy + logQ, 100 units, tied): a second session RNN
+    "gru4rec_ce": ("gru4rec", {}, "RNN (GRU4Rec default, cross-entropy)"),
     "rnn_concat": ("rnn_concat", {}, "RNN Concat"),
     "hrnn_init": ("hrnn_init", {}, "HRNN-Init"),
     "hrnn_all": ("hrnn_all", {}, "HRNN-All"),

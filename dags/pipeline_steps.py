@@ -58,6 +58,9 @@ PARAM_SPECS: dict[str, dict[str, Any]] = {
     "fractions": {"default": [4], "type": "array", "items": {"type": "integer", "minimum": 1},
                   "description": "Recent fractions k: fine-tune on the most recent 1/k of the sessions."},
     "device": {"default": "auto", "type": "string", "enum": ["auto", "cpu", "cuda"]},
+    "eval_mode": {"default": "auto", "type": "string", "enum": ["auto", "session", "user"],
+                  "description": "Evaluation loop mode: auto = each family's own (user for HRNN, user GRUs and "
+                                 "user-sequence RNNs: the user's earlier sessions fed first), or one for all."},
     "train_table": {"default": "train_full", "type": "string", "enum": ["train_full", "train"],
                     "description": "train_full (final models) or train (validation not seen in training)."},
     "overrides": {"default": {}, "type": "object",
@@ -173,6 +176,8 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
         raise PipelineParamError(f"param 'epochs' = {p['epochs']!r}: an integer >= 0 (or null for the family default)")
     if p["device"] not in DEVICES:
         raise PipelineParamError(f"param 'device' = {p['device']!r}: one of {DEVICES}")
+    if p["eval_mode"] not in PARAM_SPECS["eval_mode"]["enum"]:
+        raise PipelineParamError(f"param 'eval_mode' = {p['eval_mode']!r}: one of {PARAM_SPECS['eval_mode']['enum']}")
     if not re.fullmatch(PARAM_SPECS["select_metric"]["pattern"], str(p["select_metric"])):
         raise PipelineParamError(f"param 'select_metric' = {p['select_metric']!r}: recall|mrr|ndcg _at_ 1|5|10|20 "
                                  "(the cut-offs the evaluator computes), e.g. mrr_at_20")
@@ -489,6 +494,21 @@ def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
             "select_train_end_us": _train_end_us(sdest), **tables}
 
 
+def eval_mode_of(cfg: dict, model_dir) -> str:
+    """The loop mode a trained model is scored in: the Param ``eval_mode``, or with ``auto``
+    its family's own (``Family.eval_mode`` of the run's config)."""
+    mode = cfg["params"].get("eval_mode", "auto")
+    if mode != "auto":
+        return mode
+    from training import checkpoint as ck
+    from training import registry
+    from training.config import config_from_dict
+
+    conf = Path(model_dir) / "config.json"
+    d = json.loads(conf.read_text()) if conf.is_file() else ck.load_checkpoint(model_dir)["config"]
+    return registry.get(d["model"]).eval_mode(config_from_dict(d, str(conf)))
+
+
 def evaluate_one(cfg: dict, trained: dict) -> dict:
     """Selection: the selection copy on ``valid``; report: the final model on ``test``. Both are
     logged to the candidate's run (valid_* metrics come from the selection copy)."""
@@ -502,7 +522,9 @@ def evaluate_one(cfg: dict, trained: dict) -> dict:
     out = dict(trained)
     try:
         for table, model in (("valid", trained["select_run_dir"]), ("test", trained["run_dir"])):
-            m = evaluate(model, trained["split_dir"], tmp / table, table=table, device=cfg["params"]["device"])
+            out[f"{table}_mode"] = mode = eval_mode_of(cfg, model)
+            m = evaluate(model, trained["split_dir"], tmp / table, table=table, device=cfg["params"]["device"],
+                         mode=mode)
             for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20", "precision_at_20", "ndcg_at_20",
                       cfg["params"]["select_metric"]):
                 out[k if table == "test" else f"valid_{k}"] = m[k]
@@ -593,7 +615,7 @@ def _decide(cfg: dict, name: str, row: dict, version: str, valid_start: int) -> 
                 common = np.intersect1d(_item_ids(ckpt), _item_ids(row["select_run_dir"]))
                 for who, model in (("candidate", row["select_run_dir"]), ("champion", ckpt)):
                     evaluate(model, row["split_dir"], td / who, table="valid", device=p["device"],
-                             only_items=common)
+                             only_items=common, mode=eval_mode_of(cfg, model))
                 comp = S.compare_on_table(td / "candidate", td / "champion", metric)
             d["champion_score"], d["comparison"] = comp.champion_mean, S.as_dict(comp)
             d["comparison"]["n_common_items"] = int(len(common))

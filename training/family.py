@@ -49,6 +49,13 @@ class Family:
     #: The DAG trains that family first and hands its run over (dags.pipeline_steps.plan_dependent)
     source_runs: ClassVar[dict[str, tuple[str, ...]]] = {}
 
+    @classmethod
+    def eval_mode(cls, cfg: Any) -> str:
+        """The evaluation loop's mode this family is meant to be scored in (the DAG's
+        ``eval_mode=auto``): "user" for models with a user state or a user-sequence state,
+        whose session mode is only their fallback; "session" otherwise."""
+        return "session"
+
     def __init__(self, cfg: Any, ctx: TrainContext):
         self.cfg = cfg
         self.ctx = ctx

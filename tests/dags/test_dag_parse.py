@@ -198,3 +198,22 @@ def test_spark_submit_config_carries_every_option_including_several_inputs(tmp_p
     got = config_from_args(["--config", s.write_submit_config(cfg, raw)])
     want = dataclasses.replace(s.preprocess_config(cfg, raw), spark_conf={})
     assert got == want and got.input == raw["input"] and got.recent_fractions == [4, 16]
+
+
+def test_eval_mode_auto_scores_user_models_in_user_mode(tmp_path):
+    """eval_mode=auto: HRNN, the user GRUs and user-sequence RNNs in the loop's user mode (their
+    session mode is only a fallback), everything else per session; a set Param wins."""
+    from dags.pipeline_steps import eval_mode_of
+    from training.config import config_to_dict, resolve_config
+
+    want = {("hrnn_init", ()): "user", ("rnn_concat", ()): "user", ("ugru_attn", ()): "user",
+            ("seqrnn", (("sequence", "user"),)): "user", ("seqrnn", (("sequence", "session"),)): "session",
+            ("gru4rec", ()): "session", ("itemknn", ()): "session", ("tan", ()): "session"}
+    for (fam, over), mode in want.items():
+        d = tmp_path / f"{fam}-{len(over)}-{mode}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config_to_dict(resolve_config(fam, overrides=dict(over)))))
+        assert eval_mode_of({"params": {"eval_mode": "auto"}}, d) == mode, fam
+        assert eval_mode_of({"params": {"eval_mode": "session"}}, d) == "session"
+    with pytest.raises(Exception, match="eval_mode"):
+        _resolve(data_dir=str(tmp_path), eval_mode="users")

@@ -21,19 +21,21 @@ import pytest
 DATE = "2014-04-06"  # interval [2014-04-05, 2014-04-06): data covers 04-01 .. 04-05
 INTERVAL = "20140405T000000Z_20140406T000000Z"
 CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "synthetic_start": "2014-04-01",
-        "families": ["gru4rec", "pop", "toygru", "vsknn", "tan_distill", "tan_emb", "tan", "tan_teacher"],
+        "families": ["gru4rec", "pop", "toygru", "vsknn", "tan_distill", "tan_emb", "tan", "tan_teacher", "hrnn_init"],
         "epochs": 1, "fractions": [4], "device": "cpu",
         "overrides": {"gru4rec": {"layers": [32], "n_sample": 128, "batch_size": 32, "num_threads": 1},
                       "toygru": {"hidden": 8, "num_threads": 1},
                       **{f: {"embedding": 8, "hidden": 8, "batch_size": 128, "num_threads": 1}
                          for f in ("tan", "tan_teacher", "tan_distill")},
-                      "tan_emb": {"embedding": 8, "hidden": 8, "emb_hidden": 8, "batch_size": 128, "num_threads": 1}}}
+                      "tan_emb": {"embedding": 8, "hidden": 8, "emb_hidden": 8, "batch_size": 128, "num_threads": 1},
+                      "hrnn_init": {"hidden": 8, "user_hidden": 8, "batch_size": 16, "num_threads": 1}}}
 # toygru: the one-layer GRU defined and registered in tests/training/test_toy_family.py alone,
 # found by every Airflow task process through $RNNREC_PLUGINS (a family added without
 # touching the registry runs in the DAG's mapped train / evaluate tasks); vsknn: a session-kNN
 # baseline (issue 14) in the same tasks, its "fine-tuned" candidate refit on train_recent_4;
 # Tan et al.'s M1 (tan), M3 (tan_teacher -> tan_distill) and M4 (tan -> tan_emb): the students
-# are trained by train_dependent from this run's teacher / M1 (issue 16)
+# are trained by train_dependent from this run's teacher / M1 (issue 16); hrnn_init (issue 15),
+# scored in user mode (eval_mode=auto)
 PLUGIN = "tests.training.test_toy_family"
 CANDIDATES = sorted(f + s for f in CONF["families"] for s in ("", "-recent4"))
 
@@ -194,6 +196,15 @@ def test_students_learn_from_this_runs_teacher_and_m1_with_lineage(pipeline):
         out = mlflow.pyfunc.load_model(f"models:/synthetic-{fam}@champion").predict(
             pd.DataFrame({"session": [known[:2]]}), params={"k": 5})
         assert len(out["items"][0]) == 5 and set(out["items"][0]) <= set(known)
+
+
+def test_user_models_are_scored_in_user_mode(pipeline):
+    root = pipeline["data"] / "pipeline" / "synthetic" / INTERVAL
+    for cand, mode in (("hrnn_init", "user"), ("hrnn_init-recent4", "user"), ("gru4rec", "session")):
+        res = json.loads((root / "eval" / cand / "result.json").read_text())
+        assert (res["valid_mode"], res["test_mode"]) == (mode, mode), cand
+        m = json.loads((root / "eval" / cand / "test" / "metrics.json").read_text())
+        assert m["mode"] == mode and (mode == "session" or m["n_history_sessions"] > 0)
 
 
 def test_registry_versions_champion_and_pyfunc_serving(pipeline):

@@ -475,6 +475,10 @@ class HRNNFamily(Family):
     name = "hrnn_init"
     Config = HRNNConfig
 
+    @classmethod
+    def eval_mode(cls, cfg) -> str:
+        return "user"  # session mode is the zero-user-state fallback
+
     def __init__(self, cfg: HRNNConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
         self.model = HRNNModel(ctx.index.n_items, cfg).to(ctx.device)

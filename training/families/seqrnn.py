@@ -350,6 +350,10 @@ class SeqRNNFamily(Family):
     name = "seqrnn"
     Config = SeqRNNConfig
 
+    @classmethod
+    def eval_mode(cls, cfg) -> str:
+        return "user" if cfg.sequence == "user" else "session"
+
     def __init__(self, cfg: SeqRNNConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
         self.model = SeqRNN(ctx.index.n_items, cfg).to(ctx.device)

@@ -442,6 +442,10 @@ class UGRUFamily(Family):
     name = "ugru_linear"
     Config = UGRUConfig
 
+    @classmethod
+    def eval_mode(cls, cfg) -> str:
+        return "user"  # the hidden state runs on across a user's sessions
+
     def __init__(self, cfg: UGRUConfig, ctx: TrainContext):
         super().__init__(cfg, ctx)
         data = ctx.data
