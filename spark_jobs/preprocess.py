@@ -130,8 +130,12 @@ def write_split_tables(tagged, names: list[str], columns: list[str], targets: di
         renumbered = [i for i, n in enumerate(order) if n in (C.VALID, C.TEST)]
         seq = (F.when(F.col("_t").isin(renumbered), F.col("_seq_f")).otherwise(F.col("seq"))
                if renumbered else F.col("seq"))
+        # valid/test session ids of a split that cuts sessions (user_90_5_5_events): _sid_f
+        sid = (F.when(F.col("_t").isin(renumbered), F.col("_sid_f")).otherwise(F.col("session_id"))
+               if renumbered and "_sid_f" in tagged.columns else F.col("session_id"))
         rows = tagged.withColumn("_t", F.explode(F.filter(idx, lambda x: x.isNotNull())))
-        rows = rows.select(*[seq.cast("int").alias("seq") if c == "seq" else F.col(c) for c in columns], "_t")
+        rows = rows.select(*[seq.cast("int").alias("seq") if c == "seq" else sid.alias("session_id")
+                             if c == "session_id" else F.col(c) for c in columns], "_t")
         stage = os.path.join(os.path.dirname(targets[order[0]]), f"_stage-{uuid.uuid4().hex[:8]}")
         spark = tagged.sparkSession
         # One open writer per table in every task instead of a sort by table: the rows keep their order.
@@ -381,7 +385,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     # ---- split
     scfg = SplitConfig(strategy=cfg.split, test_days=cfg.test_days, valid_days=cfg.valid_days, end_ts=cfg.end_ts,
                        cut_ts=cfg.cut_ts, test_fraction=cfg.test_fraction, seed=cfg.seed,
-                       recent_fractions=tuple(cfg.recent_fractions))
+                       min_session_length=cfg.min_session_length, recent_fractions=tuple(cfg.recent_fractions))
     tagged, names, meta = split(ev, scfg)
     split_dir = os.path.join(tmp, C.SPLITS_DIR, cfg.split)
     targets = {C.EVENTS_DIR: os.path.join(tmp, C.EVENTS_DIR), **{name: os.path.join(split_dir, name) for name in names}}
