@@ -566,6 +566,9 @@ def main(argv=None) -> int:
     for metric in METRICS:
         md += [f"### {LABELS[metric]}", "", *fractions_table(per_frac, fractions, metric), ""]
     md += ["## Prediction time and size (their Table 2)", "",
+           "Training speed of M1-M4 as a fraction of the compute-bound limit, on this slice and a 10M-event "
+           "clickstream, and the memory of M3's soft labels: `benchmarks/README_tan.md` "
+           "(`python -m benchmarks.tan_speed`).", "",
            f"The seed-1 models re-scored on `test` one after another in one process ({a.threads} thread(s), nothing "
            "else of this benchmark running), 3 rounds over all models, of each the round with the median us/event. "
            "Batch = one `scorer.step` of the evaluation loop: one event for each active session, up to 512 (M4: including the cosine against every item's embedding); most calls are "

@@ -110,10 +110,23 @@ class SessionData:
             raise ValueError(f"recent fraction k must be >= 1, got {k}")
         n = int(np.ceil(self.n_sessions / k))
         rank = np.lexsort((-self.session_ids, -self.start_ts))
-        keep = np.sort(rank[:n])
+        return self.take(np.sort(rank[:n]))
+
+    def take(self, sessions) -> "SessionData":
+        """The sessions at rows ``sessions`` (indices into this table, in that order; a
+        repeated row is repeated), every per-session and per-event array sliced alike; the
+        drop counters are carried over unchanged."""
+        keep = np.asarray(sessions)
+        if keep.dtype == bool:
+            raise TypeError("take: pass session row indices (np.flatnonzero(mask)), not a boolean mask")
+        keep = keep.astype(np.int64).reshape(-1)
+        if len(keep) and (keep.min() < 0 or keep.max() >= self.n_sessions):
+            raise IndexError(f"take: session rows must be in 0..{self.n_sessions - 1}, "
+                             f"got {int(keep.min())}..{int(keep.max())}")
         lengths = self.lengths[keep]
-        idx = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in keep]) \
-            if n else np.zeros(0, np.int64)
+        start = self.offsets[keep]
+        # event rows: start of each kept session + 0..length-1
+        idx = np.repeat(start - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
         return SessionData(items=self.items[idx], offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
                            session_ids=self.session_ids[keep], start_ts=self.start_ts[keep],
                            user_ids=self.user_ids[keep] if self.user_ids is not None else None,
