@@ -603,24 +603,13 @@ def test_dag_families_param_takes_the_three_cells(tmp_path):
 
 
 def test_logs_to_mlflow_with_its_config_metrics_and_model(trained, split, tmp_path, monkeypatch):
-    import mlflow
-    import pandas as pd
+    from tests.training.toy import logged_run
 
-    from evaluation import mlflow_logging as ml
-    from evaluation.evaluate import evaluate
-
-    monkeypatch.setenv("RNNREC_MLFLOW_SYSTEM_METRICS", "0")
-    ml.configure(tmp_path)
     name = "ugru_attn"
-    run_id = mlflow.MlflowClient().create_run(ml.experiment_id("toy", tmp_path)).info.run_id
-    logged = ml.log_training(run_id, trained[name], name=name)
-    evaluate(trained[name], split, tmp_path / "eval", device="cpu", mode="user")
-    ml.log_evaluation(run_id, tmp_path / "eval", "test")
-    p = mlflow.MlflowClient().get_run(run_id).data
+    run, items = logged_run(trained[name], split, tmp_path, name, monkeypatch)
+    p = run.data
     assert p.params["model"] == name and p.params["cell"] == "attentional"
     assert p.params["user_keep"] == "0.5" and p.params["item_keep"] == "0.8" and p.params["user_l2"] == "0.01"
     assert p.params["window"] == "20" and p.params["grad_clip"] == "5.0"
     assert 0 <= p.metrics["recall_at_20"] <= 1 and "train_loss" in p.metrics
-    out = mlflow.pyfunc.load_model(logged["model_uri"]).predict(
-        pd.DataFrame({"session": [[105, 106]], "user_id": [1000]}), params={"k": 3})
-    assert len(out["items"][0]) == 3
+    assert len(items) == 3

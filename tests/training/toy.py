@@ -67,3 +67,25 @@ def toy_split(root: Path, n_train: int = 300, n_test: int = 60, n_items: int = 4
     return write_split(root, {"train_full": events_table(train), "train": events_table(train[: n_train * 3 // 4]),
                               "test": events_table(test, t0=1_700_000_000),
                               "train_recent_4": events_table(train[-n_train // 4:])})
+
+
+def logged_run(model_dir: Path, split: Path, tmp_path: Path, name: str, monkeypatch, mode: str = "user",
+               user_id: int = 1000, session=(105, 106), k: int = 3):
+    """Log a trained run to a local MLflow store in ``tmp_path`` (training, then an evaluation on
+    ``test`` in ``mode``) and serve its logged model once: (the MLflow run, the top-``k`` items the
+    pyfunc returns for ``session`` and ``user_id``)."""
+    import mlflow
+    import pandas as pd
+
+    from evaluation import mlflow_logging as ml
+    from evaluation.evaluate import evaluate
+
+    monkeypatch.setenv("RNNREC_MLFLOW_SYSTEM_METRICS", "0")
+    ml.configure(tmp_path)
+    run_id = mlflow.MlflowClient().create_run(ml.experiment_id("toy", tmp_path)).info.run_id
+    logged = ml.log_training(run_id, model_dir, name=name)
+    evaluate(model_dir, split, tmp_path / "eval", device="cpu", mode=mode)
+    ml.log_evaluation(run_id, tmp_path / "eval", "test")
+    out = mlflow.pyfunc.load_model(logged["model_uri"]).predict(
+        pd.DataFrame({"session": [list(session)], "user_id": [user_id]}), params={"k": k})
+    return mlflow.MlflowClient().get_run(run_id), list(out["items"][0])
