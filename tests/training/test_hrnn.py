@@ -1,7 +1,8 @@
 """HRNN Init / HRNN All / RNN Concat (training/families/hrnn.py) against their equations
 (Quadrana et al. 2017, eq. 1-5), written out here in numpy for a toy user with 3 sessions:
 the session GRU's start from tanh(W_init c + b_init), one user-GRU step per finished session,
-the reset for a new user, HRNN All's c at every step, RNN Concat's state across sessions --
+the reset for a new user, HRNN All's c at every step, RNN Concat's one sequence per user
+(every click an input, a session's last included, the cross-session pair trained on) --
 in the scorer (evaluation / serving) and in the user-parallel training step -- plus the
 losses, the three dropouts, the stored per-user states, and the whole way through trainer,
 evaluator (user mode), pyfunc (known / unknown user), fine-tuning, MLflow and the DAG."""
@@ -68,13 +69,15 @@ def ref_init(P, c):
 
 
 def ref_walk(P, sessions, variant):
-    """One user's sessions through eq. 1-5: per session (s_0, [s after each input], c after it)."""
+    """One user's sessions through eq. 1-5: per session (s_0, [s after each input], c after it).
+    RNN Concat: the user's sessions are one sequence, so a session starts from the state after
+    the previous session's last click (an input there, never scored)."""
     c = np.zeros(U)
     s = np.zeros(H)
     out = []
     for m, sess in enumerate(sessions):
         if variant == "concat":
-            s0 = s if m else np.zeros(H)
+            s0 = ref_session_step(P, sessions[m - 1][-1], s, None, "concat") if m else np.zeros(H)
         else:
             s0 = ref_init(P, c)
         s, states = s0, []
@@ -84,6 +87,15 @@ def ref_walk(P, sessions, variant):
         if variant != "concat":
             c = ref_user_step(P, s, c)  # once per finished session, from its last state
         out.append((s0, states, c.copy()))
+    return out
+
+
+def ref_concat_states(P, items, hidden):
+    """RNN Concat over one concatenated sequence: the state after each click (all of them)."""
+    s, out = np.zeros(hidden), []
+    for item in items:
+        s = ref_session_step(P, int(item), s, None, "concat")
+        out.append(s)
     return out
 
 
@@ -151,18 +163,21 @@ def _close(t, a, tol=1e-5):
 def test_scorer_walks_a_users_three_sessions_as_the_equations(name):
     """User mode: every step's scores, the session GRU's start of each session (HRNN: tanh(W_init
     c + b_init) with c from the numpy user GRU; RNN Concat: the previous session's last state)
-    and the user state after every finished session."""
+    and the user state after every finished session. end_session gets the session's last click
+    (as the evaluation loop passes it): RNN Concat feeds it, HRNN ignores it."""
     P = _params()
     variant = VARIANT[name]
     ref = ref_walk(P, TOY, variant)
     sc = HR.HRNNScorer(_model(name, P), torch.device("cpu"))
+    assert sc.wants_last_item
     st = sc.begin(1, mode="user")
     c_prev = np.zeros(U)
+    flat = ref_concat_states(P, [i for sess in TOY for i in sess], H)
     for m, sess in enumerate(TOY):
         st = sc.start_session(st, ALL, torch.tensor([7]))
         s0, states, c_after = ref[m]
-        if variant == "concat":
-            _close(st[0][0], ref[m - 1][1][-1] if m else np.zeros(H))
+        if variant == "concat":  # the state after every click of the earlier sessions
+            _close(st[0][0], flat[sum(len(x) for x in TOY[:m]) - 1] if m else np.zeros(H))
         else:
             _close(st[0][0], np.tanh(P["W_init"] @ c_prev + P["b_init"]))  # from the equations' c
         _close(st[0][0], s0)
@@ -170,10 +185,23 @@ def test_scorer_walks_a_users_three_sessions_as_the_equations(name):
             scores, st = sc.step(st, torch.tensor([item]))
             _close(st[0][0], s_ref)
             _close(scores[0], P["Wy"] @ s_ref + P["By"])
-        st = sc.end_session(st, ALL)
+        st = sc.end_session(st, ALL, torch.tensor([sess[-1]]))
         if variant != "concat":
             _close(st[1][0], c_after)
+            _close(st[0][0], states[-1])  # the last click is not an input of HRNN
             c_prev = c_after
+
+
+@pytest.mark.parametrize("name", ["hrnn_init", "hrnn_all"])
+def test_hrnn_ignores_the_last_click_at_the_session_end(name):
+    """HRNN's user GRU reads the session's last state (in training the last click is never an
+    input): end_session with or without last_items gives the same state."""
+    sc = HR.HRNNScorer(_model(name), torch.device("cpu"))
+    st = sc.start_session(sc.begin(1, mode="user"), ALL, torch.tensor([7]))
+    _, st = sc.step(st, torch.tensor([1]))
+    a = sc.end_session([t.clone() for t in st], ALL, torch.tensor([4]))
+    b = sc.end_session([t.clone() for t in st], ALL)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_user_gru_advances_exactly_once_per_finished_session(monkeypatch):
@@ -247,20 +275,32 @@ def test_hrnn_all_feeds_c_at_every_step():
 
 
 def test_rnn_concat_carries_the_state_across_the_users_sessions():
+    """User mode: the state after the user's every click, each session's last one fed at
+    end_session (only the ending rows); session mode does not feed it."""
     P = _params()
     sc = HR.HRNNScorer(_model("rnn_concat", P), torch.device("cpu"))
-    st = sc.begin(1, mode="user")
+    st = sc.begin(2, mode="user")
     s = np.zeros(H)
+    both = torch.tensor([True, True])
     for sess in TOY:
-        st = sc.start_session(st, ALL, torch.tensor([7]))
+        st = sc.start_session(st, both, torch.tensor([7, 8]))
         _close(st[0][0], s)  # where the previous session left it (zero only before the first)
         for item in sess[:-1]:
             s = ref_session_step(P, item, s, None, "concat")
-            _, st = sc.step(st, torch.tensor([item]))
-        st = sc.end_session(st, ALL)
-    _close(st[0][0], s)
+            _, st = sc.step(st, torch.tensor([item, item]))
+        before = st[0][1].clone()
+        st = sc.end_session(st, torch.tensor([True, False]), torch.tensor([sess[-1], 0]))
+        assert torch.equal(st[0][1], before)  # row 1 is not ending: untouched
+        s = ref_session_step(P, sess[-1], s, None, "concat")
+        _close(st[0][0], s)
+        st = sc.start_session(st, torch.tensor([False, True]), torch.tensor([-1, 9]))  # row 1: fresh
+    _close(st[0][0], ref_concat_states(P, [i for x in TOY for i in x], H)[-1])
+    sess_mode = sc.begin(1, mode="session")
+    _, sess_mode = sc.step(sc.start_session(sess_mode, ALL, torch.tensor([7])), torch.tensor([1]))
+    after = sc.end_session([t.clone() for t in sess_mode], ALL, torch.tensor([3]))
+    assert torch.equal(after[0], sess_mode[0])
     assert np.abs(s).max() > 0.1
-    assert tuple(st[1].shape) == (1, 0)  # no user GRU, no user state
+    assert tuple(st[1].shape) == (2, 0)  # no user GRU, no user state
     assert not any(k.startswith(("Wu", "bu", "W_init", "b_init")) for k in _model("rnn_concat").state_dict())
 
 
@@ -333,12 +373,18 @@ def _toy_family(name, P=None, data=None, **kw):
 
 def _slot_walks(P, variant):
     """What each of the 2 slots computes, step by step, from the equations: slot 0 walks user 7
-    (6 steps), slot 1 user 8 (3 steps) and then user 9 (2 steps) -- both users at once."""
+    (6 steps), slot 1 user 8 (3 steps) and then user 9 (2 steps) -- both users at once. RNN
+    Concat: one sequence per user, every consecutive pair (user 7: 9 events, 8 steps; user 8:
+    5 events, 4 steps; user 9: 2 steps)."""
     walks = []
     for users in ([7], [8, 9]):
         steps = []
         for u in users:
             sess = [s for uu, s in TRAIN_SESSIONS if uu == u]
+            if variant == "concat":
+                seq = [i for x in sess for i in x]
+                steps += [(s, seq[n + 1]) for n, s in enumerate(ref_concat_states(P, seq[:-1], H))]
+                continue
             for (s0, states, _), ss in zip(ref_walk(P, sess, variant), sess):
                 steps += [(s, ss[n + 1]) for n, s in enumerate(states)]
         walks.append(steps)
@@ -379,7 +425,35 @@ def test_training_steps_follow_the_equations_with_users_in_parallel(name, monkey
             else:
                 assert res is None  # one row left: nothing to rank it against
             n_steps += 1
-    assert used == [2] and n_steps == 6  # 11 events in 6 steps: both slots busy
+    # 11 pairs (17 events - 6 sessions) in 6 steps; RNN Concat 14 (17 - 3 users) in 8: both slots busy
+    assert used == [2] and n_steps == (8 if name == "rnn_concat" else 6)
+
+
+def test_rnn_concat_trains_on_every_pair_of_a_users_events_across_sessions():
+    """Hand-counted on the toy table: RNN Concat's schedule holds each user's events as one
+    sequence, so pairs = events - 1 per user (user 7: 3+2+4 = 9 events -> 8 pairs, user 8: 2+3
+    -> 4, user 9: 3 -> 2; 14 in all), the cross-session pairs included (user 7: 2 -> 4 and
+    0 -> 2, user 8: 1 -> 3); a new user (9, after 8 in slot 1) starts from s = 0. HRNN Init:
+    17 - 6 sessions = 11 pairs, no cross-session pair."""
+    def pairs_of(sch):
+        act = sch.targets >= 0
+        return sorted(zip(sch.user[act].tolist(), sch.inputs[act].tolist(), sch.targets[act].tolist()))
+
+    want = []
+    for u in (7, 8, 9):
+        seq = [i for uu, x in TRAIN_SESSIONS if uu == u for i in x]
+        want += [(u, a, b) for a, b in zip(seq[:-1], seq[1:])]
+    concat = _toy_family("rnn_concat").schedule(torch.Generator().manual_seed(0))
+    assert concat.n_events == 14 == len(want) and concat.n_steps == 8
+    # the schedule's "user" is the sequence's lane (the user id)
+    assert pairs_of(concat) == sorted(want)
+    for cross in ((7, 2, 4), (7, 0, 2), (8, 1, 3)):
+        assert cross in pairs_of(concat)
+    assert int(concat.user_start.sum()) == int(concat.session_start.sum()) == 3  # one sequence per user
+    init = _toy_family("hrnn_init").schedule(torch.Generator().manual_seed(0))
+    assert init.n_events == 11 and (7, 2, 4) not in pairs_of(init) and (8, 1, 3) not in pairs_of(init)
+    rnd = _toy_family("rnn_concat", session_order="random").schedule(torch.Generator().manual_seed(3))
+    assert pairs_of(rnd) == sorted(want)
 
 
 def test_training_advances_the_user_gru_once_per_session_followed_by_another(monkeypatch):
@@ -621,8 +695,10 @@ def test_checkpoint_stores_each_users_state_after_the_training_sessions(name, tr
             idx = np.flatnonzero(data.user_ids == users[k])
             idx = idx[np.argsort(data.start_ts[idx])]
             sess = [data.items[data.offsets[s]:data.offsets[s + 1]] for s in idx]
-            walk = ref_walk(P, sess, VARIANT[name])
-            want = walk[-1][1][-1] if name == "rnn_concat" else walk[-1][2]
+            if name == "rnn_concat":  # the state after every training click, each session's last too
+                want = ref_concat_states(P, np.concatenate(sess), H)[-1]
+            else:
+                want = ref_walk(P, sess, VARIANT[name])[-1][2]
             _close(ckpt["state_dict"]["served_user_states"][k], want, tol=1e-4)
     finally:
         H, U = h0, u0
@@ -691,6 +767,48 @@ def test_serving_a_known_user_equals_user_mode_after_their_history(name, trained
         assert int(res.greater[row[0]]) == int((scores[0] > scores[0, target]).sum())
 
 
+def test_rnn_concat_user_mode_evaluation_is_the_model_over_the_users_whole_history(trained, split):
+    """User mode (history = train_full): every scored position of a known user's test session
+    ranks as the numpy RNN Concat run over the user's training sessions, every click (each
+    session's last included), then the test session; the same run without the history's last
+    clicks ranks otherwise somewhere."""
+    from evaluation.loop import evaluate_sessions
+    from training import checkpoint as ck
+    from training.data import read_events, read_item_index
+
+    sc = registry.load_scorer(ck.load_checkpoint(trained["rnn_concat"]), torch.device("cpu"))
+    P, h = params_of(sc.model), sc.model.hidden
+    index = read_item_index(split)
+    test = read_events(split, "test", index, min_session_length=2)
+    hist = read_events(split, "train_full", index, min_session_length=2)
+    res = evaluate_sessions(sc, test, n_slots=4, mode="user", history=[hist])
+    n_checked, differs = 0, False
+    for s in range(test.n_sessions):
+        u = int(test.user_ids[s])
+        hs = np.flatnonzero(hist.user_ids == u)
+        if not len(hs):
+            continue
+        assert np.sum(test.user_ids == u) == 1  # the user's only test session: history = training
+        hs = hs[np.lexsort((hist.session_ids[hs], hist.start_ts[hs]))]
+        t_items = test.items[test.offsets[s]:test.offsets[s + 1]]
+        h_sess = [hist.items[hist.offsets[k]:hist.offsets[k + 1]] for k in hs]
+        seq = np.concatenate(h_sess + [t_items])
+        n_hist = len(seq) - len(t_items)
+        states = ref_concat_states(P, seq[:-1], h)
+        no_last = ref_concat_states(P, np.concatenate([x[:-1] for x in h_sess] + [t_items[:-1]]), h)
+        for p in range(len(t_items) - 1):
+            sc_p = P["Wy"] @ states[n_hist + p] + P["By"]
+            tgt = sc_p[int(t_items[p + 1])]
+            row = np.flatnonzero((res.session_idx == s) & (res.position == p))
+            assert len(row) == 1
+            g = int(res.greater[row[0]])
+            assert int((sc_p > tgt + 1e-5).sum()) <= g <= int((sc_p > tgt - 1e-5).sum()), (s, p)
+            alt = P["Wy"] @ no_last[n_hist - len(h_sess) + p] + P["By"]
+            differs |= int((alt > alt[int(t_items[p + 1])]).sum()) != g
+            n_checked += 1
+    assert n_checked > 20 and differs
+
+
 def test_fine_tunes_from_its_weights_on_the_recent_table(trained, split, tmp_path):
     from training import checkpoint as ck
     from training.data import read_events, read_item_index
@@ -728,28 +846,16 @@ def test_resume_is_exact(split, tmp_path):
 
 
 def test_logs_to_mlflow_with_its_config_metrics_and_model(trained, split, tmp_path, monkeypatch):
-    import mlflow
-    import pandas as pd
+    from tests.training.toy import logged_run
 
-    from evaluation import mlflow_logging as ml
-    from evaluation.evaluate import evaluate
-
-    monkeypatch.setenv("RNNREC_MLFLOW_SYSTEM_METRICS", "0")
-    ml.configure(tmp_path)
     name = "hrnn_all"
-    run_id = mlflow.MlflowClient().create_run(ml.experiment_id("toy", tmp_path)).info.run_id
-    logged = ml.log_training(run_id, trained[name], name=name)
-    evaluate(trained[name], split, tmp_path / "eval", device="cpu", mode="user")
-    ml.log_evaluation(run_id, tmp_path / "eval", "test")
-    run = mlflow.MlflowClient().get_run(run_id)
+    run, items = logged_run(trained[name], split, tmp_path, name, monkeypatch)
     p = run.data.params
     assert p["model"] == name and p["variant"] == "all" and p["hidden"] == "12" and p["user_hidden"] == "8"
     assert (p["dropout_user"], p["dropout_session"], p["dropout_init"]) == ("0.0", "0.2", "0.2")
     assert p["loss"] == "top1" and p["optimizer"] == "adagrad" and p["momentum"] == "0.3"
     assert 0 <= run.data.metrics["recall_at_20"] <= 1 and "train_loss" in run.data.metrics
-    out = mlflow.pyfunc.load_model(logged["model_uri"]).predict(
-        pd.DataFrame({"session": [[105, 106]], "user_id": [1000]}), params={"k": 3})
-    assert len(out["items"][0]) == 3
+    assert len(items) == 3
 
 
 def test_dag_families_param_takes_the_three_names(tmp_path):

@@ -14,8 +14,8 @@ registry name    variant     what
 ``hrnn_init``    ``init``    ``c`` only initialises the session GRU (HRNN Init)
 ``hrnn_all``     ``all``     ``c`` also enters the session GRU at every step, concatenated with the item
                              input: the gates and candidate read ``W_x i + W_c c`` (HRNN All)
-``rnn_concat``   ``concat``  no user GRU: the session state is carried across a user's sessions and
-                             zeroed only for a new user (RNN Concat)
+``rnn_concat``   ``concat``  no user GRU: a user's sessions concatenated into one sequence, the
+                             session GRU's state zeroed only for a new user (RNN Concat)
 ===============  ==========  ==========================================================================
 
 Each name is the same family with other defaults (``--set variant=...`` changes it, as the
@@ -32,12 +32,12 @@ Training (``training.batching.user_parallel_schedule``, their §3.2.2): ``batch_
 each walking one user's sessions back to back in time order, one event per slot and step, B
 users at once (never one user at a time). Where a slot starts a session of the same user,
 the user GRU advances once with the carried final state of the slot's previous session and
-the session GRU restarts from ``tanh(W_init c + b_init)`` (RNN Concat: the state is kept);
-where a slot starts a new user, ``c = 0`` and the session GRU starts from ``tanh(b_init)``
-(= the equations with ``c_0 = 0``; the authors' code zeroes ``s`` there instead; RNN Concat:
-``s = 0``). The user update is computed inside the first step of the next session, so that
-step's loss trains the user GRU and ``W_init`` (the same value as an update at the session
-end; a user's last session feeds no update, as nothing in training reads it). As in GRU4Rec
+the session GRU restarts from ``tanh(W_init c + b_init)``; where a slot starts a new user,
+``c = 0`` and the session GRU starts from ``tanh(b_init)`` (= the equations with ``c_0 = 0``;
+the authors' code zeroes ``s`` there instead). The user update is computed inside the first
+step of the next session, so that step's loss trains the user GRU and ``W_init`` (the same
+value as an update at the session end; a user's last session feeds no update, as nothing in
+training reads it). As in GRU4Rec
 each step is its own update (no BPTT: the carried states are constants), and the
 dropped-out states are the ones carried. Dropout, each its own probability (their Table 2:
 user GRU / session GRU / initialisation): ``dropout_user`` on the new ``c``,
@@ -49,12 +49,19 @@ of the other slots + ``n_sample`` shared extra negatives ∝ support^``sample_al
 ``training.families.gru4rec.logq_weights``), the loss summed over rows / ``batch_size``.
 With user-parallel batches the in-batch negatives come from other users (their §3.2.2).
 
-RNN Concat trains on the same schedule with the session state carried across the user's
-sessions: it learns every within-session pair, not the paper's cross-session pair (a
-session's last item -> the next session's first), because the evaluation loop feeds a
-session's events but its last and never predicts a session's first event (so the paper's
-"discard the first prediction of RNN Concat" is built in) -- what it trains on is exactly
-what it is evaluated and served on.
+RNN Concat (their baselines: "the same as RNN, but sessions from the same user are concatenated
+into a single session") trains on the same kind of schedule built over :func:`user_concat`:
+each user's sessions (time order, ties by session id; sessions with < 2 events dropped, as
+the schedule and the evaluation's history drop them) concatenated into ONE sequence, so
+every consecutive pair of a user's events is a training pair -- the cross-session pair too
+(a session's last item -> the user's next session's first item): a user with ``E`` events
+gives ``E - 1`` pairs (HRNN: ``E`` minus the number of sessions). ``s = 0`` for a new user,
+no other reset. Its scorer (``wants_last_item``) takes each ending session's last click into
+``s`` at ``end_session`` in user mode (and in serving, which carries a user across sessions
+too), as that click was an input in training; the loop never predicts a session's first
+event, so the paper's "discard the first prediction of RNN Concat" is built in. HRNN Init /
+All ignore the last click: their user GRU reads the session's last state, and in training
+the last click is never an input.
 
 Users: sessions with user id -1 (or a table without users) are each a user of their own (an
 HRNN is then GRU4Rec with ``s_0 = tanh(b_init)``). Users are taken in random order every
@@ -65,17 +72,17 @@ Scorer (``training.scoring``; ``begin(n, mode=)``):
 
 * ``mode="user"`` (``evaluation.evaluate --mode user``): a slot carries ``c`` (RNN Concat:
   ``s``) from one session of a user to the next -- the loop feeds the user's history sessions
-  unscored first (their "bootstrap"), ``end_session`` advances the user GRU -- and resets it
-  for a new user; an anonymous (-1) session or a user without history starts from the
-  fallback.
+  unscored first (their "bootstrap"), ``end_session`` advances the user GRU (RNN Concat: feeds
+  the session's last click into ``s``) -- and resets it for a new user; an anonymous (-1)
+  session or a user without history starts from the fallback.
 * ``mode="session"``: every session starts from the fallback (the model as a session-based
   recommender; the DAG and early stopping score this way).
 * serving (``evaluation.serving``, ``begin(1)`` without a mode): a known user starts from
   ``c`` after the user's training sessions, stored in the checkpoint by user id
-  (``served_user_ids`` [U] int64, ``served_user_states`` [U, D]: ``c`` for HRNN, the carried
-  ``s`` for RNN Concat; computed on the run's training table with the scorer's own user-mode
-  walk, so a served known user = user mode with that table as history); an unknown user or
-  none gets the fallback.
+  (``served_user_ids`` [U] int64, ``served_user_states`` [U, D]: ``c`` for HRNN, for RNN Concat
+  ``s`` after ALL the user's training clicks, each session's last included; computed on the
+  run's training table with the scorer's own user-mode walk, so a served known user = user
+  mode with that table as history); an unknown user or none gets the fallback.
 * **Fallback** (anonymous, unseen in training, session mode): zero user state, i.e. the
   session GRU starts from ``tanh(b_init)`` (HRNN) or from zero (RNN Concat).
 
@@ -337,6 +344,8 @@ class HRNNScorer:
     module docstring for the modes and the fallback."""
 
     wants_mode = True
+    #: the loop passes each ending session's last click to end_session; only RNN Concat reads it
+    wants_last_item = True
 
     def __init__(self, model: HRNNModel, device: torch.device, served_users: torch.Tensor | None = None,
                  served_states: torch.Tensor | None = None):
@@ -395,9 +404,16 @@ class HRNNScorer:
         return self.model.all_scores(state[0]).float(), state
 
     @torch.no_grad()
-    def end_session(self, state, ending):
+    def end_session(self, state, ending, last_items=None):
+        """HRNN: the user GRU advances once from the session's last state (``last_items`` is
+        ignored, as in training). RNN Concat: outside session mode the ending rows take their
+        session's last click into ``s`` (the user's sequence goes on, as in training)."""
         if self.concat:
-            return state
+            if last_items is None or self.mode == "session":
+                return state
+            s, c, last = state
+            nxt = self.model.session_step(last_items.to(self.device), s, c)
+            return [torch.where(ending.to(self.device).unsqueeze(1), nxt, s), c, last]
         s, c, last = state
         rows = torch.nonzero(ending).squeeze(1)
         if rows.numel():  # the user GRU advances once per finished session
@@ -421,12 +437,29 @@ def time_rank(data: SessionData) -> np.ndarray:
     return r
 
 
+def user_concat(data: SessionData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """RNN Concat's training sequences: (items, offsets [n_seq + 1], lane [n_seq], first
+    session's time rank [n_seq]), one sequence per user of :func:`user_lanes` (ascending), the
+    user's sessions with >= 2 events in time order (ties by session id) back to back."""
+    lane, rank = user_lanes(data), time_rank(data)
+    keep = np.flatnonzero(np.diff(data.offsets) >= 2)
+    order = keep[np.lexsort((rank[keep], lane[keep]))]
+    lens = np.diff(data.offsets)[order]
+    idx = np.repeat(data.offsets[order] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+    lo = lane[order]
+    first = np.flatnonzero(np.r_[True, lo[1:] != lo[:-1]]) if len(order) else np.zeros(0, np.int64)
+    seq_len = np.add.reduceat(lens, first) if len(order) else np.zeros(0, np.int64)
+    return (data.items[idx], np.r_[0, np.cumsum(seq_len)].astype(np.int64), lo[first],
+            rank[order][first])
+
+
 @torch.no_grad()
 def served_user_states(model: HRNNModel, data: SessionData, device: torch.device,
                        n_slots: int = STATE_SLOTS) -> tuple[torch.Tensor, torch.Tensor]:
     """(user ids sorted [U], state [U, D]) after each user's sessions of ``data``, walked in time
     order by the scorer in user mode (``c`` after the last session's user update; RNN Concat:
-    the carried ``s``). Only scores nothing: no output layer."""
+    ``s`` after every click, each session's last fed at its end as the evaluation loop does).
+    Only scores nothing: no output layer."""
     lane = user_lanes(data)
     known = np.unique(lane[lane >= 0])
     dim = model.hidden if model.variant == "concat" else model.user_hidden
@@ -445,7 +478,8 @@ def served_user_states(model: HRNNModel, data: SessionData, device: torch.device
         st = sc.advance(st, torch.from_numpy(sch.inputs[t].clip(min=0)).to(device))
         ending = sch.session_end[t] & (sch.targets[t] >= 0)
         if ending.any():
-            st = sc.end_session(st, torch.from_numpy(ending).to(device))
+            st = sc.end_session(st, torch.from_numpy(ending).to(device),
+                                torch.from_numpy(np.where(ending, sch.targets[t], 0)).to(device))
             rows = np.flatnonzero(ending & (sch.user[t] >= 0))
             if len(rows):  # overwritten session by session: the last write is after the last one
                 vec = st[0] if model.variant == "concat" else st[1]
@@ -485,6 +519,7 @@ class HRNNFamily(Family):
         self.logp = torch.log(torch.tensor(np.maximum(ctx.support, 1), dtype=torch.float32)).to(ctx.device)
         self._lane = user_lanes(ctx.data)
         self._time = time_rank(ctx.data)
+        self._concat = user_concat(ctx.data) if cfg.variant == "concat" else None
         self._s = self._c = None
         self._served_cache = (None, None)
 
@@ -506,8 +541,15 @@ class HRNNFamily(Family):
 
     # ---- training ----------------------------------------------------------------------------
     def schedule(self, gen: torch.Generator):
-        """The epoch's user-parallel schedule: users shuffled by ``gen`` or by first session."""
+        """The epoch's user-parallel schedule: users shuffled by ``gen`` or by first session
+        (RNN Concat: over :func:`user_concat`'s sequences, one "session" per user)."""
         c, d = self.cfg, self.ctx.data
+        if self._concat is not None:
+            items, offsets, lane, first = self._concat
+            key = first
+            if c.session_order == "random":
+                key = torch.randperm(len(lane), generator=gen).numpy().astype(np.int64)
+            return user_parallel_schedule(items, offsets, lane, key, c.batch_size)
         key = self._time
         if c.session_order == "random":
             uniq, inv = np.unique(self._lane, return_inverse=True)
