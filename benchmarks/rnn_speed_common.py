@@ -93,18 +93,21 @@ def products_bound(prods: Iterable[Product], events: float, backward: str = "as_
 
 
 def build_family(variant: str, split: str, threads: int, overrides: dict | None = None, table: str = "train_full",
-                 sets: list[str] | None = None):
+                 sets: list[str] | None = None, runner: str = "autograd"):
     """(family class, family, config, item index, training data, runner) for ``variant`` on
     ``split``'s ``table``, on the CPU with ``threads`` torch threads, weights initialised with
     seed 0, the optimizer and schedule the trainer's ``AutogradRunner`` builds. ``overrides``
-    (typed) and ``sets`` ("KEY=VALUE" strings, as ``--set``) change the config."""
+    (typed) and ``sets`` ("KEY=VALUE" strings, as ``--set``) change the config.
+    ``runner="trainer"``: the runner ``training.trainer.train`` would use instead
+    (``make_runner``: a family's own fast path where it has one, e.g. GRU4Rec's; its ``path``
+    says which)."""
     import torch
 
     from training import registry
     from training.config import resolve_config
     from training.data import read_events, read_item_index
     from training.family import TrainContext
-    from training.trainer import AutogradRunner, table_support
+    from training.trainer import AutogradRunner, make_runner, table_support
 
     torch.set_num_threads(threads)
     cfg = resolve_config(variant, overrides={**(overrides or {}), "num_threads": threads, "device": "cpu"},
@@ -115,8 +118,11 @@ def build_family(variant: str, split: str, threads: int, overrides: dict | None 
     fam = fam_cls(cfg, TrainContext(index=index, data=data, support=table_support(data, index.n_items),
                                     device=torch.device("cpu")))
     fam.init_weights(torch.Generator().manual_seed(0))
-    runner = AutogradRunner(fam, cfg, torch.device("cpu"))
-    return fam_cls, fam, cfg, index, data, runner
+    if runner not in ("autograd", "trainer"):
+        raise ValueError(f"runner must be autograd | trainer, got {runner!r}")
+    run = AutogradRunner(fam, cfg, torch.device("cpu")) if runner == "autograd" else \
+        make_runner(fam, cfg, torch.device("cpu"))
+    return fam_cls, fam, cfg, index, data, run
 
 
 def _endless_batches(fam):
@@ -137,46 +143,57 @@ def timed_steps(fam, cfg, runner, steps: int, warmup: int = 3, min_seconds: floa
     """``warmup`` + ``steps`` optimizer steps of the trainer's loop, the steps after the warm-up
     timed (more than ``steps`` of them while under ``min_seconds``). ``on_batch(batch, timed)``
     is called before each step's loss. Returns the timed steps, their events (the ``n`` of
-    ``fam.loss``) and wall seconds, the RSS after the warm-up and after the last step, and the
-    peak RSS so far (MB)."""
+    ``fam.loss``) and wall seconds, the RSS after the warm-up and after the last step, the
+    peak RSS so far (MB), and the timed seconds by phase (``seconds_by_phase``: next batch,
+    loss (forward), backward, clipping + optimizer + schedule)."""
     from training.optim import clip_grad_norm
 
     opt, sched = runner.opt, runner.sched
     fam.model.train()
     it = _endless_batches(fam)
     n_ev, done, t0, rss_warm = 0, 0, None, float("nan")
+    phase = {"batches": 0.0, "loss": 0.0, "backward": 0.0, "optimizer": 0.0}
     k = -1
     while True:
         k += 1
         if k >= steps + warmup and (t0 is None or time.perf_counter() - t0 >= min_seconds):
             break
-        try:
-            b = next(it)
-        except StopIteration:
-            break
         timed = k >= warmup
         if timed and t0 is None:
             rss_warm = rss_now_mb()
             t0 = time.perf_counter()
+        c0 = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            break
         if on_batch is not None:
             on_batch(b, timed)
+        c1 = time.perf_counter()
         res = fam.loss(b)
+        c2 = time.perf_counter()
+        if timed:
+            phase["batches"] += c1 - c0
+            phase["loss"] += c2 - c1
         if res is None:
             continue
         loss, n = res
         loss.backward()
+        c3 = time.perf_counter()
         if cfg.grad_clip > 0:
             clip_grad_norm(runner.params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         if timed:
+            phase["backward"] += c3 - c2
+            phase["optimizer"] += time.perf_counter() - c3
             n_ev += int(n)
             done += 1
     secs = time.perf_counter() - t0 if t0 is not None else float("nan")
     return {"steps_timed": done, "events_timed": n_ev, "train_seconds": secs,
             "train_events_per_s": n_ev / secs if secs > 0 else float("nan"), "peak_rss_train_mb": peak_rss_mb(),
-            "rss_after_warmup_mb": rss_warm, "rss_after_train_mb": rss_now_mb()}
+            "rss_after_warmup_mb": rss_warm, "rss_after_train_mb": rss_now_mb(), "seconds_by_phase": phase}
 
 
 def peak_rss_mb() -> float:
@@ -192,9 +209,15 @@ def rss_now_mb() -> float:
         return float("nan")
 
 
-def eval_speed(fam_cls, fam, cfg, variant: str, index, split: str, eval_sessions: int, n_slots: int = 512) -> dict:
+def eval_speed(fam_cls, fam, cfg, variant: str, index, split: str, eval_sessions: int, n_slots: int = 512,
+               mode: str = "session", history=None, state_dict: dict | None = None,
+               wrap: Callable | None = None) -> dict:
     """The trained weights (a checkpoint dict as the trainer writes, not saved) through the
-    family's scorer and ``evaluate_sessions`` on the first ``eval_sessions`` test sessions."""
+    family's scorer and ``evaluate_sessions`` on the first ``eval_sessions`` test sessions.
+    ``mode`` / ``history`` (a list of ``SessionData``, e.g. the training table): the loop's
+    user mode, the test users' history sessions fed first, unscored (``eval_stepped_events``
+    counts them with the scored ones). ``state_dict``: instead of ``fam.state_dict()``.
+    ``wrap(scorer)``: a scorer wrapped around the family's (e.g. to count its calls)."""
     import numpy as np
     import torch
 
@@ -203,14 +226,21 @@ def eval_speed(fam_cls, fam, cfg, variant: str, index, split: str, eval_sessions
     from training.config import config_to_dict
     from training.data import read_events
 
-    ckpt = {"model": variant, "config": config_to_dict(cfg), "state_dict": fam.state_dict(),
+    ckpt = {"model": variant, "config": config_to_dict(cfg),
+            "state_dict": fam.state_dict() if state_dict is None else state_dict,
             "item_index": ck.item_index_to_ckpt(index)}
     scorer = fam_cls.scorer(ckpt, torch.device("cpu"))
+    if wrap is not None:
+        scorer = wrap(scorer)
     test = read_events(split, "test", index, min_session_length=2)
     sub = test.take(np.arange(min(eval_sessions, test.n_sessions)))
-    er = evaluate_sessions(scorer, sub, n_slots=n_slots)
+    er = evaluate_sessions(scorer, sub, n_slots=n_slots, mode=mode, history=history)
     step = er.step_seconds
-    return {"eval_events_per_s": er.n_events / max(er.seconds, 1e-9), "eval_events": er.n_events,
+    stepped = er.n_events + er.n_history_steps
+    return {"eval_mode": mode, "eval_users": er.n_users, "eval_history_sessions": er.n_history_sessions,
+            "eval_history_steps": er.n_history_steps, "eval_stepped_events": stepped,
+            "eval_stepped_events_per_s": stepped / max(er.seconds, 1e-9),
+            "eval_events_per_s": er.n_events / max(er.seconds, 1e-9), "eval_events": er.n_events,
             "eval_sessions": sub.n_sessions, "eval_seconds": er.seconds,
             "predict_us_per_event": 1e6 * er.seconds / max(er.n_events, 1),
             "eval_step_ms_median": float(np.median(step)) * 1e3 if len(step) else float("nan"),

@@ -381,13 +381,14 @@ class UGRUScorer(SessionScorerBase):
         self.device = device
         self.n_items = model.n_items
         self.mode = "session"
+        self._mean: torch.Tensor | None = None
 
     def begin(self, n_slots: int, mode: str = "session"):
         self.mode = mode
         m = self.model
         return [m.init_state(n_slots, self.device),
                 torch.full((n_slots,), -2, dtype=torch.int64, device=self.device),
-                m.mean_user().expand(n_slots, -1).clone()]
+                self._mean_user().expand(n_slots, -1).clone()]
 
     def select(self, state, rows):
         return [s.index_select(0, rows) for s in state]
@@ -402,8 +403,24 @@ class UGRUScorer(SessionScorerBase):
         if self.mode == "user":
             reset = slots & ~((users >= 0) & (users == last))
         last = torch.where(slots, users, last)
-        uvec = torch.where(slots.unsqueeze(1), self.model.user_vectors(self.model.user_rows(users)), uvec)
+        idx = torch.nonzero(slots.to(last.device)).squeeze(1)
+        if idx.numel():  # only the starting rows; the mean (fallback) once per weights / dtype
+            m = self.model
+            rows = m.user_rows(users[idx])
+            v = F.embedding(rows.clamp(min=0), m.E_v)
+            if bool((rows < 0).any()):
+                v = torch.where((rows >= 0).unsqueeze(1), v, self._mean_user().to(v.dtype))
+            uvec = uvec.clone()
+            uvec[idx] = v.to(uvec.dtype)
         return [h * (~reset).unsqueeze(1).to(h.dtype), last, uvec]
+
+    def _mean_user(self) -> torch.Tensor:
+        """``model.mean_user()`` computed once (the scorer's weights do not change; a change of
+        dtype or device, e.g. ``model.double()``, recomputes it)."""
+        E = self.model.E_v
+        if self._mean is None or self._mean.dtype != E.dtype or self._mean.device != E.device:
+            self._mean = self.model.mean_user()
+        return self._mean
 
     @torch.no_grad()
     def step(self, state, items):
