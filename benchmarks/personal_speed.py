@@ -103,6 +103,7 @@ from pathlib import Path
 
 from benchmarks.rnn_speed_common import (Product, build_family, eval_speed, markdown_table, mm_seconds, peak_rss_mb,
                                          rss_now_mb, run_in_processes, timed_steps, write_report)
+from benchmarks.rnn_speed_common import fastest_rounds as common_fastest_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["gru4rec", "gru4rec_torch", "rnn_concat", "hrnn_init", "hrnn_all", "ugru_linear", "ugru_rect", "ugru_attn"]
@@ -684,20 +685,10 @@ def one(name: str, split: str, model: str, o: Opts, threads: int) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def fastest_rounds(runs: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["dataset"], r["model"]), []).append(r)
-    rows = []
-    for g in groups.values():
-        best = dict(max(g, key=lambda r: r["train_events_per_s"]))
-        best.update(rounds=len(g), rounds_train_events_per_s=[r["train_events_per_s"] for r in g],
-                    rounds_fraction_of_limit=[r["fraction_of_limit"] for r in g],
-                    rounds_eval_events_per_s=[r["eval_events_per_s"] for r in g],
-                    rounds_eval_fraction_of_limit=[r["eval_fraction_of_limit"] for r in g],
-                    rounds_load_average_start=[r["load_average_start"] for r in g],
-                    rounds_load_average_end=[r["load_average"] for r in g])
-        rows.append(best)
-    return rows
+    """``rnn_speed_common.fastest_rounds`` with the limit fractions and the end load of every round."""
+    return common_fastest_rounds(runs, ("train_events_per_s", "fraction_of_limit", "eval_events_per_s",
+                                        "eval_fraction_of_limit", "load_average_start", "load_average"),
+                                 renames={"load_average": "rounds_load_average_end"})
 
 
 def tables(rows: list[dict]) -> str:

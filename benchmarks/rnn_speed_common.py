@@ -280,3 +280,22 @@ def write_report(out: str | Path, command: str, threads: int, rows: list[dict], 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(rep, indent=1))
     return rep
+
+
+def fastest_rounds(runs: list[dict], keys=("train_events_per_s", "eval_events_per_s", "load_average_start"),
+                   renames: dict[str, str] | None = None) -> list[dict]:
+    """Per (dataset, model), in first-seen order: the run of the most training events/s (the
+    one least slowed by other work on the machine), with ``rounds=`` the number of rounds and
+    ``rounds_<key>`` every round's value of each of ``keys`` (``renames``: key -> another
+    output name)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["model"]), []).append(r)
+    rows = []
+    for g in groups.values():
+        best = dict(max(g, key=lambda r: r["train_events_per_s"]))
+        best["rounds"] = len(g)
+        for k in keys:
+            best[(renames or {}).get(k, f"rounds_{k}")] = [r[k] for r in g]
+        rows.append(best)
+    return rows

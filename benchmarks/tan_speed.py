@@ -80,8 +80,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.rnn_speed_common import (Product, build_family, eval_speed, markdown_table, peak_rss_mb,
-                                         products_bound, rss_now_mb, run_in_processes, timed_steps, write_report)
+from benchmarks.rnn_speed_common import (Product, build_family, eval_speed, fastest_rounds, markdown_table,
+                                         peak_rss_mb, products_bound, rss_now_mb, run_in_processes, timed_steps, write_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["tan", "tan_distill", "tan_emb"]
@@ -271,22 +271,6 @@ def one(name: str, split: str, model: str, source: str | None, sets: list[str], 
 
 
 # ----------------------------------------------------------------------------- report
-def fastest_rounds(runs: list[dict]) -> list[dict]:
-    """Per (dataset, model), in first-seen order: the run of the most training events/s (the
-    one least slowed by other work on the machine), with every round's events/s and load."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["dataset"], r["model"]), []).append(r)
-    rows = []
-    for g in groups.values():
-        best = dict(max(g, key=lambda r: r["train_events_per_s"]))
-        best.update(rounds=len(g), rounds_train_events_per_s=[r["train_events_per_s"] for r in g],
-                    rounds_eval_events_per_s=[r["eval_events_per_s"] for r in g],
-                    rounds_load_average_start=[r["load_average_start"] for r in g])
-        rows.append(best)
-    return rows
-
-
 def _mb(x: float) -> str:
     return f"{x / 2**20:,.1f}"
 
