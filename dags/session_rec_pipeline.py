@@ -39,13 +39,15 @@ also keeps the Spark steps of different dates from competing for the cores:
     airflow backfill create --dag-id session_rec_pipeline \
         --from-date 2014-04-06 --to-date 2014-04-08 --max-active-runs 1 --reprocess-behavior completed
 
-**Pools**: `airflow pools set gpu 1 "one GPU"` (training tasks use it; CPU fallback when no CUDA).
+**Pools**: `airflow pools set gpu 1 "one GPU"` (training and evaluation tasks use it; CPU fallback when no CUDA).
 
 **Cluster mode** (off by default; nothing here needs a cluster):
 `RNNREC_SPARK_CONN_ID=<conn>` runs preprocessing with `SparkSubmitOperator`
 (provider `apache-airflow-providers-apache-spark`); `RNNREC_K8S_TRAIN_IMAGE=<image>`
 runs training in a pod via `@task.kubernetes` (provider `cncf.kubernetes`; the
-image is `docker/trainer.Dockerfile`, and `RNNREC_DATA_DIR` must be a shared volume).
+image is `docker/trainer.Dockerfile`; the pod gets `nvidia.com/gpu`, the shared data
+volume at `RNNREC_DATA_DIR`, `MLFLOW_TRACKING_URI` and the interval's paths:
+`dags/k8s_pod.py` lists the settings). README "Running on a cluster".
 """
 from __future__ import annotations
 
@@ -140,10 +142,11 @@ def session_rec_pipeline():
         # Airflow logs as an "XCom not found" error line
         return _steps().plan_finetune(cfg, list(pretrained[:]))
 
-    if _K8S_IMAGE:  # GPU training in a pod; the image runs the same train_one
-        train_deco = task.kubernetes(image=_K8S_IMAGE, namespace=os.environ.get("RNNREC_K8S_NAMESPACE", "default"),
-                                     pool="gpu", retries=2, retry_delay=timedelta(minutes=2),
-                                     do_xcom_push=True, get_logs=True)
+    if _K8S_IMAGE:  # GPU training in a pod (GPU limit, data volume, MLflow env: dags/k8s_pod.py)
+        from dags.k8s_pod import train_pod_kwargs
+
+        train_deco = task.kubernetes(**train_pod_kwargs(), pool="gpu", retries=2, retry_delay=timedelta(minutes=2),
+                                     execution_timeout=timedelta(hours=12))
     else:
         train_deco = task(pool="gpu", retries=2, retry_delay=timedelta(minutes=2),
                           execution_timeout=timedelta(hours=12))
@@ -156,7 +159,7 @@ def session_rec_pipeline():
         with s.clear_errors():
             return s.train_one(cfg, spec, parent_run_id)
 
-    @task(retries=1)
+    @task(retries=1, pool="gpu")  # scores on CUDA when present (Param device), like training
     def evaluate(cfg: dict, trained: dict) -> dict:
         """Full-ranking next-item evaluation on valid and test; logged to the candidate's run."""
         s = _steps()
