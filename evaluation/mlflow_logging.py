@@ -11,7 +11,8 @@ Layout in MLflow (what the DAG produces; usable without Airflow too)::
                   model size and prediction latency (n_parameters, model_bytes,
                   latency_ms_p50 / _p99 per batch, predict_us_per_event);
                   artifacts: config, history, metrics JSON, breakdown tables, PNG plots;
-                  model: evaluation.serving.SessionRecModel (pyfunc) over the checkpoint
+                  model: evaluation.serving.SessionRecModel (pyfunc, logged from code:
+                  evaluation/serving_model.py) over the checkpoint
     registry    <dataset>-<family>  one version per distinct checkpoint (digest tag);
                                     alias ``champion`` = best of that family
                 <dataset>-best      the overall best candidate; alias ``champion``
@@ -268,8 +269,17 @@ def log_training(run_id: str, run_dir: str | os.PathLike, *, name: str = "model"
     return logged
 
 
+#: project packages the pyfunc imports (``training`` for the scorers, ``evaluation`` for the model
+#: class, ``spark_jobs`` for the data contract that ``training`` reads); copied into the model's ``code/``
+PYFUNC_CODE_PATHS = ("training", "evaluation", "spark_jobs")
+
+
 def _log_pyfunc(run_dir: Path, name: str) -> dict:
-    """The run dir's checkpoint as a pyfunc model (``evaluation.serving``) in the active run."""
+    """The run dir's checkpoint as a pyfunc model (``evaluation.serving``) in the active run.
+
+    Models from code: ``python_model`` is the path of ``evaluation/serving_model.py`` (MLflow
+    copies and runs it at load time), not a pickled ``SessionRecModel``; the checkpoint (and
+    the resolved config, for reading) are artifacts; the project packages are ``code_paths``."""
     import mlflow
 
     from evaluation import serving
@@ -278,9 +288,12 @@ def _log_pyfunc(run_dir: Path, name: str) -> dict:
     ckpt_path = Path(run_dir) / ck.FINAL
     digest = checkpoint_digest(ckpt_path)
     c = ck.load_checkpoint(ckpt_path)
+    artifacts = {serving.CHECKPOINT_ARTIFACT: str(ckpt_path)}
+    if (Path(run_dir) / "config.json").is_file():
+        artifacts[serving.CONFIG_ARTIFACT] = str(Path(run_dir) / "config.json")
     info = mlflow.pyfunc.log_model(
-        name=name, python_model=serving.SessionRecModel(), artifacts={serving.CHECKPOINT_ARTIFACT: str(ckpt_path)},
-        code_paths=[str(ROOT / "training"), str(ROOT / "evaluation"), str(ROOT / "spark_jobs")],
+        name=name, python_model=str(serving.MODEL_CODE_PATH), artifacts=artifacts,
+        code_paths=[str(ROOT / p) for p in PYFUNC_CODE_PATHS],
         pip_requirements=_pip_requirements(), signature=serving.signature(),
         input_example=serving.example_input(c["item_index"]["item_id"].numpy()[:3]),
         tags={f"{TAG}ckpt_digest": digest},

@@ -1,10 +1,14 @@
 """MLflow ``pyfunc`` wrapper: "top-K next items for this session (and user)" from a checkpoint.
 
-The logged model holds no pickled model object: only the training checkpoint
-(``state_dict`` + resolved config + item index, see ``training/checkpoint.py``)
-as an artifact, plus this class. ``load_context`` rebuilds the family's scorer
-(``training.registry.load_scorer``), the same object evaluation uses, so serving
-ranks exactly as the offline metrics were computed.
+The logged model holds no pickled model object. It is logged as "models from code"
+(``evaluation.mlflow_logging``): ``python_model`` is the code file ``serving_model.py``
+(``MODEL_CODE_PATH``), which ends with ``mlflow.models.set_model(SessionRecModel())``;
+the training checkpoint (``state_dict`` + resolved config + item index, see
+``training/checkpoint.py``) is the ``checkpoint`` artifact, the resolved config also the
+``config`` artifact (for reading; the model uses the checkpoint's copy), and
+``training/``, ``evaluation/``, ``spark_jobs/`` travel as ``code_paths``. ``load_context``
+rebuilds the family's scorer (``training.registry.load_scorer``), the same object
+evaluation uses, so serving ranks exactly as the offline metrics were computed.
 
 From Python::
 
@@ -28,12 +32,17 @@ one row per input row with ``items`` (top-K item ids, best first) and ``scores``
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
 #: name of the checkpoint artifact inside the logged model
 CHECKPOINT_ARTIFACT = "checkpoint"
+#: name of the resolved-config artifact (config.json; informative, ``load_context`` does not read it)
+CONFIG_ARTIFACT = "config"
+#: the models-from-code file passed to ``log_model(python_model=...)``
+MODEL_CODE_PATH = Path(__file__).resolve().with_name("serving_model.py")
 DEFAULT_K = 20
 
 
