@@ -69,7 +69,7 @@ def test_pyfunc_serves_it(name, trained, tmp_path):
     from evaluation import serving
 
     path = tmp_path / "pyfunc"
-    mlflow.pyfunc.save_model(str(path), python_model=serving.SessionRecModel(),
+    mlflow.pyfunc.save_model(str(path), python_model=str(serving.MODEL_CODE_PATH),
                              artifacts={serving.CHECKPOINT_ARTIFACT: str(trained[name] / "model.pt")},
                              signature=serving.signature(),
                              pip_requirements=["torch"])  # skip MLflow's requirement inference (~12 s a model)

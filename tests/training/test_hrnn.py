@@ -730,7 +730,7 @@ def test_trains_evaluates_in_user_mode_and_serves_known_and_unknown_users(name, 
     stored = ckpt["state_dict"]["served_user_states"].numel()
     assert m["n_parameters"] == sum(p.numel() for p in model.parameters()) + stored
     path = tmp_path / "pyfunc"
-    mlflow.pyfunc.save_model(str(path), python_model=serving.SessionRecModel(),
+    mlflow.pyfunc.save_model(str(path), python_model=str(serving.MODEL_CODE_PATH),
                              artifacts={serving.CHECKPOINT_ARTIFACT: str(trained[name] / "model.pt")},
                              signature=serving.signature(), pip_requirements=["torch"])
     served = mlflow.pyfunc.load_model(str(path))

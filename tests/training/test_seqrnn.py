@@ -312,7 +312,7 @@ def test_trains_evaluates_in_user_mode_and_serves(name, trained, split, tmp_path
     model = S.SeqRNN(n_items, _cfg(name, embedding=16, hidden=16))
     assert m["n_parameters"] == sum(p.numel() for p in model.parameters())
     path = tmp_path / "pyfunc"
-    mlflow.pyfunc.save_model(str(path), python_model=serving.SessionRecModel(),
+    mlflow.pyfunc.save_model(str(path), python_model=str(serving.MODEL_CODE_PATH),
                              artifacts={serving.CHECKPOINT_ARTIFACT: str(trained[name] / "model.pt")},
                              signature=serving.signature(), pip_requirements=["torch"])
     out = mlflow.pyfunc.load_model(str(path)).predict(

@@ -170,7 +170,7 @@ def test_pyfunc_serves_the_toy_family(cli_run, tmp_path):
 
     run, _ = cli_run
     path = tmp_path / "pyfunc"
-    mlflow.pyfunc.save_model(str(path), python_model=serving.SessionRecModel(),
+    mlflow.pyfunc.save_model(str(path), python_model=str(serving.MODEL_CODE_PATH),
                              artifacts={serving.CHECKPOINT_ARTIFACT: str(run / "model.pt")},
                              signature=serving.signature(),
                              pip_requirements=["torch"])  # skip MLflow's requirement inference (~12 s)

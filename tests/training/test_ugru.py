@@ -522,7 +522,7 @@ def test_trains_evaluates_in_user_mode_and_serves_known_and_unknown_users(name, 
     sd = ckpt["state_dict"]
     assert sd["user_ids"].tolist() == list(range(1000, 1040)) and tuple(sd["E_v"].shape) == (40, 12)
     path = tmp_path / "pyfunc"
-    mlflow.pyfunc.save_model(str(path), python_model=serving.SessionRecModel(),
+    mlflow.pyfunc.save_model(str(path), python_model=str(serving.MODEL_CODE_PATH),
                              artifacts={serving.CHECKPOINT_ARTIFACT: str(trained[name] / "model.pt")},
                              signature=serving.signature(), pip_requirements=["torch"])
     served = mlflow.pyfunc.load_model(str(path))
