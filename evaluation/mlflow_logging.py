@@ -69,6 +69,21 @@ def configure(data_dir: str | os.PathLike) -> str:
     return uri
 
 
+#: database schemes of a tracking URI that MLflow reads directly (no server to store artifacts)
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def local_artifact_location(tracking_uri: str, data_dir: str | os.PathLike, name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``<data_dir>/mlflow/artifacts/<name>`` when the
+    tracking URI is a database (SQLite or a server's Postgres / MySQL read directly), since MLflow
+    would otherwise put them in ``./mlruns`` of each task's working directory; ``None`` (the
+    server's own artifact store) for an MLflow server."""
+    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _DB_SCHEMES:
+        return None
+    return (Path(data_dir).resolve() / "mlflow" / "artifacts" / name).as_uri()
+
+
 def experiment_id(dataset: str, data_dir: str | os.PathLike) -> str:
     """Experiment ``rnnrec-<dataset>`` (created on first use; local artifacts beside the DB)."""
     import mlflow
@@ -79,9 +94,7 @@ def experiment_id(dataset: str, data_dir: str | os.PathLike) -> str:
         if exp.lifecycle_stage == "deleted":
             mlflow.tracking.MlflowClient().restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    loc = None
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        loc = (Path(data_dir).resolve() / "mlflow" / "artifacts" / name).as_uri()
+    loc = local_artifact_location(mlflow.get_tracking_uri(), data_dir, name)
     try:
         return mlflow.create_experiment(name, artifact_location=loc)
     except Exception:  # created concurrently by a parallel backfill run

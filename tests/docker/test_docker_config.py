@@ -140,7 +140,8 @@ def test_airflow_components_share_one_jwt_secret_and_postgres():
     assert e["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert e["SPARK_LOCAL_HOSTNAME"] == "airflow-scheduler" == svc["airflow-scheduler"]["hostname"]
     m = svc["mlflow"]
-    assert m["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the images do not have
+    assert m["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert "--app-name" in m["command"] and m["command"][m["command"].index("--app-name") + 1] == "basic-auth"
     assert "mlflow:5000" in m["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     # data, logs and artifacts live in volumes shared by the services that need them

@@ -89,3 +89,20 @@ def test_logged_model_loads_without_pickle_and_predicts_like_the_class(logged, m
     assert len(model.predict(pd.DataFrame(SESSIONS))["items"][0]) == serving.DEFAULT_K
     with pytest.raises(Exception, match="session"):
         model.predict(pd.DataFrame({"user_id": [1]}))
+
+
+@pytest.mark.parametrize("uri, local", [
+    ("sqlite:////data/mlflow/mlflow.db", True),
+    ("postgresql+psycopg2://u:p@127.0.0.1:5432/mlflow", True),
+    ("postgresql://u:p@db/mlflow", True),
+    ("mysql+pymysql://u:p@db/mlflow", True),
+    ("http://mlflow:5000", False),
+    ("https://mlflow.example.org", False),
+])
+def test_experiments_on_a_database_keep_artifacts_under_the_data_dir(uri, local, tmp_path):
+    """A database tracking URI (no server) gets <data_dir>/mlflow/artifacts/<name>, not ./mlruns of
+    the task's working directory; an MLflow server keeps its own artifact store."""
+    from evaluation.mlflow_logging import local_artifact_location
+
+    loc = local_artifact_location(uri, tmp_path, "rnnrec-x")
+    assert loc == ((tmp_path / "mlflow" / "artifacts" / "rnnrec-x").resolve().as_uri() if local else None)
