@@ -31,8 +31,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-if __package__ in (None, ""):  # spark-submit spark_jobs/preprocess.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: spark-submit spark_jobs/preprocess.py
+    # Python put this file's folder (spark_jobs/) first on sys.path, where contract.py, filters.py ...
+    # could shadow top-level modules of the same names; the package is imported from the project root.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
 
 from spark_jobs import contract as C  # noqa: E402
 
@@ -243,6 +247,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
 
     from spark_jobs import readers, sessionize as S
     from spark_jobs.filters import FilterConfig, apply_filters, table_counts
+    from spark_jobs.session import driver_settings
     from spark_jobs.splits import SplitConfig, item_index, split, user_index
 
     t_start = time.perf_counter()
@@ -418,6 +423,8 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
         "splits": {cfg.split: split_meta},
         "versions": versions(),
         "spark_master": spark.sparkContext.master,
+        # the driver's effective settings (under spark-submit they come from its command line)
+        "spark": driver_settings(spark),
     }
     with open(os.path.join(tmp, C.MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, default=str)
