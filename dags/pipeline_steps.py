@@ -312,22 +312,47 @@ def preprocess(cfg: dict, raw: dict) -> dict:
     return preprocess_result(cfg)
 
 
-def write_submit_config(cfg: dict, raw: dict) -> str:
+def write_submit_config(cfg: dict, raw: dict) -> dict:
     """The same preprocessing as a YAML file for ``spark-submit spark_jobs/preprocess.py --config``
-    (cluster mode): every option, including a list of inputs, travels as one path. The
-    in-process Spark settings are left out; the cluster's come from the Spark connection."""
+    (cluster mode): every option, including a list of inputs, travels as one path (``config``).
+    The in-process Spark settings are left out; the cluster's come from the Spark connection.
+    ``conf``: the driver / executor JVM settings for this input's size
+    (``spark_jobs.session.driver_launch_conf``), which only take effect on the ``spark-submit``
+    command line (the driver JVM runs before the job's code)."""
     import dataclasses
 
     import yaml
 
-    conf = dataclasses.asdict(preprocess_config(cfg, raw))
+    from spark_jobs.contract import write_text
+    from spark_jobs.preprocess import input_bytes
+    from spark_jobs.session import driver_launch_conf
+
+    pc = preprocess_config(cfg, raw)
+    conf = dataclasses.asdict(pc)
     conf.pop("spark_conf")
     path = Path(cfg["root"]) / "spark_submit_preprocess.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    from spark_jobs.contract import write_text
-
     write_text(path, yaml.safe_dump(conf, sort_keys=True))
-    return str(path)
+    launch = driver_launch_conf(input_bytes(pc.input))
+    launch["spark.executor.extraJavaOptions"] = launch["spark.driver.extraJavaOptions"]
+    return {"config": str(path), "conf": launch}
+
+
+def spark_submit_kwargs(config_task_id: str) -> dict:
+    """``SparkSubmitOperator`` arguments that submit ``spark_jobs/preprocess.py`` with the output of
+    :func:`write_submit_config` (pulled from ``config_task_id`` and rendered when the task runs):
+    the config file as the job's argument, the driver / executor JVM settings as ``--conf``
+    (spark-submit applies them before the driver JVM starts). Executors need no project code:
+    the job uses the DataFrame API only (no Python UDFs), so ``RNNREC_SPARK_PY_FILES`` (a zip of
+    ``spark_jobs/``) is needed only if UDFs are added."""
+    pulled = f"ti.xcom_pull(task_ids={config_task_id!r})"
+    return {
+        "application": str(ROOT / "spark_jobs" / "preprocess.py"),
+        "py_files": os.environ.get("RNNREC_SPARK_PY_FILES"),
+        "application_args": ["--config", "{{ " + pulled + "['config'] }}"],
+        "conf": {k: "{{ " + pulled + f"['conf'][{k!r}] }}}}" for k in (
+            "spark.driver.memory", "spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")},
+    }
 
 
 def preprocess_result(cfg: dict) -> dict:

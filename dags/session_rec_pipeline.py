@@ -201,16 +201,13 @@ def _spark_submit_preprocess(cfg, raw):
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
     @task
-    def spark_submit_config(cfg: dict, raw: dict) -> str:
-        """The job's options as one YAML file (a list of inputs cannot be templated into args)."""
+    def spark_submit_config(cfg: dict, raw: dict) -> dict:
+        """The job's options as one YAML file (a list of inputs cannot be templated into args) and
+        the driver's JVM settings for this input (honoured only on the spark-submit command line)."""
         return _steps().write_submit_config(cfg, raw)
 
-    submit = SparkSubmitOperator(
-        task_id="preprocess_spark_submit", conn_id=_SPARK_CONN, retries=1,
-        application=os.path.join(_ROOT, "spark_jobs", "preprocess.py"),
-        py_files=os.environ.get("RNNREC_SPARK_PY_FILES"),  # a zip of spark_jobs/ for the executors
-        application_args=["--config", "{{ ti.xcom_pull(task_ids='spark_submit_config') }}"],
-    )
+    submit = SparkSubmitOperator(task_id="preprocess_spark_submit", conn_id=_SPARK_CONN, retries=1,
+                                 **_steps().spark_submit_kwargs("spark_submit_config"))
 
     @task
     def preprocess_result(cfg: dict) -> dict:

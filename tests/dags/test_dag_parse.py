@@ -195,9 +195,47 @@ def test_spark_submit_config_carries_every_option_including_several_inputs(tmp_p
            "interval_end": "2014-04-06T00:00:00+00:00", "fractions": [4, 16],
            "params": {"test_days": 1.0, "min_item_support": 5, "min_session_length": 2}}
     raw = {"input": [str(tmp_path / "a dir" / "x.csv"), str(tmp_path / "y.csv")], "format": "gru4rec"}
-    got = config_from_args(["--config", s.write_submit_config(cfg, raw)])
+    (tmp_path / "a dir").mkdir()
+    (tmp_path / "a dir" / "x.csv").write_bytes(b"x" * (20 << 20))  # 20 MB: past the quick-JIT bound
+    (tmp_path / "y.csv").write_bytes(b"y" * 10)
+    out = s.write_submit_config(cfg, raw)
+    got = config_from_args(["--config", out["config"]])
     want = dataclasses.replace(s.preprocess_config(cfg, raw), spark_conf={})
     assert got == want and got.input == raw["input"] and got.recent_fractions == [4, 16]
+    # the driver's JVM settings travel to the spark-submit command line (the builder can't set them)
+    assert out["conf"]["spark.driver.memory"] == os.environ.get("RNNREC_SPARK_DRIVER_MEMORY", "4g")
+    assert "TieredStopAtLevel" not in out["conf"]["spark.driver.extraJavaOptions"]
+    assert out["conf"]["spark.executor.extraJavaOptions"] == out["conf"]["spark.driver.extraJavaOptions"]
+    (tmp_path / "a dir" / "x.csv").write_bytes(b"x")  # a small input: quick JIT only
+    assert "-XX:TieredStopAtLevel=1" in s.write_submit_config(cfg, raw)["conf"]["spark.driver.extraJavaOptions"]
+
+
+def test_spark_submit_operator_gets_the_driver_settings_on_its_command_line():
+    """With a Spark connection the DAG submits the job with the config file and the driver's JVM
+    settings rendered (in a sandboxed Jinja environment, as Airflow renders) from the config task's
+    output. (The Spark provider is in the Airflow image, not in the lock: its pyspark-client
+    dependency would replace the locked pyspark, so the operator itself is not built here.)"""
+    import jinja2.sandbox
+
+    from dags import pipeline_steps as s
+
+    pushed = {"config": "/data/run/spark_submit_preprocess.yaml",
+              "conf": {"spark.driver.memory": "6g", "spark.driver.extraJavaOptions": "-XX:+UseParallelGC",
+                       "spark.executor.extraJavaOptions": "-XX:+UseParallelGC -XX:TieredStopAtLevel=1"}}
+
+    class TI:
+        def xcom_pull(self, task_ids=None, **_):
+            assert task_ids == "spark_submit_config"
+            return pushed
+
+    kw = s.spark_submit_kwargs("spark_submit_config")
+    env = jinja2.sandbox.SandboxedEnvironment()
+    render = lambda v: env.from_string(v).render(ti=TI())  # noqa: E731
+    assert [render(a) for a in kw["application_args"]] == ["--config", pushed["config"]]
+    assert {k: render(v) for k, v in kw["conf"].items()} == pushed["conf"]
+    assert kw["application"] == str(ROOT / "spark_jobs" / "preprocess.py") and Path(kw["application"]).exists()
+    src = (ROOT / "dags" / "session_rec_pipeline.py").read_text()
+    assert "spark_submit_kwargs(\"spark_submit_config\")" in src and "def spark_submit_config(" in src
 
 
 def test_eval_mode_auto_scores_user_models_in_user_mode(tmp_path):
