@@ -421,7 +421,7 @@ def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
     return [_fresh_spec(cfg, f, prep["split_dir"], refit) for f in cfg["families"] if f not in cfg.get("sources", {})]
 
 
-def plan_dependent(cfg: dict, pretrained: list[dict]) -> list[dict]:
+def plan_dependent(cfg: dict, pretrained: list[dict], tracking_run_id: str | None = None) -> list[dict]:
     """The families that need a run ``train`` made (``cfg["sources"]``: a distillation student and
     its teacher, M4 and its M1): the final model gets the source's final model, the selection
     copy the source's selection copy, so that nothing of ``valid`` reaches the selection copy
@@ -433,15 +433,23 @@ def plan_dependent(cfg: dict, pretrained: list[dict]) -> list[dict]:
         need = cfg.get("sources", {}).get(f)
         if not need:
             continue
-        spec = _fresh_spec(cfg, f, pretrained[0]["split_dir"], refit)
+        spec = _fresh_spec(cfg, f, pretrained[0]["split_dir"] if pretrained else "", refit)
         for key, src in need.items():
             if src not in by:
-                raise PipelineParamError(f"family {f!r}: its source {src!r} ({key}) was not trained in this run")
+                spec = None
+                break
             s = by[src]
             spec["select"]["overrides"][key] = s["select_run_dir"]
             if spec["final"] is not None:
                 spec["final"]["overrides"][key] = s["run_dir"]
             spec["sources"][key] = {"candidate": src, "run_id": s["child_run_id"], "digest": s["digest"]}
+        if spec is None:  # its source failed in `train` (isolation: the others go on)
+            missing = sorted(set(need.values()) - set(by))
+            log.error("family %s is not trained: its source %s failed in this run", f, missing)
+            for cand in [f] + [f"{f}-recent{k}" for k in cfg["fractions"]]:
+                write_failure(cfg, cand, "plan_dependent", f"not trained: its source {missing} failed in this run",
+                              tracking_run_id)
+            continue
         specs.append(spec)
     return specs
 
@@ -467,35 +475,133 @@ def plan_finetune(cfg: dict, pretrained: list[dict]) -> list[dict]:
     return specs
 
 
-def _train_into(family: str, split_dir: str, dest: Path, run: dict) -> None:
-    from spark_jobs.contract import replace_dir
+class MlflowNotLogged(RuntimeError):
+    """Training finished and its output is kept, but logging it to MLflow failed (the message names
+    the candidate, the run dirs and the tracking URI). Not an expected error: the task is retried,
+    and the retry finds the trained output of this DAG run and only logs it."""
+
+
+def _work_dir(cfg: dict, candidate: str, which: str) -> Path:
+    """Where one model of a candidate trains: a stable folder per (interval, candidate, select |
+    final), so that a retried task resumes from its last epoch checkpoint."""
+    return Path(cfg["root"]) / "checkpoints" / candidate / which
+
+
+def _train_spec(family: str, split_dir: str, run: dict, tracking_run_id: str | None) -> dict:
+    """What a trained run dir was made from (``train_spec.json`` in it): a work dir is resumed, and a
+    finished model is reused, only when this matches (same DAG run's parent MLflow run, same data,
+    same overrides); a new DAG run of the interval trains afresh."""
+    return {"family": family, "split_dir": str(split_dir), "overrides": run["overrides"],
+            "init_from": run["init_from"], "tracking_run_id": tracking_run_id}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _train_into(family: str, split_dir: str, dest: Path, run: dict, work: Path | None = None,
+                tracking_run_id: str | None = None) -> dict:
+    """Train one model into ``work`` (epoch checkpoints there), then move it into place as ``dest``
+    (one rename: readers see the old model or the new one). A ``work`` dir left by a killed or
+    failed earlier try with the same spec is resumed from its last epoch checkpoint (``train(...,
+    resume=True)``: the same weights as an uninterrupted run); one with another spec is discarded.
+    Returns ``{"resumed_from_epoch": n | None}``."""
+    from spark_jobs.contract import replace_dir, write_json
+    from training import checkpoint as ck
     from training.train import train
 
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        train(family, split_dir, tmp, overrides=run["overrides"], init_from=run["init_from"], show_progress=False)
-        replace_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    spec = _train_spec(family, split_dir, run, tracking_run_id)
+    if work is None:
+        work = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    work = Path(work)
+    resume_from = None
+    if work.exists():
+        last = ck.latest_epoch_checkpoint(work)
+        if _read_json(work / "train_spec.json") == spec and last is not None:
+            resume_from = int(last.stem.split("_")[1])
+        else:
+            shutil.rmtree(work)
+    if resume_from is not None:
+        log.info("resuming %s in %s from its epoch %d checkpoint (an earlier try stopped)", family, work, resume_from)
+    else:
+        work.mkdir(parents=True)
+        write_json(work / "train_spec.json", spec)
+    train(family, split_dir, work, overrides=run["overrides"], init_from=run["init_from"], show_progress=False,
+          resume=resume_from is not None)
+    hist = work / "history.json"
+    if hist.is_file():  # history.json says whether (and from where) this model was resumed
+        h = json.loads(hist.read_text())
+        h["run"]["resumed_from_epoch"] = resume_from
+        write_json(hist, h)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir(work, dest)
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()  # checkpoints/<candidate>/ once both its models are in place
+    return {"resumed_from_epoch": resume_from}
 
 
 def _train_end_us(run_dir: Path) -> int:
     return int(json.loads((run_dir / "history.json").read_text())["run"]["train_end_ts"])
 
 
-def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
+def train_outputs(cfg: dict, spec: dict, parent_run_id: str | None) -> dict:
     """Train one candidate's selection copy (``select/<candidate>``) and final model
-    (``models/<candidate>``, each replaced atomically) and log both to its child run."""
-    from evaluation import mlflow_logging as ml
-
-    ml.configure(cfg["data_dir"])
+    (``models/<candidate>``) for this DAG run (its parent MLflow run ``parent_run_id``), without
+    MLflow. Each trains in ``checkpoints/<candidate>/<select|final>/`` (resumed by a retry) and is
+    then moved into place. A model already in place from an earlier try of this DAG run (same
+    spec) is kept, not retrained. Returns the run dirs and, per model, ``trained`` /
+    ``resumed_from_epoch``."""
     root = Path(cfg["root"])
     sdest = root / "select" / spec["candidate"]
     dest = root / "models" / spec["candidate"] if spec["final"] is not None else sdest
+    todo = [("select", sdest, spec["select"])] + ([("final", dest, spec["final"])] if spec["final"] is not None else [])
+    info = {}
+    for which, d, run in todo:
+        want = _train_spec(spec["family"], spec["split_dir"], run, parent_run_id)
+        if parent_run_id and (d / "model.pt").is_file() and _read_json(d / "train_spec.json") == want:
+            log.info("training of %s (%s) skipped: %s was already trained by an earlier try of this DAG run",
+                     spec["candidate"], which, d)
+            info[which] = {"trained": False, "resumed_from_epoch": None}
+            continue
+        r = _train_into(spec["family"], spec["split_dir"], d, run, _work_dir(cfg, spec["candidate"], which),
+                        parent_run_id)
+        info[which] = {"trained": True, **r}
+    return {"run_dir": str(dest), "select_run_dir": str(sdest), "training": info}
+
+
+def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
+    """Train one candidate (:func:`train_outputs`: resumable, reused by a retry of this DAG run)
+    and log both models to its child run. Training and logging fail apart: when MLflow cannot be
+    reached the trained output stays on disk and the task fails with :class:`MlflowNotLogged`,
+    naming what was not logged; a retry then only logs. A failure is also recorded
+    (``status/failed/<candidate>.json``) for ``compare_and_register`` to name."""
+    from evaluation import mlflow_logging as ml
+
+    with record_failure(cfg, spec["candidate"], "train", parent_run_id):
+        outputs = train_outputs(cfg, spec, parent_run_id)
+        dest, sdest = Path(outputs["run_dir"]), Path(outputs["select_run_dir"])
+        uri = ml.configure(cfg["data_dir"])
+        try:
+            logged, sel_uri, tables, rid = _log_trained(cfg, spec, parent_run_id, dest, sdest)
+        except Exception as e:
+            raise MlflowNotLogged(
+                f"candidate {spec['candidate']!r}: trained, but not logged to MLflow ({uri}): "
+                f"{type(e).__name__}: {str(e)[:500]}. The trained model(s) are kept in {dest}"
+                + ("" if dest == sdest else f" and {sdest}")
+                + "; a retry of this task logs them without training again") from e
+    return {**spec, "run_dir": str(dest), "select_run_dir": str(sdest), "child_run_id": rid, **logged,
+            "select_model_uri": sel_uri, "final_train_end_us": _train_end_us(dest),
+            "select_train_end_us": _train_end_us(sdest), "tracking_run_id": parent_run_id,
+            "training": outputs["training"], **tables}
+
+
+def _log_trained(cfg: dict, spec: dict, parent_run_id: str, dest: Path, sdest: Path):
+    from evaluation import mlflow_logging as ml
+
     with ml.child_run(parent_run_id, spec["candidate"], family=spec["family"], fraction=spec["fraction"]) as rid:
-        _train_into(spec["family"], spec["split_dir"], sdest, spec["select"])
-        if spec["final"] is not None:
-            _train_into(spec["family"], spec["split_dir"], dest, spec["final"])
         logged = ml.log_training(rid, dest)
         sel_uri = ml.log_model_only(rid, sdest, name="select_model")["model_uri"] if dest != sdest else \
             logged["model_uri"]
@@ -514,9 +620,38 @@ def train_one(cfg: dict, spec: dict, parent_run_id: str) -> dict:
             lineage.update({f"source.{key}.candidate": src["candidate"], f"source.{key}.run_id": src["run_id"],
                             f"source.{key}.digest": src["digest"]})
         ml.set_tags(rid, {**tables, **lineage, "select_model_uri": sel_uri})
-    return {**spec, "run_dir": str(dest), "select_run_dir": str(sdest), "child_run_id": rid, **logged,
-            "select_model_uri": sel_uri, "final_train_end_us": _train_end_us(dest),
-            "select_train_end_us": _train_end_us(sdest), **tables}
+    return logged, sel_uri, tables, rid
+
+
+# --------------------------------------------------------------------------- failures, per candidate
+# A candidate that fails (train or evaluate) must not stop the others: the DAG's downstream tasks
+# run with trigger rules that tolerate failed upstream instances, and what failed is recorded
+# here, keyed by the DAG run's parent MLflow run so that an earlier run's records are ignored.
+
+def _status_path(cfg: dict, kind: str, candidate: str) -> Path:
+    return Path(cfg["root"]) / "status" / kind / f"{candidate}.json"
+
+
+def write_failure(cfg: dict, candidate: str, step: str, error: str, tracking_run_id: str | None) -> None:
+    from spark_jobs.contract import write_json
+
+    write_json(_status_path(cfg, "failed", candidate),
+               {"candidate": candidate, "step": step, "error": error[:2000], "tracking_run_id": tracking_run_id})
+
+
+@contextlib.contextmanager
+def record_failure(cfg: dict, candidate: str, step: str, tracking_run_id: str | None):
+    """Record an exception of ``step`` for ``candidate`` (then re-raise it); clear an earlier
+    record of this DAG run when the step succeeds (a retry that worked)."""
+    try:
+        yield
+    except BaseException as e:
+        write_failure(cfg, candidate, step, f"{type(e).__name__}: {e}", tracking_run_id)
+        raise
+    p = _status_path(cfg, "failed", candidate)
+    rec = _read_json(p)
+    if rec is not None and rec.get("tracking_run_id") == tracking_run_id and rec.get("step") == step:
+        p.unlink(missing_ok=True)
 
 
 def eval_mode_of(cfg: dict, model_dir) -> str:
@@ -536,7 +671,13 @@ def eval_mode_of(cfg: dict, model_dir) -> str:
 
 def evaluate_one(cfg: dict, trained: dict) -> dict:
     """Selection: the selection copy on ``valid``; report: the final model on ``test``. Both are
-    logged to the candidate's run (valid_* metrics come from the selection copy)."""
+    logged to the candidate's run (valid_* metrics come from the selection copy). A failure is
+    recorded (``status/failed/<candidate>.json``) for ``compare_and_register`` to name."""
+    with record_failure(cfg, trained["candidate"], "evaluate", trained.get("tracking_run_id")):
+        return _evaluate_one(cfg, trained)
+
+
+def _evaluate_one(cfg: dict, trained: dict) -> dict:
     from evaluation import mlflow_logging as ml
     from evaluation.evaluate import evaluate
     from spark_jobs.contract import replace_dir, write_json
@@ -569,19 +710,41 @@ def planned_candidates(cfg: dict) -> list[str]:
 
 
 def collect_evaluations(cfg: dict) -> list[dict]:
-    """This run's evaluation results, read from ``eval/<candidate>/result.json``.
+    """This run's evaluation results, read from ``eval/<candidate>/result.json``; every planned
+    candidate must have one (see :func:`collect_outcomes` for a run where some failed)."""
+    evaluated, failed = collect_outcomes(cfg, None)
+    if failed:
+        raise FileNotFoundError(f"candidate(s) planned but without an evaluation result: {failed}")
+    return evaluated
 
-    Read from disk rather than XCom because a mapped task over an empty list
-    (no fractions) is skipped and its XCom is then not reliably an empty list.
-    Only the candidates this run planned are read, so a stale folder of an
-    earlier run with other params is ignored."""
-    out = []
+
+def collect_outcomes(cfg: dict, tracking_run_id: str | None) -> tuple[list[dict], list[dict]]:
+    """``(evaluated, failed)`` of this DAG run: the results read from ``eval/<candidate>/result.json``
+    and, for each planned candidate without one, ``{"candidate", "step", "error"}``.
+
+    Read from disk rather than XCom because a mapped task over an empty list (no fractions) is
+    skipped and its XCom is then not reliably an empty list, and because a failed candidate has
+    no XCom at all. Only the candidates this run planned are read, and with ``tracking_run_id``
+    (the DAG run's parent MLflow run) only results and failures of this DAG run: a folder left by
+    an earlier run of the interval is not taken for this run's result."""
+    evaluated, failed = [], []
     for cand in planned_candidates(cfg):
-        p = Path(cfg["root"]) / "eval" / cand / "result.json"
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: candidate {cand!r} was planned but has no evaluation result")
-        out.append(json.loads(p.read_text()))
-    return out
+        res = _read_json(Path(cfg["root"]) / "eval" / cand / "result.json")
+        if res is not None and (tracking_run_id is None or res.get("tracking_run_id") == tracking_run_id):
+            evaluated.append(res)
+            continue
+        rec = _read_json(_status_path(cfg, "failed", cand))
+        if rec is not None and (tracking_run_id is None or rec.get("tracking_run_id") == tracking_run_id):
+            failed.append({k: rec.get(k) for k in ("candidate", "step", "error")})
+            continue
+        base = cand.split("-recent")[0]
+        if cand != base and any(f["candidate"] == base for f in failed):
+            failed.append({"candidate": cand, "step": "train_recent",
+                           "error": f"not trained: its base candidate {base!r} failed"})
+        else:
+            failed.append({"candidate": cand, "step": "unknown",
+                           "error": "no evaluation result (its train / evaluate task did not finish)"})
+    return evaluated, failed
 
 
 # --------------------------------------------------------------------------- compare + registry
@@ -652,14 +815,25 @@ def _decide(cfg: dict, name: str, row: dict, version: str, valid_start: int) -> 
     return d
 
 
-def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str) -> dict:
+def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str,
+                         failed: list[dict] | None = None) -> dict:
     """Comparison table + chart; register every candidate's final model per family; choose per
     family (and overall) by the selection copies' ``valid`` score; move ``champion`` only when
-    the chosen one beats it on this ``valid`` (evaluation/selection.py)."""
+    the chosen one beats it on this ``valid`` (evaluation/selection.py).
+
+    ``failed`` (:func:`collect_outcomes`): candidates that failed; the others are still compared
+    and registered, and the failed ones are named in the result, in ``comparison.json`` and as
+    the parent run's tag ``rnnrec_failed_candidates``. The parent run ends FINISHED when none
+    failed, else FAILED (the design: a run that lost a candidate is not reported as a success)."""
     from evaluation import mlflow_logging as ml
     from evaluation import selection as S
 
     ml.configure(cfg["data_dir"])
+    failed = list(failed or [])
+    if not evaluated:
+        ml.finish_parent_run(parent_run_id, "FAILED", failed=failed)
+        raise RuntimeError("no candidate was evaluated, nothing to compare or register; failed: "
+                           + "; ".join(f"{f['candidate']} ({f['step']}: {f['error']})" for f in failed))
     ds, p = cfg["params"]["dataset"], cfg["params"]
     key = f"valid_{p['select_metric']}"
     rows = sorted((dict(e, label=e["candidate"]) for e in evaluated), key=lambda r: r["candidate"])
@@ -692,10 +866,35 @@ def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str) -
                                    "valid_recall_at_20", "recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20",
                                    "precision_at_20", "train_table", "selection", "report_table",
                                    "registered_version", "registered_new", "digest", "child_run_id")} for r in rows]
-    ml.log_comparison(parent_run_id, slim, decisions, Path(cfg["root"]) / "comparison", select_key=key)
-    ml.finish_parent_run(parent_run_id)
+    ml.log_comparison(parent_run_id, slim, decisions, Path(cfg["root"]) / "comparison", select_key=key,
+                      failed=failed)
+    ml.finish_parent_run(parent_run_id, "FAILED" if failed else "FINISHED", failed=failed)
     return {"candidates": slim, "registry": decisions, "parent_run_id": parent_run_id, "select_key": key,
-            "comparison": str(Path(cfg["root"]) / "comparison")}
+            "comparison": str(Path(cfg["root"]) / "comparison"), "failed": failed}
+
+
+class CandidatesFailed(RuntimeError):
+    """Some candidates of the DAG run failed (the others were compared and registered)."""
+
+
+def finish_tracking(cfg: dict, parent_run_id: str, summary: dict | None) -> dict:
+    """The DAG run's last task (runs whatever happened upstream): make sure the parent MLflow run
+    does not stay RUNNING. With ``summary`` (compare_and_register finished) the parent run was
+    already ended; without it (compare_and_register failed or never ran) it is ended FAILED.
+    Raises :class:`CandidatesFailed` naming what failed, so that the DAG run fails (and its
+    failure callback notifies) even though the other candidates were registered."""
+    from evaluation import mlflow_logging as ml
+
+    ml.configure(cfg["data_dir"])
+    if summary is None:
+        failed = [{"candidate": "*", "step": "compare_and_register", "error": "did not finish"}]
+        ml.finish_parent_run(parent_run_id, "FAILED", failed=failed)
+    else:
+        failed = summary.get("failed") or []
+    if failed:
+        raise CandidatesFailed("failed in this DAG run: " + "; ".join(
+            f"{f['candidate']} ({f['step']}: {f['error']})" for f in failed))
+    return {"parent_run_id": parent_run_id, "status": "FINISHED"}
 
 
 def format_table(summary: dict) -> str:
@@ -711,6 +910,8 @@ def format_table(summary: dict) -> str:
     for r in summary["candidates"]:
         lines.append(f"{r['candidate']:<20}{r.get('train_table') or '':>17}{r[key]:>22.4f}{r['recall_at_20']:>11.4f}"
                      f"{r['mrr_at_20']:>9.4f}{r['recall_at_5']:>8.4f}{str(r.get('registered_version') or '-'):>9}")
+    for f in summary.get("failed") or []:
+        lines.append(f"FAILED {f['candidate']} in {f['step']}: {f['error']}")
     for d in summary["registry"]:
         lines.append(f"registry {d['model']}: {d['action']} (candidate {d['candidate']} v{d['candidate_version']}"
                      f"{'' if d['champion_version'] is None else ', champion v' + str(d['champion_version'])}): "

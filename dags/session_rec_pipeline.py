@@ -20,7 +20,21 @@ resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking 
   -> evaluate[...] (selection copies on valid, final models on test)
   -> compare_and_register (choose on valid; register; move "champion" only on a paired test
                            against the champion on a table neither trained on)
+  -> finish_tracking (always: the parent MLflow run never stays RUNNING; fails the DAG run
+                      when a candidate failed)
 ```
+
+**Faults** (docs/reliability_faults.md): one candidate failing (a NaN loss, a crash) does not
+stop the others. The tasks after the mapped `train` / `evaluate` run with trigger rules that
+tolerate failed upstream instances (`all_done`): plan_finetune / plan_dependent plan only from
+the candidates that trained, evaluate* score the ones that trained, and compare_and_register
+compares and registers the ones that were evaluated and names the failed ones (its result,
+`comparison.json`, the parent run's tag `rnnrec_failed_candidates`). The parent MLflow run then
+ends FAILED and `finish_tracking` fails the DAG run. Every task failure calls the notifier
+(`RNNREC_NOTIFIER`: `log` (default), `smtp`, or a dotted path to a BaseNotifier subclass), and
+so does the DAG run's failure. A retried `train` resumes from its last epoch checkpoint
+(`<root>/checkpoints/<candidate>/<select|final>/`); one whose models were trained but not logged
+(MLflow down) only logs. `dagrun_timeout` = 24 h, `max_active_runs` = 1.
 
 **Manual trigger** (Params are validated; a bad value fails `resolve` with the reason):
 
@@ -55,7 +69,7 @@ import os
 import sys
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import BaseNotifier, Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 # The project root holds spark_jobs/, training/, ... (tasks import them lazily).
@@ -82,6 +96,52 @@ def _steps():
     return pipeline_steps
 
 
+class LogNotifier(BaseNotifier):
+    """The default failure notifier: one ERROR log line naming the DAG run, the task (with its map
+    index) and the error."""
+
+    def notify(self, context) -> None:
+        import logging
+
+        logging.getLogger("rnnrec.notify").error("%s", failure_message(context))
+
+
+def failure_message(context) -> str:
+    """``<dag_id> <run_id>: task <task_id>[<map_index>] failed (try n): <error>`` from a task's or a
+    DAG run's failure-callback context (the keys that exist: a DAG callback has no exception)."""
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    run_id = context.get("run_id") or getattr(dag_run, "run_id", "?")
+    dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(dag_run, "dag_id", DAG_ID)
+    if ti is not None:
+        idx = getattr(ti, "map_index", -1)
+        what = f"task {ti.task_id}{'' if idx is None or idx < 0 else f'[{idx}]'} failed (try {getattr(ti, 'try_number', '?')})"
+    else:
+        what = "DAG run failed"
+    err = context.get("exception") or context.get("reason") or ""
+    return f"{dag_id} {run_id}: {what}: {err}"
+
+
+def _notifier():
+    """``$RNNREC_NOTIFIER``: ``log`` (default), ``smtp`` (apache-airflow-providers-smtp's
+    SmtpNotifier to ``$RNNREC_NOTIFY_EMAIL``) or ``package.module.Class`` (a BaseNotifier
+    subclass, built without arguments)."""
+    spec = os.environ.get("RNNREC_NOTIFIER", "log").strip() or "log"
+    if spec == "log":
+        return LogNotifier()
+    if spec == "smtp":
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        return SmtpNotifier(to=os.environ["RNNREC_NOTIFY_EMAIL"], subject="[rnnrec] {{ dag.dag_id }} failed")
+    import importlib
+
+    mod, _, name = spec.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(mod), name)()
+
+
+_NOTIFY = _notifier()
+
+
 @dag(
     dag_id=DAG_ID,
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
@@ -90,7 +150,12 @@ def _steps():
     doc_md=__doc__,
     params=_params(),
     tags=["rnnrec", "training"],
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1), "on_failure_callback": [_NOTIFY]},
+    on_failure_callback=[_NOTIFY],
+    # one run at a time (one GPU; Spark steps of different dates would compete for the cores);
+    # a daily run still going after a day is failed, so the next day's can start
+    max_active_runs=1,
+    dagrun_timeout=timedelta(hours=24),
 )
 def session_rec_pipeline():
     @task
@@ -132,11 +197,12 @@ def session_rec_pipeline():
     def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
         return _steps().plan_pretrain(cfg, prep)
 
-    @task
-    def plan_dependent(cfg: dict, pretrained) -> list[dict]:
-        return _steps().plan_dependent(cfg, list(pretrained[:]))
+    # all_done: plan from the candidates that trained (a failed instance has no XCom)
+    @task(trigger_rule="all_done")
+    def plan_dependent(cfg: dict, pretrained, parent_run_id: str) -> list[dict]:
+        return _steps().plan_dependent(cfg, list(pretrained[:]), parent_run_id)
 
-    @task
+    @task(trigger_rule="all_done")
     def plan_finetune(cfg: dict, pretrained) -> list[dict]:
         # one slice request: iterating the lazy XCom sequence probes past its end, which
         # Airflow logs as an "XCom not found" error line
@@ -159,18 +225,34 @@ def session_rec_pipeline():
         with s.clear_errors():
             return s.train_one(cfg, spec, parent_run_id)
 
-    @task(retries=1, pool="gpu")  # scores on CUDA when present (Param device), like training
+    # all_done: scores every candidate that trained (mapped over the XComs that exist) even when
+    # another one failed; CUDA when present (Param device), like training
+    @task(retries=1, pool="gpu", trigger_rule="all_done")
     def evaluate(cfg: dict, trained: dict) -> dict:
         """Full-ranking next-item evaluation on valid and test; logged to the candidate's run."""
         s = _steps()
         with s.clear_errors():
             return s.evaluate_one(cfg, trained)
 
-    @task(trigger_rule="none_failed")  # evaluate_recent is skipped when there are no fractions
+    @task(trigger_rule="all_done")  # what was evaluated, whatever failed (named in the result)
     def compare_and_register(cfg: dict, parent_run_id: str) -> dict:
         """Comparison chart/table; register each family; move 'champion' only when beaten."""
         s = _steps()
-        return s.compare_and_register(cfg, s.collect_evaluations(cfg), parent_run_id)
+        evaluated, failed = s.collect_outcomes(cfg, parent_run_id)
+        return s.compare_and_register(cfg, evaluated, parent_run_id, failed=failed)
+
+    @task(trigger_rule="all_done", retries=0)
+    def finish_tracking(cfg: dict, parent_run_id: str, **context) -> dict:
+        """Always last: end the parent MLflow run (FAILED if compare_and_register did not) and fail
+        the DAG run, naming the candidates, when any failed."""
+        s = _steps()
+        summary = context["ti"].xcom_pull(task_ids="compare_and_register")
+        try:
+            return s.finish_tracking(cfg, parent_run_id, summary)
+        except s.CandidatesFailed as e:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(str(e)) from None
 
     cfg = resolve()
     raw = ingest(cfg)
@@ -184,6 +266,7 @@ def session_rec_pipeline():
         """train{suffix} mapped over ``specs``, then train_recent{suffix} (fine-tuned from it) and
         both evaluations. A stage whose plan is empty is skipped, and so is all that follows it."""
         trained = train.override(task_id=f"train{suffix}").partial(cfg=cfg, parent_run_id=parent).expand(spec=specs)
+        # a failed train[i] leaves the others' fine-tuning and evaluations running (trigger rules above)
         finetuned = train.override(task_id=f"train_recent{suffix}").partial(cfg=cfg, parent_run_id=parent).expand(
             spec=plan_finetune.override(task_id=f"plan_finetune{suffix}")(cfg, trained))
         return trained, [evaluate.override(task_id=f"evaluate{suffix}").partial(cfg=cfg).expand(trained=trained),
@@ -192,8 +275,10 @@ def session_rec_pipeline():
 
     pretrained, ev_pre = train_stage("", plan_pretrain(cfg, prep))
     # families that need a run of `train` (a distillation student's teacher, M4's M1) train after it
-    _, ev_dep = train_stage("_dependent", plan_dependent(cfg, pretrained))
-    ev_pre + ev_dep >> compare_and_register(cfg, parent)
+    _, ev_dep = train_stage("_dependent", plan_dependent(cfg, pretrained, parent))
+    compared = compare_and_register(cfg, parent)
+    ev_pre + ev_dep >> compared
+    compared >> finish_tracking(cfg, parent)
 
 
 def _spark_submit_preprocess(cfg, raw):

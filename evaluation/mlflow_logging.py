@@ -203,8 +203,17 @@ def start_parent_run(*, dataset: str, data_dir, dag_id: str, dag_run_id: str, in
     return rid
 
 
-def finish_parent_run(run_id: str, status: str = "FINISHED") -> None:
-    _client().set_terminated(run_id, status)
+def finish_parent_run(run_id: str, status: str = "FINISHED", failed: list[dict] | None = None) -> None:
+    """End the DAG run's parent run (``FINISHED`` | ``FAILED``). ``failed``: the candidates that
+    failed (``{"candidate", "step", "error"}``), named in the tags ``rnnrec_failed_candidates``
+    (comma list; empty when none failed) and ``rnnrec_failures`` (step and error of each)."""
+    client = _client()
+    names = ",".join(sorted({f["candidate"] for f in failed or []}))
+    client.set_tag(run_id, f"{TAG}failed_candidates", names)
+    if failed:
+        client.set_tag(run_id, f"{TAG}failures",
+                       "; ".join(f"{f['candidate']} ({f['step']}): {f['error']}" for f in failed)[:4900])
+    client.set_terminated(run_id, status)
 
 
 # --------------------------------------------------------------------------- child runs
@@ -468,15 +477,16 @@ def record_decision(model_name: str, version: str, decision: dict, move: bool) -
 
 
 def log_comparison(parent_run_id: str, rows: list[dict], decisions: list[dict], out_dir,
-                   select_key: str = SELECT_METRIC) -> Path:
-    """Comparison table (JSON + CSV) and bar chart on the parent run; also written to ``out_dir``."""
+                   select_key: str = SELECT_METRIC, failed: list[dict] | None = None) -> Path:
+    """Comparison table (JSON + CSV) and bar chart on the parent run; also written to ``out_dir``.
+    ``failed``: candidates of the run that failed (listed in ``comparison.json``)."""
     from evaluation import plots
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / "comparison.json").write_text(json.dumps({"candidates": rows, "registry": decisions}, indent=2,
+    (tmp / "comparison.json").write_text(json.dumps({"candidates": rows, "registry": decisions, "failed": failed or []}, indent=2,
                                                      sort_keys=True, default=str) + "\n")
     cols = ["label", "family", "fraction", select_key, "recall_at_20", "mrr_at_20", "precision_at_20",
             "recall_at_5", "mrr_at_5", "registered_version"]

@@ -35,6 +35,12 @@ print(json.dumps({
     "train_pool": [t.pool for t in dag.tasks if t.task_id.startswith("train")] if dag else [],
     "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
     "train_retries": [t.retries for t in dag.tasks if t.task_id == "train"] if dag else [],
+    "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in dag.tasks} if dag else {},
+    "max_active_runs": dag.max_active_runs if dag else None,
+    "dagrun_timeout_s": dag.dagrun_timeout.total_seconds() if dag and dag.dagrun_timeout else None,
+    "dag_failure_callbacks": [type(c).__name__ for c in (dag.on_failure_callback or [])] if dag else [],
+    "task_failure_callbacks": sorted({type(c).__name__ for t in dag.tasks for c in (t.on_failure_callback or [])})
+                              if dag else [],
 }))
 """
 
@@ -63,13 +69,23 @@ def test_dagbag_imports_without_errors_and_parses_fast(tmp_path):
     # the families that need another run (tan_distill, tan_emb) train after `train`, fine-tune and are
     # evaluated like the others, and the comparison waits for them
     up = r["upstream"]
-    assert up["plan_dependent"] == ["resolve", "train"] and up["train_dependent"] == ["plan_dependent", "resolve",
+    assert up["plan_dependent"] == ["resolve", "start_tracking", "train"] and up["train_dependent"] == ["plan_dependent", "resolve",
                                                                                      "start_tracking"]
     assert up["plan_finetune_dependent"] == ["resolve", "train_dependent"]
     assert up["evaluate_dependent"] == ["resolve", "train_dependent"]
     assert {"evaluate", "evaluate_recent", "evaluate_dependent", "evaluate_recent_dependent"} <= set(
         up["compare_and_register"])
     assert r["train_retries"] == [2]
+    # isolation (docs/reliability_faults.md): what follows the mapped train / evaluate runs when one
+    # instance failed; finish_tracking always runs last and ends the parent MLflow run
+    tr = r["trigger_rules"]
+    for t in ("plan_finetune", "plan_dependent", "evaluate", "evaluate_recent", "evaluate_dependent",
+              "compare_and_register", "finish_tracking"):
+        assert tr[t] == "all_done", (t, tr[t])
+    assert tr["train"] == "all_success" and up["finish_tracking"] == ["compare_and_register", "resolve",
+                                                                      "start_tracking"]
+    assert r["max_active_runs"] == 1 and r["dagrun_timeout_s"] == 24 * 3600
+    assert r["dag_failure_callbacks"] == ["LogNotifier"] and r["task_failure_callbacks"] == ["LogNotifier"]
     assert {"dataset", "input", "families", "epochs", "fractions", "device", "overrides"} <= set(r["params"])
 
 
