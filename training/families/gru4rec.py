@@ -266,6 +266,24 @@ def logq_weights(cfg: GRU4RecConfig, M: int) -> torch.Tensor | None:
     return torch.cat([torch.full((M,), cfg.logq), torch.full((cfg.n_sample,), cfg.logq * cfg.sample_alpha)])
 
 
+#: the official cross-entropy's epsilon (training/native/kernels.c xe_row_loss)
+XE_EPS = 1e-24
+
+
+def official_xe_loss(R: torch.Tensor, logq_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled softmax cross-entropy in the official code's form (gru4rec_pytorch.py
+    ``xe_loss_with_softmax``): sum over rows of ``-log(p_target + 1e-24)``. Equal to
+    ``training.losses.xe_loss`` while the target's probability is above ~1e-17; below, the row
+    loss is capped at -log(1e-24) = 55.26 and its gradient (softmax - one-hot, times
+    p / (p + 1e-24)) vanishes. Rows reach that only when the carried hidden state has blown
+    up along a long session (the dropped-out output is the state); without the cap they reported
+    losses in the thousands and trained on them (issue 13, benchmarks/README_gru4rec.md)."""
+    if logq_cols is not None:
+        R = R - logq_cols
+    lp = torch.log_softmax(R, dim=1).diagonal()
+    return -torch.log(lp.exp() + XE_EPS).sum()
+
+
 class GRU4RecFamily(Family):
     name = "gru4rec"
     Config = GRU4RecConfig
@@ -311,7 +329,10 @@ class GRU4RecFamily(Family):
         R = self.model.sampled_scores(out, cols, sparse=True)
         w = logq_weights(self.cfg, x.shape[0])
         lq = self.logp[cols] * w.to(R.device) if w is not None else None
-        loss = sampled_loss(R, self.cfg.loss, self.cfg.final_act, self.cfg.bpreg, lq) / B
+        if self.cfg.loss == "cross-entropy":
+            loss = official_xe_loss(R, lq) / B
+        else:
+            loss = sampled_loss(R, self.cfg.loss, self.cfg.final_act, self.cfg.bpreg, lq) / B
         new = [h.detach() for h in new]
         if rows is None:
             self._state = new

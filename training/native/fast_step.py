@@ -27,6 +27,9 @@ import torch
 
 from training.losses import parse_activation, sampled_loss
 
+#: the official cross-entropy's epsilon: row loss -log(p_target + XE_EPS) (kernels.c xe_row_loss)
+XE_EPS = 1e-24
+
 class FastStep:
     """Forward + manual backward + optimizer update for one mini-batch (no autograd)."""
 
@@ -474,10 +477,15 @@ class FastStep:
                     [self.logq_w[:M], self.logq_w[self.B:self.B + c.n_sample]])
                 Rt.sub_(self.logp.index_select(0, y).mul_(w).unsqueeze(1))
             lse = torch.logsumexp(Rt, 0, keepdim=True)
-            loss = (lse.sum() - Rt.diagonal().sum()) / self.B
+            # the official form -log(p + 1e-24) (kernels.c xe_row_loss; issue 13): gradient
+            # (softmax - one-hot) * p / (p + 1e-24) per row, ~0 for a hopeless target
+            lp = Rt.diagonal().double() - lse[0].double()
+            p = lp.exp()
+            loss = (-(p + XE_EPS).log()).sum().float() / self.B
+            g = (p / (p + XE_EPS)).float()
             dRt = Rt.sub_(lse).exp_()
             dRt.diagonal().sub_(1.0)
-            dRt.mul_(1.0 / self.B)
+            dRt.mul_(g.mul_(1.0 / self.B))
         else:
             with torch.enable_grad():
                 Rg = Rt.t().requires_grad_(True)
@@ -570,6 +578,10 @@ class FastRunner:
         if path == "native" and self.step.native is None:
             path = "manual"
         self.path = path
+        #: optional per-step loss record (benchmarks/gru4rec_loss_curves.py): set to a list and
+        #: each epoch appends {"epoch", "loss": per-step losses, "n_valid": active slots per step};
+        #: None (default) records nothing
+        self.step_log: list | None = None
 
     def state_dict(self) -> dict:
         return self.step.optimizer_state()
@@ -636,5 +648,7 @@ class FastRunner:
                     "events_per_s": 0.0}
         L = torch.cat(losses)
         nv = torch.from_numpy(np.concatenate(n_valid).astype(np.float32)).to(dev)
+        if self.step_log is not None:
+            self.step_log.append({"epoch": epoch, "loss": L.cpu().tolist(), "n_valid": nv.cpu().tolist()})
         return {"epoch": epoch, "loss": float((L * nv).sum() / nv.sum()), "events": done_events,
                 "steps": n_steps, "seconds": secs, "events_per_s": done_events / max(secs, 1e-9)}

@@ -127,6 +127,23 @@ static inline void scale_row(float *s, const float *scale, int64_t M) {
     for (int64_t r = 0; r < M; r++) s[r] *= scale[r];
 }
 
+/* The official code's cross-entropy of one mini-batch row (gru4rec_pytorch.py
+ * xe_loss_with_softmax: -sum(log(diag(softmax) + 1e-24))): -log(p + 1e-24), p = the softmax
+ * probability of the row's target column = exp(diag - mx) / sum. Returns that loss and in *g
+ * the factor of its gradient, p / (p + 1e-24) times (softmax - one-hot): 1 to float precision
+ * while p > 1e-17, ~0 once the target is hopeless (p < 1e-24, loss capped at 55.26). Without
+ * the epsilon a row whose hidden state has blown up (the dropped-out output is the carried
+ * state, so a unit with z ~ 1 grows 1/(1-p_drop) per step along a long session) reported
+ * losses in the thousands and pushed its full gradient into the item rows and GRU weights
+ * (issue 13, benchmarks/README_gru4rec.md). */
+#define XE_EPS 1e-24
+static inline double xe_row_loss(float mx, float sum, float diag, float *g) {
+    const double lp = (double)diag - (double)mx - log((double)sum);
+    const double p = exp(lp);
+    *g = (float)(p / (p + XE_EPS));
+    return lp > -30.0 ? -lp - log1p(XE_EPS / p) : -log(p + XE_EPS);
+}
+
 /* Sampled softmax cross-entropy (+ logQ) on the U unique output rows, in place.
  *
  * The softmax runs over C = M + n_sample columns, but several columns are the same item
@@ -142,8 +159,8 @@ static inline void scale_row(float *s, const float *scale, int64_t M) {
  * columns 0..M-1. On return S holds d loss / d S; dby [U] its row sums (bias
  * gradient); in_out [U] = 1 for rows used as an output column (rows only used as inputs get
  * no bias update). Scratch: wsum [U], q [C]. Returns
- *   loss = inv_b * sum_r (logsumexp_c (S[col[c], r] - q[c]) - (S[col[r], r] - q[r])),
- * or NaN if any score is not finite. */
+ *   loss = inv_b * sum_r -log(p_r + 1e-24), p_r = softmax_c (S[col[c], r] - q[c]) at c = r
+ * (the official code's form: xe_row_loss), or NaN if any score is not finite. */
 double rnn_xe_softmax(float *S, const float *by, const int64_t *uniq, int64_t U, int64_t M,
                       const int64_t *col, const int64_t *y, const float *logp, float w_in,
                       float w_extra, int64_t C, float inv_b, float *dby, uint8_t *in_out,
@@ -188,13 +205,14 @@ double rnn_xe_softmax(float *S, const float *by, const int64_t *uniq, int64_t U,
     for (int t = 0; t < nt; t++)
         for (int64_t r = 0; r < M; r++) sum[r] += psum[t][r];
     double loss = 0.0;
+    float g[M];
     for (int64_t r = 0; r < M; r++) {
-        loss += (double)(mx[r] + logf(sum[r]) - diag[r]);
-        scale[r] = inv_b / sum[r];
+        loss += xe_row_loss(mx[r], sum[r], diag[r], &g[r]);
+        scale[r] = inv_b * g[r] / sum[r];
     }
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t u = 0; u < U; u++) scale_row(S + u * M, scale, M);
-    for (int64_t r = 0; r < M; r++) S[col[r] * M + r] -= inv_b;
+    for (int64_t r = 0; r < M; r++) S[col[r] * M + r] -= inv_b * g[r];
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t u = 0; u < U; u++) dby[u] = row_sum8(S + u * M, M);
     return loss * inv_b;
@@ -565,7 +583,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
         nC[l] = zC[l] + B * h;
         gC[l] = nC[l] + B * h;
     }
-    float *pmx = red, *psum = red + 2 * B, *mx = red + 4 * B, *sum = red + 5 * B;
+    float *pmx = red, *psum = red + 2 * B, *mx = red + 4 * B;
     float *diag = red + 6 * B;
     float chk2[2] = {0.0f, 0.0f};
 
@@ -674,27 +692,24 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
             }
 #pragma omp barrier
             {
-                float lsc[B];
+                float lsc[B], gr[B];
+                double lossr = 0.0;
                 for (int64_t r = 0; r < B; r++) {
                     float sm = 0.0f;
                     for (int k = 0; k < nt; k++) sm += psum[k * B + r];
-                    lsc[r] = c->inv_b / sm;
-                    if (t == 0) sum[r] = sm;
+                    lossr += xe_row_loss(mx[r], sm, diag[r], &gr[r]);  /* the same on every thread */
+                    lsc[r] = c->inv_b * gr[r] / sm;
                 }
+                if (t == 0) losses[s] = (float)(lossr * c->inv_b);
                 for (int64_t u = lo; u < hi; u++) scale_row(Ssc + u * B, lsc, B);
                 for (int64_t r = 0; r < B; r++) {
                     const int64_t u = inv[B + r];
-                    if (u >= lo && u < hi) Ssc[u * B + r] -= c->inv_b;
+                    if (u >= lo && u < hi) Ssc[u * B + r] -= c->inv_b * gr[r];
                 }
                 for (int64_t u = lo; u < hi; u++) dby[u] = row_sum8(Ssc + u * B, B);
             }
 #pragma omp barrier
             PT(2);
-            if (t == 0) {
-                double loss = 0.0;
-                for (int64_t r = 0; r < B; r++) loss += (double)(mx[r] + logf(sum[r]) - diag[r]);
-                losses[s] = (float)(loss * c->inv_b);
-            }
             /* E: gradient of the top layer's output | of the unique output rows */
             if (t == 0) mm_rowmajor(1, 0, (int)B, (int)D, (int)U, Ssc, O, dA);
             if (t == other) mm_rowmajor(0, 0, (int)U, (int)D, (int)B, Ssc, out, dO);
