@@ -525,3 +525,48 @@ def indexed_items_frame(split_dir: Path, index: pd.DataFrame) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame({"table": [], "item_id": [], "item_idx": []})
     return pd.concat(rows, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- accounting suite
+LEDGER_COLUMNS = ["kind", "name", "rows_in", "removed", "rows_out", "out_plus_removed", "gap_in", "gap_out"]
+
+
+def _removed_total(removed) -> int:
+    return int(sum(removed.values())) if isinstance(removed, dict) else int(removed or 0)
+
+
+def ledger_frame(manifest: dict, events_rows: int | None) -> pd.DataFrame:
+    """The manifest's ``accounting`` section as rows GX can check, one per step, file and total.
+
+    ``out_plus_removed`` = rows out + rows removed (must equal ``rows_in``); ``gap_in`` = rows in
+    minus what the previous step handed over (the first step: minus the rows of all files);
+    ``gap_out`` is 0 except on the last step (its rows out minus ``events_rows``, the rows
+    observed in ``OUT/events``) and on the ``total`` row (rows written per file, summed, minus
+    the last step's rows out). A manifest without the section gives an empty frame.
+    """
+    acc = manifest.get("accounting") or {}
+    steps, files = acc.get("steps") or [], acc.get("files") or []
+    rows = []
+    read_total = sum(int(f.get("rows_read", 0)) for f in files)
+    prev_out = read_total
+    for i, s in enumerate(steps):
+        rin, rout, rem = int(s["rows_in"]), int(s["rows_out"]), _removed_total(s.get("removed"))
+        last = i == len(steps) - 1
+        rows.append({"kind": "step", "name": s["step"], "rows_in": rin, "removed": rem, "rows_out": rout,
+                     "out_plus_removed": rout + rem, "gap_in": rin - prev_out,
+                     "gap_out": (rout - events_rows) if last and events_rows is not None else 0})
+        prev_out = rout
+    for f in files:
+        rem = _removed_total(f.get("skipped")) + _removed_total(f.get("quarantined")) + int(f.get("removed", 0))
+        rows.append({"kind": "file", "name": f["file"], "rows_in": int(f["rows_read"]),
+                     "removed": int(f.get("removed", 0)), "rows_out": int(f["written"]),
+                     "out_plus_removed": int(f["written"]) + rem, "gap_in": 0, "gap_out": 0})
+    if steps and files:
+        written = sum(int(f["written"]) for f in files)
+        rem = sum(_removed_total(s.get("removed")) for s in steps)
+        rows.append({"kind": "total", "name": "all files", "rows_in": read_total, "removed": rem,
+                     "rows_out": written, "out_plus_removed": written + rem,
+                     "gap_in": read_total - int(steps[0]["rows_in"]), "gap_out": written - int(steps[-1]["rows_out"])})
+    return pd.DataFrame(rows, columns=LEDGER_COLUMNS).astype(
+        {c: "int64" for c in LEDGER_COLUMNS[2:]}) if rows else pd.DataFrame(
+        {c: pd.Series(dtype="object" if c in ("kind", "name") else "int64") for c in LEDGER_COLUMNS})

@@ -6,13 +6,14 @@ Run it::
     python -m expectations.runner --suite sessions --data OUT/splits/time/test --param min_session_length=2
     python -m expectations.runner --suite splits --data OUT/splits/time --manifest OUT/manifest.json
     python -m expectations.runner --suite model_inputs --data OUT/splits/time
+    python -m expectations.runner --suite accounting --data OUT      # row accounting of manifest.json
 
 Exit status 0 = every gate passed, 1 = a gate failed (the error names the table,
 the expectation, the observed value and a few offending rows), 2 = the input is
 not readable as the data contract at all.
 
 Suites are the JSON files next to this module (``raw_events``, ``sessions``,
-``splits``, ``model_inputs``), each a GX ``ExpectationSuite`` whose
+``splits``, ``model_inputs``, ``accounting``), each a GX ``ExpectationSuite`` whose
 expectations carry ``meta.frame``: the derived frame (see ``derive.py``) they
 are checked on. Thresholds are GX suite parameters (``{"$PARAMETER": ...}``)
 filled from :class:`GateParams`.
@@ -62,7 +63,7 @@ for _name in ("great_expectations", "great_expectations.data_context.types.base"
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 SUITE_DIR = Path(__file__).resolve().parent
-SUITES = ("raw_events", "sessions", "splits", "model_inputs")
+SUITES = ("raw_events", "sessions", "splits", "model_inputs", "accounting")
 
 #: Columns GX reports for each offending row, per derived frame.
 INDEX_COLUMNS = {
@@ -79,6 +80,7 @@ INDEX_COLUMNS = {
     "model_inputs.item_index": ["item_id"],
     "model_inputs.indexed_items": ["table", "item_id"],
     "model_inputs.user_index": ["user_id"],
+    "accounting.ledger": ["kind", "name"],
 }
 
 
@@ -519,11 +521,32 @@ def validate_model_inputs(split_dir, *, params: GateParams | dict | None = None,
     return _finish(run, result, own, raise_on_failure)
 
 
+def validate_accounting(out, *, params: GateParams | dict | None = None, out_dir=None,
+                        run: QualityRun | None = None, raise_on_failure: bool = True) -> GateResult:
+    """The ``accounting`` gate on a preprocess output ``OUT``: every row read is skipped,
+    quarantined, removed by a named step or written (``manifest.json`` ``accounting``), the
+    steps chain, and the last step's rows are the rows of ``OUT/events``. A failure names
+    the step (or file) in its offending rows."""
+    p = _params(params)
+    out = Path(out).resolve()
+    if not (out / C.MANIFEST).is_file():
+        raise D.ContractError(f"{out} is not a preprocess output: {C.MANIFEST} is missing")
+    manifest = D.load_json(out / C.MANIFEST)
+    own = run is None
+    run = run or QualityRun(_quality_dir(out, out_dir))
+    events = out / C.EVENTS_DIR
+    n_events = D.count_rows(events) if events.exists() else None
+    skipped = {} if events.exists() else {"gap_out[events]": f"{events} is absent"}
+    result = run.validate("accounting", "manifest.json", {"ledger": D.ledger_frame(manifest, n_events)}, {},
+                          skipped, p.partial_unexpected_count)
+    return _finish(run, result, own, raise_on_failure)
+
+
 def run_all_gates(out, *, params: GateParams | dict | None = None, quality_dir=None,
                   raise_on_failure: bool = True) -> AllGatesResult:
     """Every gate over a preprocess output ``OUT``; one Data Docs site for all of them.
 
-    raw_events + sessions on ``OUT/events``; sessions on every split table; splits and
+    accounting on ``manifest.json``; raw_events + sessions on ``OUT/events``; sessions on every split table; splits and
     model_inputs on every ``OUT/splits/<name>``. All gates run (so the report lists
     every problem); then :class:`GateFailed` is raised if any failed. Returns the
     results and ``data_docs_index`` (``OUT/quality/data_docs/index.html``).
@@ -537,6 +560,7 @@ def run_all_gates(out, *, params: GateParams | dict | None = None, quality_dir=N
     run = QualityRun(qdir)
     msl = _min_session_length(p, manifest)
     kw = dict(params=p, run=run, raise_on_failure=False)
+    validate_accounting(out, **kw)
     events = out / C.EVENTS_DIR
     validate_table(events, "raw_events", **kw)
     validate_table(events, "sessions", min_session_length=msl, **kw)
@@ -569,7 +593,7 @@ def gates_for_demo(out, params: GateParams | dict | None = None) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m expectations.runner", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", required=True, choices=[*SUITES, "all"])
-    ap.add_argument("--data", required=True, help="events table, split folder, or OUT for --suite all")
+    ap.add_argument("--data", required=True, help="events table, split folder, or OUT for --suite all / accounting")
     ap.add_argument("--manifest", help="manifest.json (default: found above --data)")
     ap.add_argument("--out-dir", help="where result.json and Data Docs go (default: OUT/quality)")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -592,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
             res = run_all_gates(a.data, params=params, quality_dir=a.out_dir)
             print(f"all {len(res.results)} gates passed; Data Docs: {res.data_docs_index}")
             return 0
-        if a.suite in ("raw_events", "sessions"):
+        if a.suite == "accounting":
+            r = validate_accounting(a.data, params=params, out_dir=a.out_dir)
+        elif a.suite in ("raw_events", "sessions"):
             r = validate_table(a.data, a.suite, params=params, out_dir=a.out_dir)
         elif a.suite == "splits":
             r = validate_split_dir(a.data, a.manifest, params=params, out_dir=a.out_dir)

@@ -61,14 +61,16 @@ def _violators(df: DataFrame, key: str, counted: str | None, lo: int, hi: int = 
     """Keys with fewer than ``lo`` (or more than ``hi``, 0 = unbounded) rows / distinct ``counted``."""
     base = df.where(F.col(key).isNotNull())
     if counted is None:
-        sizes = base.groupBy(key).agg(F.count(F.lit(1)).alias("_n"))
+        sizes = base.groupBy(key).agg(F.count(F.lit(1)).alias("_n"), F.count(F.lit(1)).alias("_rows"))
     else:
-        # distinct (key, counted) pairs first: in the session layout that is a local aggregation
-        sizes = base.select(key, counted).distinct().groupBy(key).agg(F.count(F.lit(1)).alias("_n"))
+        # (key, counted) pairs first: in the session layout that is a local aggregation
+        sizes = (base.groupBy(key, counted).agg(F.count(F.lit(1)).alias("_r"))
+                 .groupBy(key).agg(F.count(F.lit(1)).alias("_n"), F.sum("_r").alias("_rows")))
     bad = F.col("_n") < lo
     if hi:
         bad = bad | (F.col("_n") > hi)
-    return sizes.where(bad).select(key)
+    # _rows: the events of each key, so the rows a step removes are counted, not inferred
+    return sizes.where(bad).select(key, F.col("_rows").cast("long").alias("_rows"))
 
 
 #: Above this many keys to remove, a removal is a shuffle join instead of a broadcast one.
@@ -111,8 +113,10 @@ def apply_filters(df: DataFrame, cfg: FilterConfig, counts: dict | None = None,
     for rnd in range(1, cfg.max_rounds + 1):
         changed = False
         for name, key, counted, lo, hi in plan:
-            drop = _violators(current, key, counted, lo, hi).cache()
-            n_keys = drop.count()
+            cached = _violators(current, key, counted, lo, hi).cache()
+            agg = cached.agg(F.count(F.lit(1)).alias("k"), F.sum("_rows").alias("r")).first()
+            n_keys, n_rows = int(agg["k"]), int(agg["r"] or 0)
+            drop = cached.select(key)
             if n_keys:
                 if key == "session_id":
                     n = F.count(F.lit(1)).over(Window.partitionBy("session_id"))
@@ -123,8 +127,8 @@ def apply_filters(df: DataFrame, cfg: FilterConfig, counts: dict | None = None,
                     current = to_layout(current.join(drop, key, "left_anti"))
                 counts = table_counts(current)
                 changed = True
-            drop.unpersist()
-            steps.append({"round": rnd, "step": name, "removed_keys": n_keys, **counts})
+            cached.unpersist()
+            steps.append({"round": rnd, "step": name, "removed_keys": n_keys, "removed_events": n_rows, **counts})
             log.info("filter round %d %-20s removed %d %s(s): events=%d sessions=%d items=%d users=%d", rnd, name,
                      n_keys, key, counts["events"], counts["sessions"], counts["items"], counts["users"])
         if not changed:

@@ -78,6 +78,10 @@ class PreprocessConfig:
     recent_fractions: list[int] = field(default_factory=lambda: list(C.DEFAULT_RECENT_FRACTIONS))
     # bad input
     max_bad_fraction: float = 0.01
+    #: plausible event times: earlier rows (a zero or truncated epoch) are quarantined; "" = no bound
+    ts_min: str | None = "1990-01-01T00:00:00+00:00"
+    #: later rows are quarantined as "in the future"; None = the job's start time; "" = no bound
+    ts_max: str | None = None
     spark_conf: dict[str, str] = field(default_factory=dict)
 
 
@@ -179,6 +183,59 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def input_state(files: list[str]) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every local input file: compared before and after reading."""
+    out = {}
+    for f in files:
+        if "://" in f and not f.startswith("file://"):
+            continue
+        st = os.stat(f.removeprefix("file://"))
+        out[f] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def check_inputs_unchanged(before: dict[str, tuple[int, int]], when: str) -> None:
+    """Raise :class:`~spark_jobs.readers.InputChangedError` naming a file that changed since ``before``.
+
+    Spark reads a file once per action, each time up to the length it listed (and one
+    line beyond), so a file that grows while the job runs gives counts that disagree
+    between actions: the job fails instead of writing an output that mixes versions.
+    """
+    import datetime as dt
+
+    from spark_jobs.readers import InputChangedError
+
+    now = input_state(list(before))
+    for f, (size, mtime) in before.items():
+        if now.get(f) != (size, mtime):
+            n_size, n_mtime = now.get(f, (None, None))
+
+            def t(ns):
+                return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).isoformat() if ns else "?"
+
+            raise InputChangedError(
+                f"{f}: the file changed while the job read it ({size} bytes, modified {t(mtime)} at the start; "
+                f"{n_size} bytes, modified {t(n_mtime)} {when}), so the rows read may mix two versions. "
+                f"Write input files under a temporary name and rename them into place when complete, then re-run.")
+
+
+def ts_bounds(cfg: "PreprocessConfig", now=None):
+    """``(lo_us, hi_us, lo_label)`` for the readers' plausible-time check, and the bounds as ISO text."""
+    import datetime as dt
+
+    from spark_jobs.splits import _to_us
+
+    now = now or dt.datetime.now(dt.timezone.utc)
+    lo = _to_us(cfg.ts_min) if cfg.ts_min else None
+    hi = _to_us(cfg.ts_max) if cfg.ts_max else (int(now.timestamp() * 1_000_000) if cfg.ts_max is None else None)
+
+    def iso(us):
+        return None if us is None else dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).isoformat()
+
+    label = iso(lo).replace("T00:00:00+00:00", "") if lo is not None else None
+    return (lo, hi, label), {"ts_min": iso(lo), "ts_max": iso(hi)}
+
+
 def jvm_cpu_seconds(spark) -> float | None:
     """User + system CPU seconds of the JVM this driver launched (local mode, Linux); else None."""
     try:
@@ -246,6 +303,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     from pyspark.sql import functions as F
 
     from spark_jobs import readers, sessionize as S
+    from spark_jobs.accounting import Ledger
     from spark_jobs.filters import FilterConfig, apply_filters, table_counts
     from spark_jobs.session import driver_settings
     from spark_jobs.splits import SplitConfig, item_index, split, user_index
@@ -265,10 +323,16 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     os.makedirs(tmp)
     steps: list[dict] = []
     files = readers.input_files(cfg.input)
+    # What the job is about to read: checksums now (not after the run), and size + mtime to
+    # notice a file that changes while it is read.
+    state = input_state(files)
+    inputs = [file_checksum(f) for f in files]
+    ts_range, ts_iso = ts_bounds(cfg)
+    ledger = Ledger()
     log.info("reading %d file(s) as %s", len(files), cfg.format)
     res = readers.read_events(
         spark, cfg.input, cfg.format, columns=cfg.columns, ts_unit=cfg.ts_unit, delimiter=cfg.delimiter,
-        header=cfg.header, encode_ids=tuple(cfg.encode_ids),
+        header=cfg.header, encode_ids=tuple(cfg.encode_ids), ts_range=ts_range,
     )
 
     # ---- bad input: one pass counts good / skipped / bad rows per file
@@ -276,16 +340,26 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     per_file = [{"file": f, "rows": 0, "quarantined": 0} for f in files]
     skipped: dict[str, int] = {}
     reasons: dict[str, int] = {}
+    # per file: every row read, skipped / quarantined by reason (the accounting section)
+    acc_files = [{"rows_read": 0, "skipped": {}, "quarantined": {}} for _ in files]
     for r in counts:
-        st, n, pf = r["status"], r["count"], per_file[r["_file_idx"]]
+        st, n, pf, af = r["status"], r["count"], per_file[r["_file_idx"]], acc_files[r["_file_idx"]]
+        af["rows_read"] += n
         if st is None:
             pf["rows"] += n
         elif st.startswith("skip:"):
             skipped[st[5:]] = skipped.get(st[5:], 0) + n
+            af["skipped"][st[5:]] = af["skipped"].get(st[5:], 0) + n
         else:
             pf["rows"] += n
             pf["quarantined"] += n
             reasons[st[4:]] = reasons.get(st[4:], 0) + n
+            af["quarantined"][st[4:]] = af["quarantined"].get(st[4:], 0) + n
+    n_read = sum(af["rows_read"] for af in acc_files)
+    n_valid = sum(pf["rows"] - pf["quarantined"] for pf in per_file)
+    ledger.step("read", {**{f"skipped: {k}": v for k, v in sorted(skipped.items())},
+                         **{f"quarantined: {k}": v for k, v in sorted(reasons.items())}},
+                rows_out=n_valid, rows_in=n_read)
     n_bad = sum(pf["quarantined"] for pf in per_file)
     quarantine = res.quarantine
     if n_bad:
@@ -310,6 +384,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
             )
     if n_bad:
         log.warning("quarantined %d bad row(s) -> %s", n_bad, os.path.join(cfg.out, C.QUARANTINE_DIR))
+    check_inputs_unchanged(state, "after the read")
 
     lap("read")
     # ---- ids and sessions
@@ -323,6 +398,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
         late = ev.where(F.unix_micros("ts") >= _to_us(cfg.end_ts)).count()
         ev = ev.where(F.unix_micros("ts") < _to_us(cfg.end_ts))
         steps.append({"step": "before_end_ts", "end_ts": cfg.end_ts, "removed": late})
+        ledger.step("before_end_ts", {"at or after end_ts": late})
     if not ev.take(1):
         raise readers.InputError(f"no valid events in the input ({len(files)} file(s): {', '.join(files[:3])}"
                                  f"{'...' if len(files) > 3 else ''}); quarantined rows: {n_bad}")
@@ -340,10 +416,14 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
         # to quarantine (counted like unparseable rows), the rest of the data is kept.
         conflict = S.session_users(ev) if ev.where(F.col("user_id").isNotNull()).take(1) else None
         n_conflict_rows = 0
+        conflict_reason = "session has more than one user id"
         if conflict is not None and conflict.take(1):
             conflict = conflict.cache()
             bad_ev = ev.join(conflict, "session_id", "left_semi")
-            n_conflict_rows = bad_ev.count()
+            for r in bad_ev.groupBy("_file_idx").count().collect():
+                q = acc_files[r["_file_idx"]]["quarantined"]
+                q[conflict_reason] = q.get(conflict_reason, 0) + r["count"]
+                n_conflict_rows += r["count"]
             file_col = F.element_at(F.array(*[F.lit(f) for f in files]), F.col("_file_idx") + 1)
             (bad_ev.select(file_col.alias("file"), F.lit(None).cast("long").alias("line"),
                            F.lit("session has more than one user id").alias("reason"),
@@ -351,7 +431,7 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
              .coalesce(1).write.mode("append").parquet(os.path.join(tmp, C.QUARANTINE_DIR)))
             ev = ev.join(conflict, "session_id", "left_anti")
             n_bad += n_conflict_rows
-            reasons["session has more than one user id"] = n_conflict_rows
+            reasons[conflict_reason] = n_conflict_rows
             total = sum(pf["rows"] for pf in per_file)
             log.warning("quarantined %d row(s) of %d session(s) with more than one user id",
                         n_conflict_rows, conflict.count())
@@ -359,17 +439,22 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
                 raise QuarantineThresholdExceeded(
                     f"{n_conflict_rows} of {total} rows belong to sessions with more than one user id "
                     f"(> {cfg.max_bad_fraction:.2%}); re-sessionize with --sessionize-by-user")
+        ledger.step("session_user_conflicts", {f"quarantined: {conflict_reason}": n_conflict_rows})
     # One shuffle into the layout every later step keeps (by session, in output order).
     ev = S.to_layout(ev)
     read_counts = table_counts(ev)
     steps.append({"step": "sessionized", "by_user": by_user, **read_counts})
+    # ids encoded and sessions built: a join that lost or duplicated rows shows here
+    ledger.step("sessionize", {}, rows_out=read_counts["events"])
     removed_repeats = 0
     if cfg.remove_repeats:
-        ev, _ = S.drop_consecutive_repeats(ev)
+        ev, repeats = S.drop_consecutive_repeats(ev)
+        n_repeats = repeats.count()
         ev = S.checkpoint(ev)
         rep_counts = table_counts(ev)
         removed_repeats = read_counts["events"] - rep_counts["events"]
         steps.append({"step": "remove_repeats", "removed": removed_repeats, **rep_counts})
+        ledger.step("remove_repeats", {"consecutive repeat": n_repeats}, rows_out=rep_counts["events"])
 
     lap("sessionize")
     # ---- filters to a fixed point
@@ -378,6 +463,10 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     last = steps[-1]
     ev, fsteps = apply_filters(ev, fcfg, {k: last[k] for k in ("events", "sessions", "items", "users", "ts_min", "ts_max")})
     steps += fsteps
+    for st in fsteps:
+        ledger.step(f"r{st['round']}:{st['step']}", {st["step"]: st["removed_events"]}, rows_out=st["events"])
+    # events each input file contributes to the output (one scan of the materialised table)
+    per_file_written = {r["_file_idx"]: r["count"] for r in ev.groupBy("_file_idx").count().collect()}
     cols = list(C.EVENT_COLUMNS) + (["event_type"] if ev.where(F.col("event_type").isNotNull()).take(1) else [])
     # seq stays a lazy per-session window (no shuffle in the layout); the split materialises it.
     ev = S.add_seq(ev).select(*cols, "_file_idx", "_ord")
@@ -395,6 +484,11 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
     split_dir = os.path.join(tmp, C.SPLITS_DIR, cfg.split)
     targets = {C.EVENTS_DIR: os.path.join(tmp, C.EVENTS_DIR), **{name: os.path.join(split_dir, name) for name in names}}
     table_stats = write_split_tables(tagged, names, cols, targets)
+    n_written = spark.read.parquet(targets[C.EVENTS_DIR]).count()  # Parquet footers only
+    ledger.step("write", {}, rows_out=n_written)
+    for i, (f, af) in enumerate(zip(files, acc_files)):
+        ledger.add_file(f, af["rows_read"], af["skipped"], af["quarantined"], per_file_written.get(i, 0))
+    ledger.check_files()
     for name, st in table_stats.items():
         log.info("%-18s events=%-9d sessions=%-8d items=%-7d users=%d", name, st["events"], st["sessions"],
                  st["items"], st["users"])
@@ -409,15 +503,18 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
         json.dump(split_meta, f, indent=2, sort_keys=True)
 
     lap("split")
+    check_inputs_unchanged(state, "at the end of the job")
     manifest = {
         "timings_s": timings,
         # CPU seconds of the local JVM per phase: on a shared machine less skewed than wall time
         "jvm_cpu_s": cpu_timings,
-        "inputs": [file_checksum(f) for f in files],
+        "inputs": inputs,
         "format": cfg.format,
         "parameters": dataclasses.asdict(cfg),
         "read": {"per_file": per_file, "quarantined": n_bad, "skipped": skipped,
-                 "quarantine_reasons": reasons},
+                 "quarantine_reasons": reasons, "plausible_ts": ts_iso},
+        # every row read = skipped + quarantined + removed by a named step + written (checked above)
+        "accounting": ledger.to_dict(),
         "steps": steps,
         "events": final_counts,
         "splits": {cfg.split: split_meta},
@@ -473,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int)
     a("--recent-fractions", help="comma list of k for train_recent_<k> (1/k of train_full), e.g. 256,64,16,4,1")
     a("--max-bad-fraction", type=float, help="fail when more than this fraction of a file's rows is bad (0.01)")
+    a("--ts-min", help="quarantine events before this time (ISO-8601; default 1990-01-01; '' = no bound)")
+    a("--ts-max", help="quarantine events after this time (ISO-8601; default: the job's start; '' = no bound)")
     a("--spark-conf", action="append", default=[], help="extra Spark setting key=value (repeatable)")
     a("-v", "--verbose", action="store_true")
     return p
@@ -528,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    from spark_jobs.accounting import RowAccountingError
     from spark_jobs.readers import InputError
 
     try:
         manifest = run(cfg)
-    except (InputError, QuarantineThresholdExceeded, ValueError) as e:
+    except (InputError, QuarantineThresholdExceeded, RowAccountingError, ValueError) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
         return 2
     print(summary(manifest))

@@ -58,6 +58,36 @@ class InputError(ValueError):
     """Raised for input that cannot be read at all (no files, wrong header...)."""
 
 
+class InputChangedError(InputError):
+    """An input file changed (grew, was rewritten) while the job read it."""
+
+
+#: Magic bytes of containers that a text format cannot read when the file name hides them
+#: (Spark picks a decompression codec by the file's extension only).
+_MAGIC = [(b"\x1f\x8b", "gzip-compressed", (".gz",)), (b"BZh", "bzip2-compressed", (".bz2",)),
+          (b"PK\x03\x04", "a zip archive", ()), (b"(\xb5/\xfd", "zstd-compressed", (".zst",)),
+          (b"PAR1", "a Parquet file", ())]
+
+
+def check_text_inputs(files: list[str]) -> None:
+    """Fail on a local file whose first bytes show binary content a text reader would turn
+    into garbage rows: a compressed file without its extension (``.csv`` holding gzip), a
+    zip archive, a Parquet file. Reads a few bytes per file."""
+    for f in files:
+        if "://" in f and not f.startswith("file://"):
+            continue
+        try:
+            with open(f.removeprefix("file://"), "rb") as fh:
+                head = fh.read(4)
+        except OSError as e:
+            raise InputError(f"{f}: cannot be read: {e}") from None
+        for magic, what, exts in _MAGIC:
+            if head.startswith(magic) and not f.endswith(exts or ("\0",)):
+                hint = (f"Spark decompresses by file name: rename it to end in {exts[0]}" if exts
+                        else "it is not a text file for this format")
+                raise InputError(f"{f}: line 1: the file is {what}, but its name does not say so ({hint})")
+
+
 @dataclass
 class ReadResult:
     events: DataFrame
@@ -167,7 +197,33 @@ def _id(c: Column) -> Column:
 
 
 def _int_id_ok(c: Column) -> Column:
-    return c.isNotNull() & c.rlike(r"^-?\d{1,18}$")
+    """An integer that fits in int64 and is not negative (raw ids are never negative)."""
+    v = c.try_cast("long")
+    return c.isNotNull() & c.rlike(r"^-?\d+$") & v.isNotNull() & (v >= 0)
+
+
+def _int_id_problem(c: Column, name: str) -> Column:
+    """Why a non-null id string is not a valid int64 id (null when it is)."""
+    v = c.try_cast("long")
+    return (F.when(~c.rlike(r"^-?\d+$"), F.concat(F.lit(f"{name} id is not an integer: "), F.substring(c, 1, 40)))
+            .when(v.isNull(), F.concat(F.lit(f"{name} id does not fit in int64: "), F.substring(c, 1, 40)))
+            .when(v < 0, F.concat(F.lit(f"{name} id is negative: "), c)))
+
+
+def _ts_range_checks(ts: Column, ts_range) -> list[tuple[Column, Column]]:
+    """Quarantine checks for implausible times: ``ts_range = (lo_us, hi_us, lo_label)``,
+    either bound None = unbounded. Timestamps before ``lo`` (a truncated or zero epoch) and
+    after ``hi`` (the job's start: the future) are not events that happened."""
+    if not ts_range:
+        return []
+    lo, hi, lo_label = ts_range
+    out = []
+    us = F.unix_micros(ts)
+    if lo is not None:
+        out.append((ts.isNotNull() & (us < F.lit(lo)), F.lit(f"timestamp before {lo_label}")))
+    if hi is not None:
+        out.append((ts.isNotNull() & (us > F.lit(hi)), F.lit("timestamp in the future")))
+    return out
 
 
 def epoch_seconds_to_ts(c: Column) -> Column:
@@ -192,6 +248,7 @@ def _parse_delimited(
     string_ids: tuple[str, ...] = (),
     has_sessions: bool = True,
     min_cols: int | None = None,
+    ts_range=None,
 ) -> ReadResult:
     """Shared machinery for the line-based formats.
 
@@ -229,8 +286,8 @@ def _parse_delimited(
     for c in ("session_key", "user_key", "item_key"):
         if c not in string_ids and c in cols:
             nm = c.split("_")[0]
-            checks.append((F.col(c).isNotNull() & ~_int_id_ok(F.col(c)),
-                           F.concat(F.lit(f"{nm} id is not an integer: "), F.col(c))))
+            checks.append((F.col(c).isNotNull() & ~_int_id_ok(F.col(c)), _int_id_problem(F.col(c), nm)))
+    checks += _ts_range_checks(F.col("ts"), ts_range)  # a well-formed row at an implausible time
     reason = F.lit(None).cast("string")
     for cond, msg in reversed(checks):
         reason = F.when(cond, msg).otherwise(reason)
@@ -256,9 +313,9 @@ def _get(f: Column, i: int) -> Column:
 
 # --------------------------------------------------------------------------- formats
 
-def read_gru4rec(spark, files, **_):
+def read_gru4rec(spark, files, ts_range=None, **_):
     return _parse_delimited(
-        spark, files, sep="\t", n_cols=3, header="SessionId\tItemId\tTime",
+        spark, files, ts_range=ts_range, sep="\t", n_cols=3, header="SessionId\tItemId\tTime",
         build=lambda f: {
             "session_key": _id(_get(f, 0)),
             "item_key": _id(_get(f, 1)),
@@ -267,10 +324,10 @@ def read_gru4rec(spark, files, **_):
     )
 
 
-def read_yoochoose(spark, files, **_):
+def read_yoochoose(spark, files, ts_range=None, **_):
     # Category is a sales category ('0', '1'..'12', 'S', or a brand id): not an event type.
     return _parse_delimited(
-        spark, files, sep=",", n_cols=4,
+        spark, files, ts_range=ts_range, sep=",", n_cols=4,
         build=lambda f: {
             "session_key": _id(_get(f, 0)),
             "ts": iso_to_ts(_get(f, 1)),
@@ -279,7 +336,7 @@ def read_yoochoose(spark, files, **_):
     )
 
 
-def read_diginetica(spark, files, **_):
+def read_diginetica(spark, files, ts_range=None, **_):
     def build(f):
         day = F.trim(_get(f, 4)).try_cast("date")
         ms = F.trim(_get(f, 3)).try_cast("long")
@@ -291,20 +348,20 @@ def read_diginetica(spark, files, **_):
             "ts": F.when(day.isNotNull() & ms.isNotNull(), F.timestamp_micros(micros)),
         }
 
-    return _parse_delimited(spark, files, sep=";", n_cols=5,
+    return _parse_delimited(spark, files, ts_range=ts_range, sep=";", n_cols=5,
                             header="session_id;user_id;item_id;timeframe;eventdate", build=build)
 
 
-def read_movielens(spark, files, **_):
+def read_movielens(spark, files, ts_range=None, **_):
     """MovieLens: each file by its name: ``*.dat`` uses ``::``, ``*.inter`` is RecBole, else ``u.data``."""
     results = []
     for f in files:
         if f.endswith(".inter"):
-            results.append(read_recbole(spark, [f]))
+            results.append(read_recbole(spark, [f], ts_range=ts_range))
         else:
             sep = "::" if f.endswith(".dat") else "\t"
             results.append(_parse_delimited(
-                spark, [f], sep=sep, n_cols=4, has_sessions=False,
+                spark, [f], ts_range=ts_range, sep=sep, n_cols=4, has_sessions=False,
                 build=lambda c: {
                     "user_key": _id(_get(c, 0)),
                     "item_key": _id(_get(c, 1)),
@@ -314,10 +371,11 @@ def read_movielens(spark, files, **_):
     return _concat(results, files)
 
 
-def read_recbole(spark, files, **_):
+def read_recbole(spark, files, ts_range=None, **_):
     # RecBole atomic files: header "user_id:token<TAB>item_id:token<TAB>rating:float<TAB>timestamp:float".
     return _parse_delimited(
-        spark, files, sep="\t", n_cols=4, min_cols=3, header_prefix="user_id:token", has_sessions=False,
+        spark, files, ts_range=ts_range, sep="\t", n_cols=4, min_cols=3, header_prefix="user_id:token",
+        has_sessions=False,
         build=lambda c: {
             "user_key": _id(_get(c, 0)),
             "item_key": _id(_get(c, 1)),
@@ -326,7 +384,7 @@ def read_recbole(spark, files, **_):
     )
 
 
-def read_lastfm(spark, files, **_):
+def read_lastfm(spark, files, ts_range=None, **_):
     def build(f):
         track = _id(_get(f, 4))
         # Some plays have no MusicBrainz track id: fall back to "artist / track name".
@@ -338,7 +396,7 @@ def read_lastfm(spark, files, **_):
             "item_key": F.coalesce(track, fallback),
         }
 
-    return _parse_delimited(spark, files, sep="\t", n_cols=6, build=build,
+    return _parse_delimited(spark, files, ts_range=ts_range, sep="\t", n_cols=6, build=build,
                             string_ids=("user_key", "item_key"), has_sessions=False)
 
 
@@ -378,23 +436,27 @@ def _parquet_with_row_numbers(spark: SparkSession, files: list[str]) -> DataFram
 
 
 def _structured(df: DataFrame, cols: dict[str, Column], *, string_ids=(), has_sessions=True,
-                files: list[str], skip: tuple[Column, str] | None = None) -> ReadResult:
+                files: list[str], skip: tuple[Column, str] | None = None, ts_range=None) -> ReadResult:
     """Quarantine logic for typed sources (Parquet): nulls and unparseable values."""
     for name, expr in cols.items():
         df = df.withColumn(name, expr)
-    checks = [(F.col("item_key").isNull(), "missing item id"), (F.col("ts").isNull(), "unparseable or missing timestamp")]
+    checks = [(F.col("item_key").isNull(), F.lit("missing item id")),
+              (F.col("ts").isNull(), F.lit("unparseable or missing timestamp"))]
     if has_sessions:
-        checks.append((F.col("session_key").isNull(), "missing session id"))
+        checks.append((F.col("session_key").isNull(), F.lit("missing session id")))
     else:
-        checks.append((F.col("user_key").isNull(), "missing user id"))
+        checks.append((F.col("user_key").isNull(), F.lit("missing user id")))
     types = dict(df.select(*[F.col(c) for c in cols]).dtypes)
     for c in ("session_key", "user_key", "item_key"):
-        # Integer columns need no check (and no string round trip); strings must hold integers.
-        if c in cols and c not in string_ids and types[c] == "string":
-            checks.append((F.col(c).isNotNull() & ~_int_id_ok(F.col(c)), f"{c.split('_')[0]} id is not an integer"))
+        nm = c.split("_")[0]
+        if c in cols and c not in string_ids and types[c] == "string":  # strings must hold int64 integers
+            checks.append((F.col(c).isNotNull() & ~_int_id_ok(F.col(c)), _int_id_problem(F.col(c), nm)))
+        elif c in cols and c not in string_ids and types[c] in ("tinyint", "smallint", "int", "bigint"):
+            checks.append((F.col(c) < 0, F.concat(F.lit(f"{nm} id is negative: "), F.col(c).cast("string"))))
+    checks += _ts_range_checks(F.col("ts"), ts_range)
     reason = F.lit(None).cast("string")
     for cond, msg in reversed(checks):
-        reason = F.when(cond, F.lit(msg)).otherwise(reason)
+        reason = F.when(cond, msg).otherwise(reason)
     df = df.withColumn("reason", reason)
     status = F.when(F.col("reason").isNotNull(), F.concat(F.lit("bad:"), F.col("reason")))
     if skip is not None:
@@ -414,7 +476,7 @@ def _structured(df: DataFrame, cols: dict[str, Column], *, string_ids=(), has_se
                       df.select("_file_idx", "status"))
 
 
-def read_trivago(spark, files, **_):
+def read_trivago(spark, files, ts_range=None, **_):
     if all(f.endswith((".csv", ".csv.gz")) for f in files):
         parts = [spark.read.option("header", True).csv(f)
                  .withColumn("_file_idx", F.lit(i).cast("int")).withColumn("_file", F.lit(f))
@@ -433,15 +495,15 @@ def read_trivago(spark, files, **_):
         "event_type": F.col("action_type"),
     }
     return _structured(df, cols, string_ids=("session_key", "user_key"), files=files,
-                       skip=(not_item, "non_item_action"))
+                       skip=(not_item, "non_item_action"), ts_range=ts_range)
 
 
-def read_synthetic(spark, files, **_):
+def read_synthetic(spark, files, ts_range=None, **_):
     """Generator output: user_id, item_id, ts (+ ground-truth session_id, ignored: we sessionize)."""
     df = _parquet_with_row_numbers(spark, files)
     cols = {"user_key": F.col("user_id").cast("long"), "item_key": F.col("item_id").cast("long"),
             "ts": F.col("ts").cast("timestamp")}
-    return _structured(df, cols, has_sessions=False, files=files)
+    return _structured(df, cols, has_sessions=False, files=files, ts_range=ts_range)
 
 
 # --------------------------------------------------------------------------- generic
@@ -477,7 +539,7 @@ def _ts_expr(c: Column, unit: str) -> Column:
 
 
 def read_generic(spark, files, *, fmt: str, columns=None, ts_unit: str = "s", delimiter: str | None = None,
-                 header: bool = True, encode_ids: tuple[str, ...] = (), **_):
+                 header: bool = True, encode_ids: tuple[str, ...] = (), ts_range=None, **_):
     mapping = parse_columns(columns)
     string_ids = tuple(c.replace("_id", "_key") for c in encode_ids)
     has_sessions = "session_key" in mapping
@@ -495,7 +557,8 @@ def read_generic(spark, files, *, fmt: str, columns=None, ts_unit: str = "s", de
                 cols[k] = F.col(v).cast("long")
             else:
                 cols[k] = _id(F.col(v).cast("string"))
-        return _structured(df, cols, string_ids=string_ids, has_sessions=has_sessions, files=files)
+        return _structured(df, cols, string_ids=string_ids, has_sessions=has_sessions, files=files,
+                           ts_range=ts_range)
     sep = delimiter or ("\t" if fmt == "tsv" else ",")
     if header:
         first = spark.read.text(files[0]).limit(1).collect()
@@ -523,7 +586,7 @@ def read_generic(spark, files, *, fmt: str, columns=None, ts_unit: str = "s", de
         return out
 
     return _parse_delimited(spark, files, sep=sep, n_cols=n_cols, header=header_line, build=build,
-                            string_ids=string_ids, has_sessions=has_sessions,
+                            string_ids=string_ids, has_sessions=has_sessions, ts_range=ts_range,
                             min_cols=None if header else max(pos.values()) + 1)
 
 
@@ -556,6 +619,9 @@ def read_events(spark: SparkSession, inputs: list[str] | str, fmt: str, **option
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     files = input_files(inputs)
+    if fmt not in ("parquet", "synthetic") and not (fmt == "trivago" and not all(
+            f.endswith((".csv", ".csv.gz")) for f in files)):
+        check_text_inputs(files)
     if fmt in ("csv", "tsv", "parquet"):
         return read_generic(spark, files, fmt=fmt, **options)
     return READERS[fmt](spark, files, **options)

@@ -119,10 +119,22 @@ def build_out(root: Path, strategy: str = "time", n_sessions: int = 60, recent=(
             "tables": {n: counts(df) for n, df in tables.items()}, "n_items": len(sup), "n_users": len(us),
             "recent_fractions": list(recent), "leaks_through_time": not glob}
     (sd / C.SPLIT_META).write_text(json.dumps(meta, indent=2))
+    n = len(events)
     manifest = {"parameters": {"min_session_length": 0, "split": strategy}, "events": counts(events),
-                "splits": {strategy: meta}}
+                "splits": {strategy: meta}, "accounting": accounting(n)}
     (out / C.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def accounting(n: int) -> dict:
+    """The manifest's row accounting for one raw file of ``n`` events + a header + one bad row."""
+    return {"steps": [
+        {"step": "read", "rows_in": n + 2, "rows_out": n,
+         "removed": {"skipped: header_line": 1, "quarantined: unparseable timestamp": 1}},
+        {"step": "sessionize", "rows_in": n, "rows_out": n, "removed": {}},
+        {"step": "write", "rows_in": n, "rows_out": n, "removed": {}}],
+        "files": [{"file": "raw.tsv", "rows_read": n + 2, "skipped": {"header_line": 1},
+                   "quarantined": {"unparseable timestamp": 1}, "removed": 0, "written": n}]}
 
 
 # --------------------------------------------------------------------------- breaking things on purpose
