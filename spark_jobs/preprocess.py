@@ -15,6 +15,11 @@ or 30-min idle split per user), optional removal of consecutive repeats,
 support filters to a fixed point, split + recent fractions, item/user index,
 ``manifest.json``. The whole output is built in a temporary sibling folder and
 swapped in at the end, so a re-run replaces ``OUT`` atomically.
+
+Row accounting (``manifest.json`` ``accounting``, :mod:`spark_jobs.accounting`): every row
+read is skipped, quarantined, removed by a named step or written; the job checks it step by
+step and fails with ``RowAccountingError`` naming the step when it does not add up. An input
+file that changes while the job reads it fails the job (``InputChangedError``).
 """
 from __future__ import annotations
 

@@ -174,7 +174,8 @@ def test_after_interval_end_is_removed_by_a_counted_step(spark, tmp_path):
 
 # --------------------------------------------------------------------------- whole files
 def test_wrong_delimiter_fails_naming_file_line_and_reason(spark, tmp_path):
-    path = write(tmp_path / "commas.tsv", [HEADER.replace("\t", ","), *[x.replace("\t", ",") for x in tsv(good_rows())]])
+    lines = [HEADER, *tsv(good_rows())]
+    path = write(tmp_path / "commas.tsv", [x.replace("\t", ",") for x in lines])
     with pytest.raises(QuarantineThresholdExceeded) as e:
         preprocess(tmp_path, [path], spark)
     msg = str(e.value)
