@@ -24,7 +24,7 @@ resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking 
                       when a candidate failed)
 ```
 
-**Faults** (docs/reliability_faults.md): one candidate failing (a NaN loss, a crash) does not
+**Faults** (docs/reliability.md, "Faults"): one candidate failing (a NaN loss, a crash) does not
 stop the others. The tasks after the mapped `train` / `evaluate` run with trigger rules that
 tolerate failed upstream instances (`all_done`): plan_finetune / plan_dependent plan only from
 the candidates that trained, evaluate* score the ones that trained, and compare_and_register

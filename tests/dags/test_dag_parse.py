@@ -76,7 +76,7 @@ def test_dagbag_imports_without_errors_and_parses_fast(tmp_path):
     assert {"evaluate", "evaluate_recent", "evaluate_dependent", "evaluate_recent_dependent"} <= set(
         up["compare_and_register"])
     assert r["train_retries"] == [2]
-    # isolation (docs/reliability_faults.md): what follows the mapped train / evaluate runs when one
+    # isolation (docs/reliability.md, "Faults"): what follows the mapped train / evaluate runs when one
     # instance failed; finish_tracking always runs last and ends the parent MLflow run
     tr = r["trigger_rules"]
     for t in ("plan_finetune", "plan_dependent", "evaluate", "evaluate_recent", "evaluate_dependent",

@@ -1,5 +1,5 @@
 """Fault: one family's loss turns NaN inside a real DAG run; the other family must still be trained,
-evaluated, compared and registered (docs/reliability_faults.md).
+evaluated, compared and registered (docs/reliability.md, "Faults").
 
     .venv/bin/python -m pytest tests/reliability/test_faults_dag.py -q
 

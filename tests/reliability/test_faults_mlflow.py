@@ -1,6 +1,6 @@
 """Fault: the MLflow server is down when a trained candidate is to be logged. Training output is
 kept; the task fails naming what was not logged; its retry (server back) logs without retraining
-(docs/reliability_faults.md).
+(docs/reliability.md, "Faults").
 
     .venv/bin/python -m pytest tests/reliability/test_faults_mlflow.py -q
 

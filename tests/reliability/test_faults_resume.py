@@ -1,5 +1,5 @@
 """Fault: the training task is killed (``kill -9``) mid-epoch; the retry resumes from the last epoch
-checkpoint and ends with exactly the weights of an uninterrupted run (docs/reliability_faults.md).
+checkpoint and ends with exactly the weights of an uninterrupted run (docs/reliability.md, "Faults").
 
     .venv/bin/python -m pytest tests/reliability/test_faults_resume.py -q
 
