@@ -20,8 +20,11 @@ of each epoch vs the rest of the epoch (mean and spread over the runs)::
     python -m benchmarks.gru4rec_loss_curves stats --group ours 'benchmarks/results/*chunk_s*.json' \\
         --group official '/tmp/official_runs/*.json' --k 256 --out benchmarks/results/X.json
 
-JSON layout (both codes): ``{"code", "label", "seed", "epochs": [{"epoch", "loss": [per step],
-"n_valid": [active slots per step]}, ...]}``. ``loss`` of a step = sum over the step's active
+JSON layout (both codes; ``.json`` or gzipped ``.json.gz``): ``{"code", "label", "seed",
+"epochs": [{"epoch", "loss": [per step], "n_valid": [active slots per step]}, ...]}`` (the
+official files add ``cc``, the weights its printed epoch loss uses: always the batch size,
+because its ``fit`` never updates ``n_valid``, and ``hopeless_rows``, rows per step whose
+target probability was below 1e-20). ``loss`` of a step = sum over the step's active
 rows of the row loss / batch_size (both codes divide by the full batch size, also in the
 shrinking tail); the epoch loss both codes print is sum(loss * n_valid) / sum(n_valid).
 The official side's file is written by a scratch copy of the official code (outside this
@@ -86,12 +89,24 @@ def run(args) -> None:
            "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
            "epoch_loss": [h["loss"] for h in res["history"]], "epochs": records}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc))
+    if args.out.endswith(".gz"):
+        import gzip
+
+        with gzip.open(args.out, "wt") as f:
+            json.dump(doc, f)
+    else:
+        Path(args.out).write_text(json.dumps(doc))
     print(f"{args.out}: epoch losses " + " ".join(f"{x:.4f}" for x in doc["epoch_loss"]))
 
 
 # ---- statistics ---------------------------------------------------------------------------------
 def load(path: str) -> dict:
+    """A per-step loss file (``.json`` or ``.json.gz``)."""
+    if path.endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
     return json.loads(Path(path).read_text())
 
 
@@ -151,12 +166,15 @@ def stats(args) -> None:
                                    int(b > a) for r in runs for a, b in zip(
                                        [epoch_stats(e, args.k)["printed"] for e in r["epochs"][:n_ep]][:-1],
                                        [epoch_stats(e, args.k)["printed"] for e in r["epochs"][:n_ep]][1:]))}
-        print(f"== {name}: {len(files)} runs ({', '.join(str(r.get('seed')) for r in runs)}); "
-              f"per-event losses, mean ± sd over runs; first K={args.k} steps vs the rest of the full-batch steps")
-        print(f"{'epoch':>5} {'printed':>15} {'first K':>15} {'rest (full)':>15} {'first-rest':>15} {'tail':>15}")
+        print(f"== {name}: {len(files)} runs ({', '.join(str(r.get('seed')) for r in runs)}); mean ± sd over runs of: "
+              f"the epoch loss as the code printed it, the mean row loss of the epoch (per event), and the mean "
+              f"row loss of the first K={args.k} steps, of the rest of the full-batch steps, their difference, "
+              f"and of the shrinking tail")
+        print(f"{'epoch':>5} {'printed':>15} {'per event':>15} {'first K':>15} {'rest (full)':>15} "
+              f"{'first-rest':>15} {'tail':>15}")
         for r in rows:
             f = lambda x: f"{r[x]['mean']:7.3f} ± {r[x]['std']:5.3f}"  # noqa: E731
-            print(f"{r['epoch']:>5} {f('printed'):>15} {f('first_k'):>15} {f('rest_full'):>15} "
+            print(f"{r['epoch']:>5} {f('printed'):>15} {f('mean_per_event'):>15} {f('first_k'):>15} {f('rest_full'):>15} "
                   f"{f('first_k_minus_rest'):>15} {f('tail'):>15}")
         gr = out["groups"][name]
         print(f"   steps with loss > 20: {gr['steps_over_20']} of {gr['steps']} "
@@ -169,7 +187,8 @@ def stats(args) -> None:
 
 
 def stats_plot(out: dict, png: str) -> None:
-    """first K steps minus the rest of the epoch, per epoch, mean and min-max over the runs."""
+    """first K steps minus the rest of the epoch, and the mean row loss of the epoch, per epoch:
+    mean and min-max over the runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +197,7 @@ def stats_plot(out: dict, png: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for j, (name, g) in enumerate(out["groups"].items()):
         ep = np.array([r["epoch"] for r in g["epochs"]]) + (j - (len(out["groups"]) - 1) / 2) * 0.12
-        for ax, key in zip(axes, ("first_k_minus_rest", "printed")):
+        for ax, key in zip(axes, ("first_k_minus_rest", "mean_per_event")):
             m = np.array([r[key]["mean"] for r in g["epochs"]])
             lo = m - np.array([r[key]["min"] for r in g["epochs"]])
             hi = np.array([r[key]["max"] for r in g["epochs"]]) - m
@@ -186,7 +205,7 @@ def stats_plot(out: dict, png: str) -> None:
     axes[0].axhline(0, color="k", lw=0.6)
     axes[0].set_title(f"mean loss of the first {out['k']} steps of the epoch minus the rest\n(mean, min-max over seeds)",
                       fontsize=10)
-    axes[1].set_title("epoch loss as printed (mean, min-max over seeds)", fontsize=10)
+    axes[1].set_title("mean row loss of the epoch, one formula for both codes\n(mean, min-max over seeds)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
@@ -226,7 +245,8 @@ def plot(args) -> None:
         b = 0
         for e in doc["epochs"]:
             ax.axvline(b, color="k", lw=0.6, ls="--")
-            ep_loss = float((np.asarray(e["loss"]) * np.asarray(e["n_valid"])).sum() / np.sum(e["n_valid"]))
+            w = np.asarray(e.get("cc", e["n_valid"]), dtype=float)  # the weights the code printed with
+            ep_loss = float((np.asarray(e["loss"]) * w).sum() / w.sum())
             ax.text(b + 5, 0.97, f"ep {e['epoch'] + 1}\n{ep_loss:.2f}", transform=ax.get_xaxis_transform(),
                     va="top", fontsize=7)
             b += len(e["loss"])

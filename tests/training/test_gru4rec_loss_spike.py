@@ -87,7 +87,7 @@ def reference(cfg, model, support, batches, state0):
                 q = torch.cat([cfg.logq * logp[y[:B]], cfg.logq * cfg.sample_alpha * logp[y[B:]]])
                 row_loss0 = float(-(torch.log_softmax(R - q, 1)[0, 0]))
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         state = [h.detach() for h in state]
         rows = {"Wy": torch.cat([x, y]), "By": y}
         with torch.no_grad():
