@@ -17,6 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+#: mlflow.set_tracking_uri / set_registry_uri also write these into os.environ, so a test that calls
+#: them would send the MLflow runs of every later test's subprocesses (DAG runs, servers) to its store
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_MLFLOW_URIS_AT_START = {k: os.environ.get(k) for k in _MLFLOW_URI_VARS}
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak():
+    """After every test, the MLflow URI variables are what they were when the session started."""
+    yield
+    for k, v in _MLFLOW_URIS_AT_START.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared/data, skipping the test with a clear reason when absent."""
     p = SHARED_DATA.joinpath(*parts)

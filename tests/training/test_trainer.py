@@ -62,7 +62,7 @@ def test_resume_refuses_another_training_path(split, tmp_path):
 def test_nan_fails_with_epoch_and_step_on_the_autograd_path(split, tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"at epoch 0 step \d+"):
         train("gru4rec", split, tmp_path / "nan", show_progress=False,
-              sets=SMALL + ["n_epochs=1", "learning_rate=1e30", "optimizer=adam"])
+              sets=SMALL + ["n_epochs=1", "learning_rate=1e38"])  # Adagrad: weights overflow float32 at once
 
 
 def test_early_stopping_stops_on_the_unseen_table_and_keeps_the_best(split, tmp_path, monkeypatch):
