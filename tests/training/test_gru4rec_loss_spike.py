@@ -189,24 +189,15 @@ def test_whole_step_chunk_equals_per_step_path_across_epoch_boundaries(monkeypat
     per-step path, the fresh hidden state and sample store): three short epochs through the
     whole-step C path and through the per-step path give the same per-step losses, the first
     steps of every epoch included, and the same optimizer state at the end."""
-    from training.data import ItemIndex, SessionData
+    from tests.training.toy import zipf_train_context
     from training.families import gru4rec
-    from training.family import TrainContext
 
-    rng = np.random.default_rng(5)
-    n_s = 90
-    lengths = rng.integers(2, 9, size=n_s)
-    off = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    n_items = 120
-    items = (rng.zipf(1.3, off[-1]) % n_items).astype(np.int64)
-    data = SessionData(items=items, offsets=off, session_ids=np.arange(n_s), start_ts=np.arange(n_s), user_ids=None)
-    idx = ItemIndex(np.arange(n_items) + 100, np.ones(n_items, np.int64))
-    support = np.bincount(items, minlength=n_items)
+    ctx = zipf_train_context(5, n_sessions=90, max_len=9, n_items=120)
     cfg = GRU4RecConfig(batch_size=8, layers=[16], n_sample=30)
     monkeypatch.setattr(gru4rec, "CHUNK", 7)
     res = {}
     for chunk in (True, False):
-        fam = gru4rec.GRU4RecFamily(cfg, TrainContext(idx, data, support, torch.device("cpu")))
+        fam = gru4rec.GRU4RecFamily(cfg, ctx)
         fam.init_weights(torch.Generator().manual_seed(7))
         runner = fam.runner()
         assert runner.path == "chunk"

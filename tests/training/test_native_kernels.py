@@ -298,22 +298,15 @@ def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypa
     reset taken from the wrong step changes the next loss by 1e-2 or more, while float rounding
     differences only grow slowly (training on this tiny table is chaotic: after ~100 steps they
     reach 1e-3 in the weights, so later steps are compared loosely)."""
-    from training.data import ItemIndex, SessionData
+    from tests.training.toy import zipf_train_context
     from training.families import gru4rec
-    from training.family import TrainContext
-    rng = np.random.default_rng(3)
-    lengths = rng.integers(2, 12, size=300)
-    off = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    n_items = 150
-    items = (rng.zipf(1.3, off[-1]) % n_items).astype(np.int64)
-    data = SessionData(items=items, offsets=off, session_ids=np.arange(300), start_ts=np.arange(300), user_ids=None)
-    idx = ItemIndex(np.arange(n_items) + 100, np.ones(n_items, np.int64))
-    support = np.bincount(items, minlength=n_items)
+
+    ctx = zipf_train_context(3, n_sessions=300, max_len=12, n_items=150)
     cfg = GRU4RecConfig(batch_size=16, layers=[24], n_sample=40, dropout_embed=0.1)
     monkeypatch.setattr(gru4rec, "CHUNK", 5)
     res = {}
     for chunk in (True, False):
-        fam = gru4rec.GRU4RecFamily(cfg, TrainContext(idx, data, support, torch.device("cpu")))
+        fam = gru4rec.GRU4RecFamily(cfg, ctx)
         fam.init_weights(torch.Generator().manual_seed(7))
         runner = fam.runner()
         assert runner.path == "chunk"

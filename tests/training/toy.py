@@ -61,6 +61,24 @@ def random_sessions(n_sessions: int, n_items: int, seed: int = 0, start_id: int 
     return out
 
 
+def zipf_train_context(seed: int, n_sessions: int, max_len: int, n_items: int):
+    """An in-memory GRU4Rec training context: ``n_sessions`` sessions of 2..max_len-1 Zipf-drawn
+    items (ids 100..), each item supported once. Returns ``TrainContext`` on the CPU."""
+    import torch
+
+    from training.data import ItemIndex, SessionData
+    from training.family import TrainContext
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, max_len, size=n_sessions)
+    off = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    items = (rng.zipf(1.3, off[-1]) % n_items).astype(np.int64)
+    data = SessionData(items=items, offsets=off, session_ids=np.arange(n_sessions), start_ts=np.arange(n_sessions),
+                       user_ids=None)
+    idx = ItemIndex(np.arange(n_items) + 100, np.ones(n_items, np.int64))
+    return TrainContext(idx, data, np.bincount(items, minlength=n_items), torch.device("cpu"))
+
+
 def toy_split(root: Path, n_train: int = 300, n_test: int = 60, n_items: int = 40, seed: int = 0) -> Path:
     train = random_sessions(n_train, n_items, seed, start_id=1)
     test = random_sessions(n_test, n_items, seed + 1, start_id=10_000)
