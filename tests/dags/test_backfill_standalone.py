@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import free_port
+
 pytestmark = pytest.mark.skipif(os.environ.get("RNNREC_SKIP_STANDALONE") == "1",
                                 reason="RNNREC_SKIP_STANDALONE=1 (the airflow standalone backfill test)")
 
 CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "families": ["pop"],
         "fractions": [], "epochs": 0, "device": "cpu"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _backfill_runs(db: Path) -> dict[str, str]:
@@ -54,7 +49,7 @@ def test_backfill_three_dates_with_standalone(tmp_path):
     data = tmp_path / "data"
     env = {**os.environ, **airflow_env(data, tmp_path / "airflow")}
     # no schedule-driven runs (unpausing would start "today's" run): only the backfill runs
-    port = _free_port()
+    port = free_port()
     env.update({"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__PARALLELISM": "2",
                 # task workers talk to the API server: it must be the same non-default port
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",

@@ -32,50 +32,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import free_port, stop_process, wait_http
+
 from tests.training.toy import events_table, random_sessions, write_split
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("RNNREC_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
 CANDIDATES = ["gru4rec", "gru4rec-recent4", "pop", "pop-recent4"]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert proc.poll() is None, f"{what} exited (rc {proc.returncode}):\n{log.read_text()[-3000:]}"
-        assert time.time() < deadline, f"{what} did not answer {url} in {timeout:.0f} s:\n{log.read_text()[-3000:]}"
-        time.sleep(1)
-
-
-def _stop(proc: subprocess.Popen, sig=signal.SIGINT, group: bool = False) -> None:
-    """Stop a server we started, by its PID (``group``: the process group it leads, which
-    ``start_new_session`` made for it alone, so its worker processes go too)."""
-    send = (lambda s: os.killpg(proc.pid, s)) if group else proc.send_signal
-    if proc.poll() is None:
-        send(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            send(signal.SIGKILL)
-            proc.wait(timeout=10)
-    if group:
-        try:  # workers that outlived the leader
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 #: Host name the browser uses for the server (mapped to 127.0.0.1 by Chromium's resolver rules):
@@ -86,7 +50,7 @@ UI_HOST = "mlflow-ui.test"
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
@@ -103,10 +67,10 @@ def mlflow_server(tmp_path_factory):
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{url}/health", proc, log_path, "mlflow server", timeout=300)
+        wait_http(f"{url}/health", alive=lambda: proc.poll() is None, what="mlflow server", log=log_path, timeout=300)
         yield url
     finally:
-        _stop(proc, group=True)
+        stop_process(proc, timeout=30, group=True)
         log.close()
 
 
@@ -202,7 +166,7 @@ def test_mlflow_models_serve_answers_invocations_like_the_pyfunc(logged, tmp_pat
     import pandas as pd
 
     model_uri = "models:/synthetic-gru4rec@champion"
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": logged["url"], "MLFLOW_DISABLE_TELEMETRY": "true",
            # `models serve` starts `uvicorn` by name: the venv's bin first
@@ -213,7 +177,8 @@ def test_mlflow_models_serve_answers_invocations_like_the_pyfunc(logged, tmp_pat
              "-h", "127.0.0.1", "-p", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            _wait_http(f"http://127.0.0.1:{port}/ping", proc, log_path, "mlflow models serve", timeout=300)
+            wait_http(f"http://127.0.0.1:{port}/ping", alive=lambda: proc.poll() is None, what="mlflow models serve",
+                      log=log_path, timeout=300)
             # the documented request format (README, evaluation/serving.py)
             records = [{"session": [105, 106, 107], "user_id": 3}, {"session": [120], "user_id": -1},
                        {"session": [999_999], "user_id": -1}]  # unknown item only: popularity fallback
@@ -232,7 +197,7 @@ def test_mlflow_models_serve_answers_invocations_like_the_pyfunc(logged, tmp_pat
             assert "session" in e.value.read().decode()
         finally:
             # SIGTERM to the process group led by `mlflow models serve` (its PID): it and its uvicorn child
-            _stop(proc, signal.SIGTERM, group=True)
+            stop_process(proc, signal.SIGTERM, timeout=30, group=True)
     assert proc.returncode is not None
 
     known = set(range(100, 140))

@@ -14,8 +14,6 @@ import base64
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.services import free_port, stop_process
 
 BIN = Path(sys.executable).parent
 ADMIN = "rnnrec-admin"
@@ -47,12 +47,6 @@ def auth_ini(tmp: Path, password: str) -> str:
         ""])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, user: str | None = None, password: str | None = None) -> int:
     """HTTP status of a GET (basic auth when ``user`` is given)."""
     req = urllib.request.Request(url)
@@ -66,28 +60,13 @@ def _get(url: str, user: str | None = None, password: str | None = None) -> int:
         return e.code
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT, then SIGKILL, to the process group the server leads (its PID): its uvicorn worker too."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived the leader
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-auth")
     password = secrets.token_urlsafe(18)  # throwaway; MLflow wants >= 12 characters
     ini = tmp / "basic_auth.ini"
     ini.write_text(auth_ini(tmp, password))
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
     env.update({"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_DISABLE_TELEMETRY": "true",
                 # the auth app signs CSRF tokens with it and refuses to start without one
@@ -109,7 +88,7 @@ def auth_server(tmp_path_factory):
                 time.sleep(1)
             yield {"url": url, "password": password, "tmp": tmp, "log": log_path}
         finally:
-            _stop(proc)
+            stop_process(proc, timeout=30, group=True)  # its uvicorn worker too
 
 
 def _get_or_none(url: str) -> int | None:

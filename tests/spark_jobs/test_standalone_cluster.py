@@ -21,7 +21,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from tests.services import free_port
 
 from tests.conftest import ROOT, shared_path
 
@@ -48,12 +49,6 @@ def _spark_home() -> Path:
     import pyspark
 
     return Path(pyspark.__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _group_alive(pgid: int) -> bool:
@@ -91,7 +86,7 @@ class StandaloneCluster:
     def __init__(self, root: Path, workers: int = WORKERS):
         self.root = root
         self.home = _spark_home()
-        self.port, self.webui_port = _free_port(), _free_port()
+        self.port, self.webui_port = free_port(), free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
         self.work_dirs = [root / f"worker{i}" for i in range(workers)]
         self.procs: dict[str, subprocess.Popen] = {}
@@ -125,7 +120,7 @@ class StandaloneCluster:
         for i, wd in enumerate(self.work_dirs):
             wd.mkdir()
             self._spawn(f"worker{i}", "org.apache.spark.deploy.worker.Worker",
-                        "--host", "127.0.0.1", "--port", str(_free_port()), "--webui-port", str(_free_port()),
+                        "--host", "127.0.0.1", "--port", str(free_port()), "--webui-port", str(free_port()),
                         "--cores", "1", "--memory", "1g", "--work-dir", str(wd), self.url)
 
     def state(self) -> dict:
