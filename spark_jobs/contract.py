@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -78,20 +79,52 @@ def recent_table(k: int) -> str:
     return f"train_recent_{k}"
 
 
+#: Fault injection for tests only (tests/reliability/test_faults_spark.py): seconds
+#: :func:`replace_dir` sleeps between its two renames, so that a test can kill a job exactly
+#: there. Unset (the default everywhere else) means no pause.
+SWAP_PAUSE_ENV = "RNNREC_FAULT_SWAP_PAUSE_S"
+
+
 def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Swap the finished folder ``tmp`` in as ``dest`` (same filesystem: two renames).
 
     Every output folder of the pipeline is written this way: a reader sees the old
     output or the new one, never a half-written one; the old one is removed afterwards.
+    The old output is first renamed to ``.<name>.old-<hex>`` (the hex starts with the
+    time in ns, so the names sort by age). A process killed between the two renames
+    leaves ``dest`` missing and the old output complete under that name:
+    :func:`recover_dir` renames it back (the next preprocessing run calls it first; the
+    retention sweep calls it when the killed run's temp folder is still beside it).
     """
     tmp, dest = Path(tmp), Path(dest)
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        old = dest.with_name(f".{dest.name}.old-{time.time_ns():016x}{uuid.uuid4().hex[:4]}")
         os.replace(dest, old)
+        if os.environ.get(SWAP_PAUSE_ENV):
+            time.sleep(float(os.environ[SWAP_PAUSE_ENV]))
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dest: str | os.PathLike) -> Path | None:
+    """Undo a :func:`replace_dir` killed between its two renames.
+
+    When ``dest`` is missing and its previous content waits as ``.<name>.old-<hex>``
+    beside it, the newest such folder is renamed back to ``dest``; returns the folder it
+    came from, or None when there is nothing to undo (``dest`` exists, or no old copy).
+    """
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink() or not dest.parent.is_dir():
+        return None
+    prefix = f".{dest.name}.old-"
+    olds = sorted((p for p in dest.parent.iterdir()
+                   if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
+    if not olds:
+        return None
+    os.replace(olds[-1], dest)
+    return olds[-1]
 
 
 # --------------------------------------------------------------------------- shared helpers

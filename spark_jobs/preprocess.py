@@ -14,7 +14,13 @@ Steps: read (bad rows -> ``OUT/quarantine``), encode ids, sessionize (given ids
 or 30-min idle split per user), optional removal of consecutive repeats,
 support filters to a fixed point, split + recent fractions, item/user index,
 ``manifest.json``. The whole output is built in a temporary sibling folder and
-swapped in at the end, so a re-run replaces ``OUT`` atomically.
+swapped in at the end, so a re-run replaces ``OUT`` atomically. A run killed between
+the two renames of that swap leaves ``OUT`` missing: the next run first renames the
+previous output back (:func:`spark_jobs.contract.recover_dir`). A full disk (or a
+file-size limit) on the output fails the job with :class:`OutputDiskFull` naming
+``OUT``; the temporary folder is removed and ``OUT`` is left as it was. When a file has
+too many bad rows, the rejected rows of that run are kept in
+``OUT.quarantine/<UTC time>-<id>/`` (one folder per failed run, names sort by time).
 
 Row accounting (``manifest.json`` ``accounting``, :mod:`spark_jobs.accounting`): every row
 read is skipped, quarantined, removed by a named step or written; the job checks it step by
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -50,6 +57,84 @@ log = logging.getLogger("spark_jobs.preprocess")
 
 class QuarantineThresholdExceeded(RuntimeError):
     """Too many bad rows in an input file."""
+
+
+class OutputDiskFull(OSError):
+    """The output could not be written: no space left on its device (or a file-size / quota limit)."""
+
+
+#: what the OS (or the JVM, in its exception text) says when a write hits a full disk or a limit
+_DISK_FULL = {errno.ENOSPC: "No space left on device", errno.EFBIG: "File too large",
+              errno.EDQUOT: "Disk quota exceeded"}
+
+
+def disk_full_reason(e: BaseException) -> str | None:
+    """The disk-full / file-too-large reason behind ``e`` (its causes, and the Java exception text
+    Py4J carries), or None when the failure is something else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return _DISK_FULL[e.errno]
+        try:
+            text = str(e)
+        except Exception:  # a Java object that cannot be printed any more
+            text = ""
+        for reason in _DISK_FULL.values():
+            if reason in text:
+                return reason
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_full_error(e: BaseException, out: str, tmp: str, spark=None) -> OutputDiskFull | None:
+    """A clear :class:`OutputDiskFull` for a job that failed on a full disk (None for other failures).
+
+    It says whether the write that failed was the output's (the temp folder ``tmp`` is named
+    in the error: Spark's "Task failed while writing rows to file:<tmp>/...") or somewhere else
+    (Spark's scratch space ``spark.local.dir``: shuffle and checkpoint files)."""
+    reason = disk_full_reason(e)
+    if reason is None:
+        return None
+    in_output, seen, x = False, set(), e
+    while x is not None and id(x) not in seen and not in_output:
+        seen.add(id(x))
+        try:
+            in_output = tmp in str(x) or str(getattr(x, "filename", None) or "").startswith(tmp)
+        except Exception:
+            pass
+        x = x.__cause__ or x.__context__
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(out)).free} bytes free on the output's device"
+    except OSError:
+        free = "free space on the output's device unknown"
+    state = "left as it was" if os.path.exists(out) else "not created"
+    if in_output:
+        msg = (f"cannot write the output {out}: {reason} (while writing {tmp}; the partial output was removed, "
+               f"{free}; {out} was {state}). Free space on that device (or raise the limit) and re-run")
+    else:
+        try:
+            local = spark.sparkContext.getConf().get("spark.local.dir", None) if spark is not None else None
+        except Exception:
+            local = None
+        local = local or os.environ.get("SPARK_LOCAL_DIRS") or "/tmp"
+        msg = (f"the output {out} was not written: {reason} outside the output, in Spark's scratch space "
+               f"(spark.local.dir {local}) or under a file-size limit; {out} was {state} and the partial output "
+               f"{tmp} was removed ({free}). Free space there (or raise the limit) and re-run")
+    err = OutputDiskFull(msg)
+    err.errno = next(k for k, v in _DISK_FULL.items() if v == reason)
+    return err
+
+
+def quarantine_keep_dir(out: str) -> str:
+    """A new folder for one failed run's rejected rows: ``OUT.quarantine/<UTC time>-<id>``.
+
+    One folder per failed run, so the next failed run of the same interval does not
+    overwrite it; the names sort by time (microseconds, then a random id)."""
+    import datetime as dt
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return os.path.join(out.rstrip("/") + ".quarantine", f"{stamp}-{uuid.uuid4().hex[:8]}")
 
 
 @dataclass
@@ -293,11 +378,18 @@ def run(cfg: PreprocessConfig, spark=None) -> dict:
     out = os.path.abspath(cfg.out)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    restored = C.recover_dir(out)
+    if restored is not None:
+        log.warning("restored the previous output %s from %s: an earlier run was killed while swapping it",
+                    out, restored)
     try:
         manifest = _run(spark, cfg, tmp)
         C.replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(e, out, tmp, spark) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from e
         raise
     return manifest
 
@@ -377,9 +469,8 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
                           .orderBy(F.desc("count")).limit(3).collect())
             top = "; ".join(f"{r['count']} x {r['reason']}" for r in per_reason)
             first = quarantine.where(F.col("file") == pf["file"]).orderBy("line").first()
-            keep = os.path.join(os.path.dirname(tmp), os.path.basename(cfg.out.rstrip("/")) + ".quarantine")
-            if os.path.exists(keep):
-                shutil.rmtree(keep)
+            keep = quarantine_keep_dir(os.path.join(os.path.dirname(tmp), os.path.basename(cfg.out.rstrip("/"))))
+            os.makedirs(os.path.dirname(keep), exist_ok=True)
             shutil.move(os.path.join(tmp, C.QUARANTINE_DIR), keep)
             raise QuarantineThresholdExceeded(
                 f"{pf['file']}: {pf['quarantined']} of {pf['rows']} rows are bad "
@@ -393,17 +484,20 @@ def _run(spark, cfg: PreprocessConfig, tmp: str) -> dict:
 
     lap("read")
     # ---- ids and sessions
-    ev, id_maps = S.encode_ids(res.events, res.string_ids)
-    for name, m in id_maps.items():
-        m.write.mode("overwrite").parquet(os.path.join(tmp, "id_maps", name))
+    raw_ev = res.events
     if cfg.end_ts:
-        # A scheduled run sees only data before its interval end (no peeking at the future).
+        # A scheduled run sees only data before its interval end (no peeking at the future), and
+        # before the ids are encoded: events that arrive later must not change this interval's
+        # id maps (a re-run of a past interval on a grown input gives the same bytes)
         from spark_jobs.splits import _to_us
 
-        late = ev.where(F.unix_micros("ts") >= _to_us(cfg.end_ts)).count()
-        ev = ev.where(F.unix_micros("ts") < _to_us(cfg.end_ts))
+        late = raw_ev.where(F.unix_micros("ts") >= _to_us(cfg.end_ts)).count()
+        raw_ev = raw_ev.where(F.unix_micros("ts") < _to_us(cfg.end_ts))
         steps.append({"step": "before_end_ts", "end_ts": cfg.end_ts, "removed": late})
         ledger.step("before_end_ts", {"at or after end_ts": late})
+    ev, id_maps = S.encode_ids(raw_ev, res.string_ids)
+    for name, m in id_maps.items():
+        m.write.mode("overwrite").parquet(os.path.join(tmp, "id_maps", name))
     if not ev.take(1):
         raise readers.InputError(f"no valid events in the input ({len(files)} file(s): {', '.join(files[:3])}"
                                  f"{'...' if len(files) > 3 else ''}); quarantined rows: {n_bad}")
@@ -621,6 +715,9 @@ def summary(manifest: dict) -> str:
     lines.insert(0, f"read: quarantined {r['quarantined']} row(s); skipped {r['skipped']}")
     for st in manifest["steps"]:
         name = st["step"] if "round" not in st else f"r{st['round']}:{st['step']}"
+        if "events" not in st:  # a step counted only by what it removed (before_end_ts)
+            lines.append(f"{name:<20}{'-' + str(st.get('removed', 0)):>10}")
+            continue
         lines.append(f"{name:<20}{st['events']:>10}{st['sessions']:>10}{st['items']:>8}{st['users']:>8}")
     for sname, sm in manifest["splits"].items():
         for t, c in sm["tables"].items():
@@ -637,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = run(cfg)
-    except (InputError, QuarantineThresholdExceeded, RowAccountingError, ValueError) as e:
+    except (InputError, QuarantineThresholdExceeded, RowAccountingError, ValueError, OutputDiskFull) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
         return 2
     print(summary(manifest))

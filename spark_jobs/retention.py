@@ -13,7 +13,11 @@ wrong moment leaves one of these behind, never a half-written output:
 - ``<name>.tmp-<hex>`` / ``.<name>.tmp-<hex|pid>``: an output being written
   (Spark job, training run, evaluation, generated input);
 - ``.<name>.old-<hex>``: the previous output, renamed away just before its
-  replacement (removed right after the swap);
+  replacement (removed right after the swap). When ``<name>`` itself is missing and a
+  temp of it (``<name>.tmp-*`` / ``.<name>.tmp-*``) lies beside it, a run was killed
+  between the two renames of the swap: the sweep renames the old output back to
+  ``<name>`` (:func:`spark_jobs.contract.recover_dir`) instead of removing the only
+  complete copy;
 - ``.<name>.<random>.tmp``: a file being written by ``atomic_write``.
 
 :func:`sweep_leftovers` removes those that have not been touched for
@@ -45,6 +49,20 @@ class Housekeeping:
     removed: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # path -> why it was kept
     freed_bytes: int = 0
+    restored: dict[str, str] = field(default_factory=dict)  # output -> the .old-* folder renamed back to it
+
+
+def _interrupted_swap(p: Path) -> Path | None:
+    """The output ``p`` (a ``.<name>.old-<hex>`` folder) was renamed away from, when a swap into it
+    was interrupted between its two renames: ``<name>`` is missing and a temp of it is beside it."""
+    m = re.match(r"^\.(.+)\.old-[0-9a-f]+$", p.name)
+    if not m or not p.is_dir() or p.is_symlink():
+        return None
+    dest = p.with_name(m.group(1))
+    if dest.exists() or dest.is_symlink():
+        return None
+    temp = re.compile(rf"^\.?{re.escape(dest.name)}\.tmp-[0-9A-Za-z]+$")
+    return dest if any(temp.match(q.name) for q in p.parent.iterdir()) else None
 
 
 def _size(p: Path) -> int:
@@ -91,9 +109,22 @@ def sweep_leftovers(root: str | os.PathLike, min_age_s: float = 24 * 3600, now: 
             if not LEFTOVER.match(name):
                 continue
             p = Path(dirpath) / name
+            if not p.exists() and not p.is_symlink():  # renamed back to its output just before
+                continue
             age = now - _newest_mtime(p)
             if age < min_age_s:
                 out.kept[str(p)] = f"touched {age:.0f} s ago (< {min_age_s:.0f} s): may be a run in progress"
+                continue
+            dest = _interrupted_swap(p)
+            if dest is not None:  # the only complete copy of the output: put it back
+                if dry_run:
+                    out.restored[str(dest)] = str(p)
+                else:
+                    from spark_jobs.contract import recover_dir
+
+                    out.restored[str(dest)] = str(recover_dir(dest))
+                if name in dirnames:
+                    dirnames.remove(name)
                 continue
             _remove(p, out, dry_run)
             if name in dirnames:
@@ -134,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     sw = sweep_leftovers(a.root, a.min_age_hours * 3600, dry_run=a.dry_run)
     pr = prune_intervals(a.root, a.keep, dry_run=a.dry_run) if a.keep is not None else Housekeeping()
-    print(json.dumps({"dry_run": a.dry_run, "swept": sw.removed, "pruned": pr.removed,
+    print(json.dumps({"dry_run": a.dry_run, "swept": sw.removed, "restored": sw.restored, "pruned": pr.removed,
                       "freed_bytes": sw.freed_bytes + pr.freed_bytes, "kept": {**sw.kept, **pr.kept}}, indent=2))
     return 0
 
