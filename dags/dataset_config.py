@@ -92,12 +92,14 @@ def load(path_or_name: str | os.PathLike) -> DatasetConfig:
             continue
         if key == "dataset":
             raise DatasetConfigError(f"{p}: key 'dataset': use 'name'")
+        if key == "dataset_config":
+            raise DatasetConfigError(f"{p}: key 'dataset_config': a dataset config cannot name another one")
         if key == "data_dir":
             raise DatasetConfigError(f"{p}: key 'data_dir': where outputs go is the deployment's "
                                      "(RNNREC_DATA_DIR), not the dataset's")
         spec = PARAM_SPECS.get(key)
         if spec is None:
-            allowed = sorted(set(PARAM_SPECS) - {"dataset", "data_dir"} | set(OWN_KEYS))
+            allowed = sorted(set(PARAM_SPECS) - {"dataset", "data_dir", "dataset_config"} | set(OWN_KEYS))
             raise DatasetConfigError(f"{p}: unknown key {key!r} (allowed: {', '.join(allowed)})")
         types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
         ok = any(isinstance(value, _TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool))

@@ -80,6 +80,15 @@ PARAM_SPECS: dict[str, dict[str, Any]] = {
                       "description": "'champion' moves only with a better mean and paired Wilcoxon p below this."},
     "promote_margin": {"default": 0.0, "type": "number", "minimum": 0,
                        "description": "If > 0: move 'champion' when the mean is better by at least this instead."},
+    "dataset_config": {"default": "", "type": "string",
+                       "description": "A dataset config (conf/datasets/<name>.yaml, or a path) that sets the other "
+                                      "Params; empty = the Airflow Variable rnnrec_dataset_config, if set. "
+                                      "Values passed explicitly in the trigger's conf still win."},
+    "stages": {"default": "all", "type": "string", "enum": ["all", "train", "evaluate", "evaluate_registered"],
+               "description": "all; train = train + evaluate on this interval's existing processed data; "
+                              "evaluate = evaluate this interval's existing trained models again; "
+                              "evaluate_registered = process the interval, then score each family's registered "
+                              "champion on it (no training, nothing registered)."},
 }
 DEFAULT_PARAMS: dict[str, Any] = {k: v["default"] for k, v in PARAM_SPECS.items()}
 DEVICES = tuple(PARAM_SPECS["device"]["enum"])
@@ -140,16 +149,52 @@ def interval_key(start: str, end: str) -> str:
     return f"{f(start)}Z_{f(end)}Z"
 
 
-def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, interval_end) -> dict:
-    """Validate the run's Params and fix every path of this data interval. Returns the run config."""
+STAGES = tuple(PARAM_SPECS["stages"]["enum"])
+#: stages that reuse the interval's processed data instead of reading the input again
+REUSE_DATA_STAGES = ("train", "evaluate")
+
+
+def apply_dataset_config(params: dict, explicit: dict | None, variable: str | None = None):
+    """The run's Params with its dataset config applied: defaults < the config < ``explicit``
+    (what the trigger passed; None = every value in ``params`` that differs from its default).
+    The config is the Param ``dataset_config`` or, when that is empty, ``variable`` (the Airflow
+    Variable ``rnnrec_dataset_config``). Returns ``(params, config or None)``."""
+    from dags import dataset_config as dc
+
+    params = dict(params or {})
+    if explicit is None:
+        explicit = {k: v for k, v in params.items() if k not in DEFAULT_PARAMS or v != DEFAULT_PARAMS[k]}
+    name = params.get("dataset_config") or (variable or "").strip()
+    if not name:
+        return params, None
+    try:
+        conf = dc.load(name)
+    except dc.DatasetConfigError as e:
+        src = "param 'dataset_config'" if params.get("dataset_config") else "Airflow Variable rnnrec_dataset_config"
+        raise PipelineParamError(f"{src} = {name!r}: {e}") from None
+    merged = dc.merge({**DEFAULT_PARAMS, **{k: v for k, v in params.items() if k not in explicit}}, conf, explicit)
+    merged["dataset_config"] = conf.path
+    return merged, conf
+
+
+def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, interval_end,
+            explicit: dict | None = None, variable_config: str | None = None) -> dict:
+    """Validate the run's Params and fix every path of this data interval. Returns the run config.
+
+    ``explicit``: the values the trigger passed (``dag_run.conf``), which win over a dataset
+    config; ``variable_config``: the Airflow Variable naming the dataset config of scheduled runs
+    (:func:`apply_dataset_config`)."""
     from spark_jobs.readers import FORMATS
     from training import registry
     from training.config import resolve_config
 
-    p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items()}}
-    unknown = sorted(set(p) - set(DEFAULT_PARAMS))
+    unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
     if unknown:
         raise PipelineParamError(f"unknown param(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
+    params, dconf = apply_dataset_config(params, explicit, variable_config)
+    p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items()}}
+    if p["stages"] not in STAGES:
+        raise PipelineParamError(f"param 'stages' = {p['stages']!r}: one of {STAGES}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", str(p["dataset"])):
         raise PipelineParamError(f"param 'dataset' = {p['dataset']!r}: use letters, digits, '_', '.', '-' (max 64)")
     inputs = p["input"] or []
@@ -159,7 +204,7 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
         if p["format"] not in FORMATS:
             raise PipelineParamError(f"param 'format' = {p['format']!r}: choose one of {', '.join(FORMATS)}")
         missing = [i for i in inputs if "://" not in i and not glob.glob(i)]
-        if missing:
+        if missing and p["stages"] not in REUSE_DATA_STAGES:
             raise PipelineParamError(f"param 'input': path(s) not found: {missing}")
     fams = list(p["families"] or [])
     if not fams:
@@ -221,7 +266,13 @@ def resolve(params: dict, *, dag_id: str, dag_run_id: str, interval_start, inter
     data_dir = Path(p["data_dir"] or os.environ.get("RNNREC_DATA_DIR") or ROOT / "data").resolve()
     start, end = _iso(interval_start), _iso(interval_end)
     root = data_dir / "pipeline" / p["dataset"] / interval_key(start, end)
-    return {"params": p, "inputs": inputs, "overrides": overrides, "finetune": finetune, "families": fams,
+    arrival = retention = None
+    if dconf is not None:
+        as_dt = lambda s: dt.datetime.fromisoformat(s)  # noqa: E731
+        arrival = dconf.arrival_path(as_dt(start), as_dt(end))
+        retention = dict(dconf.retention) or None
+    return {"params": p, "inputs": inputs, "arrival": arrival, "retention": retention,
+            "dataset_config": p["dataset_config"] or None, "stages": p["stages"], "overrides": overrides, "finetune": finetune, "families": fams,
             "sources": sources, "fractions": fr,
             "data_dir": str(data_dir), "root": str(root), "dag_id": dag_id, "dag_run_id": dag_run_id,
             "interval_start": start, "interval_end": end}
@@ -258,6 +309,8 @@ def dependent_sources(fams: list[str], overrides: dict) -> dict[str, dict[str, s
 def ingest(cfg: dict) -> dict:
     """The raw input of this run: the given files, or a generated clickstream (made once, shared)."""
     p = cfg["params"]
+    if cfg.get("stages") in REUSE_DATA_STAGES:  # the interval's processed data is reused, not re-read
+        return {"input": cfg["inputs"], "format": p["format"], "n_files": None, "reused": True}
     if cfg["inputs"]:
         from spark_jobs.readers import input_files
 
@@ -298,6 +351,17 @@ def preprocess(cfg: dict, raw: dict) -> dict:
     """Sessionize, filter, split with a global time cut at the interval end (1 test day)."""
     from spark_jobs.preprocess import run
 
+    if cfg.get("stages") in REUSE_DATA_STAGES:
+        from spark_jobs.contract import recover_dir
+
+        recover_dir(Path(cfg["root"]) / "processed")  # a run killed inside the output swap
+        if not (Path(cfg["root"]) / "processed" / "manifest.json").is_file():
+            raise PipelineParamError(
+                f"param 'stages' = {cfg['stages']!r} reuses this interval's processed data, but there is none: "
+                f"{Path(cfg['root']) / 'processed'} has no manifest.json (run the interval with stages=all first)")
+        log.info("stages=%s: reusing the processed data of this interval in %s", cfg["stages"],
+                 Path(cfg["root"]) / "processed")
+        return preprocess_result(cfg)
     pc = preprocess_config(cfg, raw)
     from pyspark.sql import SparkSession
 
@@ -361,13 +425,47 @@ def preprocess_result(cfg: dict) -> dict:
     out = Path(cfg["root"]) / "processed"
     manifest = json.loads((out / "manifest.json").read_text())
     tables = manifest["splits"]["time_strict"]["tables"]
-    for t in ("train_full", "test"):
-        if tables[t]["events"] == 0:
-            raise PipelineParamError(
-                f"the {t} table of interval {cfg['interval_start']} .. {cfg['interval_end']} is empty: "
-                f"the input has no events in that period (check the date / 'input' / 'test_days')")
+    if tables["test"]["events"] == 0:  # an empty interval: a skip (interval_has_data), not a failure
+        return {"processed": str(out), "split_dir": str(out / "splits" / "time_strict"),
+                "counts": {t: tables[t]["events"] for t in tables}, "empty": True}
+    if tables["train_full"]["events"] == 0:
+        raise PipelineParamError(
+            f"the train_full table of interval {cfg['interval_start']} .. {cfg['interval_end']} is empty: "
+            f"the input has no events before the test period (check the date / 'input' / 'test_days')")
     return {"processed": str(out), "split_dir": str(out / "splits" / "time_strict"),
-            "counts": {t: tables[t]["events"] for t in tables}}
+            "counts": {t: tables[t]["events"] for t in tables}, "empty": False}
+
+
+def interval_has_data(cfg: dict, prep: dict) -> bool:
+    """False (the rest of the run is skipped, not failed) when the interval's test period has no
+    events: nothing arrived for it (a holiday, an outage upstream), or the input does not reach it."""
+    if prep.get("empty"):
+        log.warning("interval %s .. %s has no events in its test period (%s): skipping the rest of this run "
+                    "(training, evaluation, registry); this is not a failure. Input: %s",
+                    cfg["interval_start"], cfg["interval_end"], prep["counts"], cfg["inputs"] or "synthetic")
+        return False
+    return True
+
+
+def housekeeping(cfg: dict, min_age_s: float | None = None) -> dict:
+    """Retention for this run's dataset (its dataset config's ``retention``; none = keep all):
+    sweep what killed runs left (temp / old outputs untouched for ``sweep_after_hours``, default
+    24) and remove interval folders beyond the ``keep_intervals`` newest. The running interval is
+    never removed. Returns what was removed and the bytes freed."""
+    from spark_jobs import retention as R
+
+    ret = cfg.get("retention") or {}
+    root = Path(cfg["root"]).parent
+    age = float(ret.get("sweep_after_hours", 24)) * 3600 if min_age_s is None else min_age_s
+    sw = R.sweep_leftovers(root, age)
+    pr = R.prune_intervals(root, int(ret["keep_intervals"]), protect=(Path(cfg["root"]).name,)) \
+        if ret.get("keep_intervals") else R.Housekeeping()
+    out = {"swept": sw.removed, "pruned": pr.removed, "restored": sw.restored,
+           "freed_bytes": sw.freed_bytes + pr.freed_bytes}
+    log.info("housekeeping of %s: swept %d leftover(s), restored %d output(s) a killed swap left aside, "
+             "pruned %d interval(s), freed %.1f MB", root, len(sw.removed), len(sw.restored), len(pr.removed),
+             out["freed_bytes"] / 1e6)
+    return out
 
 
 def spark_conf_from_env(var: str = "RNNREC_SPARK_CONF") -> dict[str, str]:
@@ -417,6 +515,8 @@ def _fresh_spec(cfg: dict, f: str, split_dir: str, refit: bool) -> dict:
 
 def plan_pretrain(cfg: dict, prep: dict) -> list[dict]:
     """The families trained from scratch first: every one that needs no other run of this DAG run."""
+    if cfg.get("stages") == "evaluate_registered":  # nothing is trained (evaluate_registered scores)
+        return []
     refit = cfg["params"]["train_table"] == "train_full"
     return [_fresh_spec(cfg, f, prep["split_dir"], refit) for f in cfg["families"] if f not in cfg.get("sources", {})]
 
@@ -561,6 +661,17 @@ def train_outputs(cfg: dict, spec: dict, parent_run_id: str | None) -> dict:
     info = {}
     for which, d, run in todo:
         want = _train_spec(spec["family"], spec["split_dir"], run, parent_run_id)
+        if cfg.get("stages") == "evaluate":  # evaluation only: this interval's trained model, any run's
+            have = _read_json(d / "train_spec.json") if (d / "model.pt").is_file() else None
+            if have is None or {**have, "tracking_run_id": None} != {**want, "tracking_run_id": None}:
+                raise PipelineParamError(
+                    f"param 'stages' = 'evaluate': candidate {spec['candidate']!r} has no trained {which} model "
+                    f"with these settings in {d} ("
+                    + ("none there" if have is None else "it was trained with other settings: "
+                       + json.dumps({k: have.get(k) for k in ("overrides", "init_from")})[:300])
+                    + "); train it first (stages=all or train)")
+            info[which] = {"trained": False, "resumed_from_epoch": None}
+            continue
         if parent_run_id and (d / "model.pt").is_file() and _read_json(d / "train_spec.json") == want:
             log.info("training of %s (%s) skipped: %s was already trained by an earlier try of this DAG run",
                      spec["candidate"], which, d)
@@ -870,6 +981,102 @@ def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str,
                       failed=failed)
     ml.finish_parent_run(parent_run_id, "FAILED" if failed else "FINISHED", failed=failed)
     return {"candidates": slim, "registry": decisions, "parent_run_id": parent_run_id, "select_key": key,
+            "comparison": str(Path(cfg["root"]) / "comparison"), "failed": failed}
+
+
+def _table_start_us(split_dir: str, table: str) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    ts = pads.dataset(str(Path(split_dir) / table), format="parquet").to_table(columns=["ts"]).column("ts")
+    return int(pc.min(ts).cast("int64").as_py())
+
+
+def evaluate_registered(cfg: dict, prep: dict, parent_run_id: str) -> list[dict] | None:
+    """``stages=evaluate_registered``: score each family's registered ``champion``
+    (``<dataset>-<family>@champion``) on this interval's ``test`` table, each in a child run
+    ``registered-<family>`` of the DAG run's parent run (result in
+    ``eval/registered-<family>/result.json``). Nothing is trained or registered. A family without
+    a champion is recorded as failed (named by compare_and_register). A champion whose final model
+    trained on events of this test period is scored but flagged (``saw_test``). Other stages: None."""
+    if cfg.get("stages") != "evaluate_registered":
+        return None
+    from evaluation import mlflow_logging as ml
+
+    ml.configure(cfg["data_dir"])
+    test_start = _table_start_us(prep["split_dir"], "test")
+    out = []
+    for fam in cfg["families"]:
+        try:
+            out.append(_evaluate_champion(cfg, prep, parent_run_id, fam, test_start))
+        except Exception as e:  # recorded; the other families go on
+            log.error("re-evaluation of %s's champion failed: %s: %s", fam, type(e).__name__, e)
+    return out
+
+
+def _evaluate_champion(cfg: dict, prep: dict, parent_run_id: str, fam: str, test_start: int) -> dict:
+    from evaluation import mlflow_logging as ml
+    from evaluation.evaluate import evaluate
+    from spark_jobs.contract import replace_dir, write_json
+
+    ds, p = cfg["params"]["dataset"], cfg["params"]
+    cand, name = f"registered-{fam}", f"{ds}-{fam}"
+    with record_failure(cfg, cand, "evaluate_registered", parent_run_id):
+        mv = ml.champion(name)
+        if mv is None:
+            raise LookupError(f"registry model {name!r} has no 'champion' version to re-evaluate")
+        dest = Path(cfg["root"]) / "eval" / cand
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            ckpt = ml.download_checkpoint(f"models:/{name}@champion", tmp / "model")
+            mode = eval_mode_of(cfg, ckpt)
+            m = evaluate(ckpt, prep["split_dir"], tmp / "test", table="test", device=p["device"], mode=mode)
+            end_us = int(mv.tags.get(f"{ml.TAG}final_train_end_us") or 0)
+            res = {"candidate": cand, "label": f"{cand}@v{mv.version}", "family": fam, "fraction": None,
+                   "registered_model": name, "registered_version": mv.version, "test_mode": mode,
+                   "trained_through_us": end_us or None, "saw_test": bool(end_us and end_us >= test_start),
+                   "split_dir": prep["split_dir"], "tracking_run_id": parent_run_id,
+                   **{k: m[k] for k in ("recall_at_5", "mrr_at_5", "recall_at_20", "mrr_at_20",
+                                        "precision_at_20", "ndcg_at_20", p["select_metric"])}}
+            if res["saw_test"]:
+                log.warning("champion %s v%s trained on events of this test period (through %d us >= %d us): "
+                            "its score here is not an honest estimate", name, mv.version, end_us, test_start)
+            shutil.rmtree(tmp / "model")
+            write_json(tmp / "result.json", res)
+            replace_dir(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        with ml.child_run(parent_run_id, cand, family=fam, fraction=None) as rid:
+            ml.log_evaluation(rid, dest / "test", "test", split_dir=prep["split_dir"])
+            ml.set_tags(rid, {"registered_model": name, "registered_version": str(mv.version),
+                              "saw_test": str(res["saw_test"])})
+    return res
+
+
+def summarize_registered(cfg: dict, parent_run_id: str) -> dict:
+    """compare_and_register of a ``stages=evaluate_registered`` run: the champions' scores on this
+    interval's test table side by side (comparison.json / .csv / .png on the parent run); the
+    registry is not touched. The parent run ends FAILED when a family could not be scored."""
+    from evaluation import mlflow_logging as ml
+
+    ml.configure(cfg["data_dir"])
+    rows, failed = [], []
+    for fam in cfg["families"]:
+        cand = f"registered-{fam}"
+        res = _read_json(Path(cfg["root"]) / "eval" / cand / "result.json")
+        if res is not None and res.get("tracking_run_id") == parent_run_id:
+            rows.append(res)
+            continue
+        rec = _read_json(_status_path(cfg, "failed", cand)) or {}
+        failed.append({"candidate": cand, "step": rec.get("step", "evaluate_registered"),
+                       "error": rec.get("error", "no result")})
+    key = cfg["params"]["select_metric"]
+    slim = [{k: r.get(k) for k in ("label", "candidate", "family", "fraction", key, "recall_at_5", "mrr_at_5",
+                                   "recall_at_20", "mrr_at_20", "precision_at_20", "registered_model",
+                                   "registered_version", "saw_test")} for r in rows]
+    ml.log_comparison(parent_run_id, slim, [], Path(cfg["root"]) / "comparison", select_key=key, failed=failed)
+    ml.finish_parent_run(parent_run_id, "FAILED" if failed or not rows else "FINISHED", failed=failed)
+    return {"candidates": slim, "registry": [], "parent_run_id": parent_run_id, "select_key": key,
             "comparison": str(Path(cfg["root"]) / "comparison"), "failed": failed}
 
 

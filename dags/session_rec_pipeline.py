@@ -9,7 +9,10 @@ Daily pipeline for RNN session-based recommendation. A run with data interval
 date replaces exactly that date's outputs.
 
 ```
-resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking (MLflow parent run)
+resolve -> housekeeping (retention, sweep)
+resolve -> wait_for_input (deferred until the arrival marker) -> ingest -> preprocess (Spark)
+  -> interval_has_data (skip the rest when the test period is empty)
+  -> quality_gates (GX) -> start_tracking (MLflow parent run)
   -> train[family]            (pool "gpu", mapped over the families: a selection copy on train
                                and the final model on train_full)
   -> train_recent[family, k]  (pool "gpu", fine-tuned from train[family]: the selection copy on
@@ -18,6 +21,7 @@ resolve -> ingest -> preprocess (Spark) -> quality_gates (GX) -> start_tracking 
                                teacher_run from tan_teacher, tan_emb's item_embeddings_from from tan;
                                then train_recent_dependent, evaluate_dependent, evaluate_recent_dependent)
   -> evaluate[...] (selection copies on valid, final models on test)
+  -> evaluate_registered     (stages=evaluate_registered only: the champions on this interval)
   -> compare_and_register (choose on valid; register; move "champion" only on a paired test
                            against the champion on a table neither trained on)
   -> finish_tracking (always: the parent MLflow run never stays RUNNING; fails the DAG run
@@ -35,6 +39,18 @@ ends FAILED and `finish_tracking` fails the DAG run. Every task failure calls th
 so does the DAG run's failure. A retried `train` resumes from its last epoch checkpoint
 (`<root>/checkpoints/<candidate>/<select|final>/`); one whose models were trained but not logged
 (MLflow down) only logs. `dagrun_timeout` = 24 h, `max_active_runs` = 1.
+
+**Scheduled runs on your data** (docs/reliability.md): write `conf/datasets/<name>.yaml` (input
+glob, format, arrival marker, retention, any Param) and select it for scheduled runs with
+`airflow variables set rnnrec_dataset_config <name>` (or Param `dataset_config` in a trigger;
+values a trigger passes still win). `wait_for_input` waits, deferred, for the interval's arrival
+marker; an interval without test events is skipped (`interval_has_data`), not failed;
+`housekeeping` applies the config's retention and sweeps what killed runs left. Schedule:
+`RNNREC_SCHEDULE` (cron, default daily), `RNNREC_START_DATE`, `RNNREC_CATCHUP` (parse time).
+
+**Partial runs**: Param `stages` = `train` (reuse this interval's processed data), `evaluate`
+(reuse its trained models too), `evaluate_registered` (score each family's champion on this
+interval; nothing trained or registered).
 
 **Manual trigger** (Params are validated; a bad value fails `resolve` with the reason):
 
@@ -69,7 +85,7 @@ import os
 import sys
 from datetime import datetime, timedelta
 
-from airflow.sdk import BaseNotifier, Param, dag, task
+from airflow.sdk import BaseNotifier, BaseOperator, Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 # The project root holds spark_jobs/, training/, ... (tasks import them lazily).
@@ -80,6 +96,16 @@ if _ROOT not in sys.path:
 DAG_ID = "session_rec_pipeline"
 _SPARK_CONN = os.environ.get("RNNREC_SPARK_CONN_ID", "")
 _K8S_IMAGE = os.environ.get("RNNREC_K8S_TRAIN_IMAGE", "")
+# The schedule (deployment settings, read at parse time): one run per day by default, from the
+# first day of the user's data; catch-up off (a new deployment starts with the latest interval).
+_SCHEDULE = os.environ.get("RNNREC_SCHEDULE", "0 0 * * *")
+_START = datetime.fromisoformat(os.environ.get("RNNREC_START_DATE") or "2014-04-01")
+_CATCHUP = os.environ.get("RNNREC_CATCHUP", "false").strip().lower() in ("1", "true", "yes")
+#: the Airflow Variable that names the dataset config of scheduled runs (Param dataset_config wins)
+CONFIG_VARIABLE = "rnnrec_dataset_config"
+#: how long a run waits for its interval's arrival marker (deferred: no worker slot is held)
+_ARRIVAL_TIMEOUT = timedelta(hours=float(os.environ.get("RNNREC_ARRIVAL_TIMEOUT_HOURS", "20")))
+_ARRIVAL_POKE_S = float(os.environ.get("RNNREC_ARRIVAL_POKE_SECONDS", "60"))
 
 def _params() -> dict:
     """The Params from ``dags.pipeline_steps.PARAM_SPECS`` (stdlib-only import: the defaults
@@ -142,11 +168,44 @@ def _notifier():
 _NOTIFY = _notifier()
 
 
+class WaitForInput(BaseOperator):
+    """Wait, deferred (the triggerer polls; no worker slot is held), until the interval's input
+    has arrived: the ``arrival`` marker of the run's dataset config, formatted with the data
+    interval (``resolve`` puts the path in its result). No marker configured, or a stage that
+    reuses the processed data: no wait. Times out after ``$RNNREC_ARRIVAL_TIMEOUT_HOURS`` (20)."""
+
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, poke_interval: float = 60.0, **kwargs):
+        super().__init__(**kwargs)
+        self.poke_interval = poke_interval
+
+    def execute(self, context):
+        cfg = context["ti"].xcom_pull(task_ids="resolve") or {}
+        path = cfg.get("arrival")
+        if not path or cfg.get("stages") in ("train", "evaluate"):
+            self.log.info("no arrival marker to wait for (dataset config: %s)", cfg.get("dataset_config"))
+            return None
+        if os.path.exists(path):
+            self.log.info("input of %s .. %s has arrived: %s", cfg["interval_start"], cfg["interval_end"], path)
+            return path
+        from airflow.providers.standard.triggers.file import FileTrigger
+
+        self.log.info("waiting (deferred, up to %s) for %s: the input of %s .. %s is not complete yet",
+                      _ARRIVAL_TIMEOUT, path, cfg["interval_start"], cfg["interval_end"])
+        self.defer(trigger=FileTrigger(filepath=path, poke_interval=self.poke_interval), method_name="arrived",
+                   kwargs={"path": path}, timeout=_ARRIVAL_TIMEOUT)
+
+    def arrived(self, context, path: str, event=None):
+        self.log.info("input arrived: %s", path)
+        return path
+
+
 @dag(
     dag_id=DAG_ID,
-    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
-    start_date=datetime(2014, 4, 1),
-    catchup=False,
+    schedule=CronDataIntervalTimetable(_SCHEDULE, timezone="UTC"),
+    start_date=_START,
+    catchup=_CATCHUP,
     doc_md=__doc__,
     params=_params(),
     tags=["rnnrec", "training"],
@@ -161,11 +220,31 @@ def session_rec_pipeline():
     @task
     def resolve(**context) -> dict:
         """Validate the Params; fix this interval's output paths."""
+        from airflow.sdk import Variable
+
         s = _steps()
+        dag_run = context.get("dag_run")
         with s.clear_errors():
             return s.resolve(dict(context["params"]), dag_id=context["dag"].dag_id,
                              dag_run_id=context["run_id"], interval_start=context.get("data_interval_start"),
-                             interval_end=context.get("data_interval_end"))
+                             interval_end=context.get("data_interval_end"),
+                             explicit=dict(getattr(dag_run, "conf", None) or {}),
+                             variable_config=Variable.get(CONFIG_VARIABLE, default=None))
+
+    @task(retries=0)
+    def housekeeping(cfg: dict) -> dict:
+        """Retention of the dataset config: sweep killed runs' leftovers, prune old intervals."""
+        return _steps().housekeeping(cfg)
+
+    @task.short_circuit
+    def interval_has_data(cfg: dict, prep: dict) -> bool:
+        """An interval without test events skips the rest of the run (a skip, not a failure)."""
+        return _steps().interval_has_data(cfg, prep)
+
+    @task
+    def evaluate_registered(cfg: dict, prep: dict, parent_run_id: str):
+        """stages=evaluate_registered: each family's champion on this interval's test table."""
+        return _steps().evaluate_registered(cfg, prep, parent_run_id)
 
     @task
     def ingest(cfg: dict) -> dict:
@@ -238,6 +317,12 @@ def session_rec_pipeline():
     def compare_and_register(cfg: dict, parent_run_id: str) -> dict:
         """Comparison chart/table; register each family; move 'champion' only when beaten."""
         s = _steps()
+        if parent_run_id is None:  # start_tracking never ran: a step before it failed (that task says why)
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException("nothing to compare: start_tracking did not run (an earlier step failed)")
+        if cfg["stages"] == "evaluate_registered":
+            return s.summarize_registered(cfg, parent_run_id)
         evaluated, failed = s.collect_outcomes(cfg, parent_run_id)
         return s.compare_and_register(cfg, evaluated, parent_run_id, failed=failed)
 
@@ -246,6 +331,10 @@ def session_rec_pipeline():
         """Always last: end the parent MLflow run (FAILED if compare_and_register did not) and fail
         the DAG run, naming the candidates, when any failed."""
         s = _steps()
+        if parent_run_id is None:  # no parent MLflow run to end; the failed earlier step fails the DAG run
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException("no MLflow parent run: start_tracking did not run (an earlier step failed)")
         summary = context["ti"].xcom_pull(task_ids="compare_and_register")
         try:
             return s.finish_tracking(cfg, parent_run_id, summary)
@@ -255,12 +344,16 @@ def session_rec_pipeline():
             raise AirflowFailException(str(e)) from None
 
     cfg = resolve()
+    housekeeping(cfg)
+    arrived = WaitForInput(task_id="wait_for_input", poke_interval=_ARRIVAL_POKE_S, retries=0)
     raw = ingest(cfg)
+    cfg >> arrived >> raw
     if _SPARK_CONN:
         prep = _spark_submit_preprocess(cfg, raw)
     else:
         prep = preprocess(cfg, raw)
     quality = quality_gates(cfg, prep)
+    interval_has_data(cfg, prep) >> quality
     parent = start_tracking(cfg, prep, quality)
     def train_stage(suffix: str, specs):
         """train{suffix} mapped over ``specs``, then train_recent{suffix} (fine-tuned from it) and
@@ -277,7 +370,7 @@ def session_rec_pipeline():
     # families that need a run of `train` (a distillation student's teacher, M4's M1) train after it
     _, ev_dep = train_stage("_dependent", plan_dependent(cfg, pretrained, parent))
     compared = compare_and_register(cfg, parent)
-    ev_pre + ev_dep >> compared
+    ev_pre + ev_dep + [evaluate_registered(cfg, prep, parent)] >> compared
     compared >> finish_tracking(cfg, parent)
 
 

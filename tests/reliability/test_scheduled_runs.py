@@ -1,0 +1,249 @@
+"""Scheduled runs through the real scheduler on a folder that gains a day of data between two runs,
+then two overlapping backfills of the same date (docs/reliability.md, "Scheduled runs" and "Faults").
+
+    .venv/bin/python -m pytest tests/reliability/test_scheduled_runs.py -q      (about 6 minutes)
+
+``airflow standalone`` (scheduler, dag-processor, triggerer, API server; SQLite metadata in pytest's
+tmp dir) on 127.0.0.1. The input is the real rsc15-100k sample, shifted by whole days so that its
+last full day is yesterday, written as one file per UTC day into a folder. A dataset config
+(``conf/datasets/clicks.yaml`` in a tmp conf dir) points the DAG at that folder, and the Airflow
+Variable ``rnnrec_dataset_config`` selects it: no trigger conf, no code edited. The DAG's schedule
+starts two days ago with catch-up (``RNNREC_START_DATE`` / ``RNNREC_CATCHUP``), so the scheduler
+creates two daily runs:
+
+1. ``[D-2, D-1)``: its input and arrival marker are there; it runs through.
+2. ``[D-1, D)``: its marker is not; ``wait_for_input`` is deferred (the triggerer polls). The test
+   then adds yesterday's file and the marker, and the run goes on, training on one day more.
+
+Then ``airflow backfill create`` for the second date (reprocess completed) and, while it runs, the
+same backfill again: the second is refused; the first re-runs the date with byte-identical Parquet,
+one MLflow parent run for the interval and no new registry version ("byte-identical": every
+byte before the Parquet footer, and the footer up to the order parquet-mr lists a column's
+encodings in, which changes between JVM runs: ``tests/parquet_bytes.py``).
+
+Skip locally with ``RNNREC_SKIP_STANDALONE=1``. Standalone is stopped with SIGINT to its PID.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.parquet_bytes import parquet_tree_digests
+from tests.services import free_port, stop_process
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "rsc15-100k"
+FILES = ["yoochoose-clicks-100k_train_full.txt", "yoochoose-clicks-100k_test.txt"]
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("RNNREC_SKIP_STANDALONE") == "1",
+                       reason="RNNREC_SKIP_STANDALONE=1 (the airflow standalone tests)"),
+    pytest.mark.skipif(not all((DATA / f).is_file() for f in FILES), reason=f"real data absent: {DATA}"),
+]
+DAG_ID = "session_rec_pipeline"
+LAST_FULL_DAY = dt.date(2014, 4, 7)  # rsc15-100k: 2014-04-01 .. 2014-04-08 00:50 UTC
+
+
+def _write_days(src_rows, shift_s: int, folder: Path, days: set) -> dict:
+    """Write the shifted events of ``days`` (UTC dates) as ``clicks-<day>.tsv``; returns events per day."""
+    by_day: dict[dt.date, list[str]] = {}
+    for sid, item, t in src_rows:
+        ts = t + shift_s
+        day = dt.datetime.fromtimestamp(ts, dt.timezone.utc).date()
+        if day in days:
+            by_day.setdefault(day, []).append(f"{sid}\t{item}\t{ts:.3f}\n")
+    for day, lines in by_day.items():
+        tmp = folder / f".clicks-{day}.tsv.part"
+        tmp.write_text("SessionId\tItemId\tTime\n" + "".join(lines))
+        tmp.rename(folder / f"clicks-{day}.tsv")  # a day's file appears complete
+    return {str(d): len(v) for d, v in by_day.items()}
+
+
+def _db(home: Path, sql: str, args=()) -> list[tuple]:
+    db = home / "airflow.db"
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:  # locked or not migrated yet: ask again later
+        return []
+    finally:
+        con.close()
+
+
+def _runs(home: Path) -> dict[str, tuple]:
+    """logical date (YYYY-MM-DD) -> (run_id, state, run_type, backfill_id)."""
+    rows = _db(home, "SELECT logical_date, run_id, state, run_type, backfill_id FROM dag_run WHERE dag_id = ?",
+               (DAG_ID,))
+    return {str(r[0])[:10]: tuple(r[1:]) for r in rows}
+
+
+def _ti_state(home: Path, run_id: str, task_id: str):
+    rows = _db(home, "SELECT state FROM task_instance WHERE dag_id = ? AND run_id = ? AND task_id = ?",
+               (DAG_ID, run_id, task_id))
+    return rows[0][0] if rows else None
+
+
+def _wait(what: str, cond, timeout: float, proc, log: Path, every: float = 3.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        assert proc.poll() is None, f"airflow standalone exited while waiting for {what}: {log.read_text()[-3000:]}"
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; standalone log tail:\n"
+                         + log.read_text()[-3000:])
+
+
+def test_scheduled_runs_on_a_growing_folder_then_overlapping_backfills(tmp_path):
+    from dags.pipeline_steps import interval_key
+    from dags.run_demo import airflow_env, setup_airflow
+
+    today = dt.datetime.now(dt.timezone.utc).date()
+    d1, d2 = today - dt.timedelta(days=2), today - dt.timedelta(days=1)  # the two intervals' starts
+    shift_s = ((today - dt.timedelta(days=1)) - LAST_FULL_DAY).days * 86400
+    rows = []
+    for f in FILES:
+        with open(DATA / f) as fh:
+            next(fh)
+            rows += [(a, b, float(c)) for a, b, c in (ln.rstrip("\n").split("\t") for ln in fh)]
+    src_days = {LAST_FULL_DAY - dt.timedelta(days=i) for i in range(1, 7)}  # 04-01 .. 04-06 -> D-7 .. D-2
+    raw = tmp_path / "raw" / "clicks"
+    raw.mkdir(parents=True)
+    shifted = lambda d: d + dt.timedelta(days=(today - dt.timedelta(days=1) - LAST_FULL_DAY).days)  # noqa: E731
+    first_days = _write_days(rows, shift_s, raw, {shifted(d) for d in src_days})
+    assert sorted(first_days) == [str(today - dt.timedelta(days=i)) for i in range(7, 1, -1)]
+    (raw / f"_ARRIVED_{d2}").touch()  # the marker of the interval ending at D-1: its input is complete
+
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "clicks.yaml").write_text(
+        "name: clicks\n"
+        f"input: [{raw}/clicks-*.tsv]\n"
+        "format: gru4rec\n"
+        f"arrival: {raw}/_ARRIVED_{{end:%Y-%m-%d}}\n"
+        "retention: {keep_intervals: 2, sweep_after_hours: 1}\n"
+        "families: [pop]\nfractions: []\nepochs: 0\ndevice: cpu\nmin_item_support: 5\nmin_session_length: 2\n")
+    data = tmp_path / "data"
+    ds_root = data / "pipeline" / "clicks"
+    # what retention must remove: an interval folder older than the 2 kept, and a killed run's leftover
+    old_interval = ds_root / "20140101T000000Z_20140102T000000Z"
+    (old_interval / "processed").mkdir(parents=True)
+    leftover = ds_root / ".processed.tmp-deadbeef"
+    leftover.mkdir()
+    (leftover / "part-0.parquet").write_bytes(b"half")
+    os.utime(leftover / "part-0.parquet", (time.time() - 7200, time.time() - 7200))
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+
+    home = tmp_path / "airflow"
+    env = {**os.environ, **airflow_env(data, home)}
+    port = free_port()
+    env.update({"AIRFLOW__API__PORT": str(port), "AIRFLOW__CORE__PARALLELISM": "2",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+                "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+                "RNNREC_START_DATE": str(d1), "RNNREC_CATCHUP": "true", "RNNREC_DATASET_CONF_DIR": str(conf_dir),
+                "RNNREC_ARRIVAL_POKE_SECONDS": "2", "RNNREC_SPARK_CONF": "spark.sql.shuffle.partitions=2"})
+    setup_airflow(env)
+    af = str(Path(sys.executable).with_name("airflow"))
+
+    def cli(*args, check=True):
+        r = subprocess.run([af, *args], env=env, capture_output=True, text=True)
+        assert not check or r.returncode == 0, f"airflow {' '.join(args)}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
+        return r
+
+    cli("variables", "set", "rnnrec_dataset_config", "clicks")
+    log = tmp_path / "standalone.log"
+    logf = open(log, "w")
+    # SIGINT at its default action (a background shell starts children with it ignored)
+    proc = subprocess.Popen([af, "standalone"], env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        # unpause once the dag-processor has registered the DAG (an earlier unpause is overwritten
+        # by "paused on creation"); the scheduler then creates the catch-up runs
+        _wait("the DAG to be registered", lambda: _db(home, "SELECT 1 FROM dag WHERE dag_id = ?", (DAG_ID,)),
+              240, proc, log)
+        _wait("the DAG to be unpaused", lambda: cli("dags", "unpause", DAG_ID, check=False).returncode == 0
+              and _db(home, "SELECT is_paused FROM dag WHERE dag_id = ?", (DAG_ID,)) == [(0,)], 120, proc, log)
+        r1 = _wait(f"the scheduled run of {d1} to finish",
+                   lambda: (_runs(home).get(str(d1)) or (0, None))[1] in ("success", "failed")
+                   and _runs(home)[str(d1)], 600, proc, log)
+        assert r1[1] == "success" and r1[2] == "scheduled", r1
+        k1 = interval_key(f"{d1}T00:00:00+00:00", f"{d2}T00:00:00+00:00")
+        k2 = interval_key(f"{d2}T00:00:00+00:00", f"{today}T00:00:00+00:00")
+        # the second run waits, deferred, for its input (the marker of the interval ending today)
+        r2 = _wait(f"the run of {d2} to wait for its input",
+                   lambda: str(d2) in _runs(home)
+                   and _ti_state(home, _runs(home)[str(d2)][0], "wait_for_input") == "deferred"
+                   and _runs(home)[str(d2)], 300, proc, log, every=2)
+        time.sleep(6)  # a few trigger polls: still waiting, nothing processed for it
+        assert _ti_state(home, r2[0], "wait_for_input") == "deferred"
+        assert _ti_state(home, r2[0], "ingest") in (None, "none", "scheduled")
+        assert not (ds_root / k2 / "processed").exists()
+        man1 = json.loads((ds_root / k1 / "processed" / "manifest.json").read_text())
+
+        # the folder gains a day; then its marker says the day is complete
+        added = _write_days(rows, shift_s, raw, {d2})
+        assert list(added) == [str(d2)] and added[str(d2)] > 1000
+        (raw / f"_ARRIVED_{today}").touch()
+        r2 = _wait(f"the scheduled run of {d2} to finish",
+                   lambda: _runs(home)[str(d2)][1] in ("success", "failed") and _runs(home)[str(d2)], 600, proc, log)
+        assert r2[1] == "success" and r2[2] == "scheduled", r2
+        snap2 = parquet_tree_digests(ds_root / k2 / "processed")
+
+        # two overlapping backfills of the second date: the second is refused while the first runs
+        bf = cli("backfill", "create", "--dag-id", DAG_ID, "--from-date", str(d2), "--to-date", str(d2),
+                 "--max-active-runs", "1", "--reprocess-behavior", "completed")
+        bf2 = cli("backfill", "create", "--dag-id", DAG_ID, "--from-date", str(d2), "--to-date", str(d2),
+                  "--max-active-runs", "1", "--reprocess-behavior", "completed", check=False)
+        assert bf2.returncode != 0 and "Another backfill is running" in bf2.stdout + bf2.stderr, \
+            (bf.stdout[-1000:], bf2.stdout[-2000:], bf2.stderr[-2000:])
+        r3 = _wait(f"the backfill of {d2} to finish",
+                   lambda: _runs(home)[str(d2)][3] is not None and _runs(home)[str(d2)][1] in ("success", "failed")
+                   and _runs(home)[str(d2)], 600, proc, log)
+        assert r3[1] == "success" and r3[2] == "backfill", r3
+        out = cli("dags", "list-runs", DAG_ID, "-o", "json")
+        js = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
+        cli_runs = {r["run_id"]: r["state"] for r in json.loads(js[-1])}
+        assert cli_runs == {r1[0]: "success", r2[0]: "success"}, cli_runs  # the backfill re-ran run 2 in place
+    finally:
+        stop_process(proc, group=True, timeout=90)
+        logf.close()
+
+    # run 2 trained on one day more than run 1, and tested on the day that arrived
+    man2 = json.loads((ds_root / k2 / "processed" / "manifest.json").read_text())
+    t1, t2 = man1["splits"]["time_strict"]["tables"], man2["splits"]["time_strict"]["tables"]
+    assert t2["train_full"]["events"] > t1["train_full"]["events"] + t1["test"]["events"] * 0.9, (t1, t2)
+    assert 0 < t2["test"]["events"] <= added[str(d2)]
+    import pyarrow.dataset as pads
+
+    ts = pads.dataset(str(ds_root / k2 / "processed" / "splits" / "time_strict" / "test"),
+                      format="parquet").to_table(columns=["ts"]).column("ts").to_pylist()
+    assert min(ts).date() == d2 and max(ts).date() == d2
+    for k in (k1, k2):
+        assert json.loads((ds_root / k / "comparison" / "comparison.json").read_text())["candidates"][0]["family"] == "pop"
+    # retention (keep 2 intervals, sweep after 1 h): the old interval and the leftover are gone
+    assert not old_interval.exists() and not leftover.exists()
+    assert sorted(p.name for p in ds_root.iterdir()) == sorted([k1, k2])
+    # the backfill's re-run: byte-identical Parquet, one parent run, no new registry version
+    assert parquet_tree_digests(ds_root / k2 / "processed") == snap2
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.get_experiment_by_name("rnnrec-clicks")
+    parents = c.search_runs([exp.experiment_id], "tags.rnnrec_role = 'parent'")
+    by_interval: dict[str, int] = {}
+    for r in parents:
+        key = r.data.tags.get("rnnrec_interval_start")
+        by_interval[key] = by_interval.get(key, 0) + 1
+    assert sorted(by_interval.values()) == [1, 1], by_interval
+    assert sorted(int(v.version) for v in c.search_model_versions("name = 'clicks-pop'")) == [1, 2]
