@@ -43,6 +43,19 @@ DATABASES = ("airflow", "mlflow")
 SUPERUSER = "rnnrec"
 
 
+def mlflow_sqlite_client(data: Path):
+    """An ``MlflowClient`` on the DAG's default store under ``data`` (``sqlite:///<data>/mlflow/mlflow.db``),
+    with the process-wide tracking and registry URIs pointed at it too (an earlier test in this
+    process may have pointed them at a stopped server; tests/conftest.py restores them after)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{Path(data) / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import mlflow_sqlite_client
+
 DATE = "2014-04-06"  # interval [2014-04-05, 2014-04-06): data covers 04-01 .. 04-05
 INTERVAL = "20140405T000000Z_20140406T000000Z"
 CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "synthetic_start": "2014-04-01",
@@ -41,16 +43,9 @@ CANDIDATES = sorted(f + s for f in CONF["families"] for s in ("", "-recent4"))
 
 
 def _snapshot(data: Path) -> dict:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     from evaluation.mlflow_logging import checkpoint_digest
 
-    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    # Registry URI too: an earlier test in this process may have pointed it at a (stopped) server.
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = mlflow_sqlite_client(data)
     root = data / "pipeline" / "synthetic" / INTERVAL
     return {
         "comparison": json.loads((root / "comparison" / "comparison.json").read_text())["candidates"],
@@ -93,19 +88,9 @@ def pipeline(tmp_path_factory):
     return {"data": data, "first": first, "second": second, "snap1": snap1, "snap2": snap2}
 
 
-def _client(data: Path):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def test_mlflow_parent_and_child_runs_with_metrics_and_artifacts(pipeline):
     data = pipeline["data"]
-    c = _client(data)
+    c = mlflow_sqlite_client(data)
     exp = c.get_experiment_by_name("rnnrec-synthetic")
     assert exp is not None
     parents = c.search_runs([exp.experiment_id], "tags.rnnrec_role = 'parent'")
@@ -164,7 +149,7 @@ def test_students_learn_from_this_runs_teacher_and_m1_with_lineage(pipeline):
 
     data = pipeline["data"]
     root = data / "pipeline" / "synthetic" / INTERVAL
-    c = _client(data)
+    c = mlflow_sqlite_client(data)
     exp = c.get_experiment_by_name("rnnrec-synthetic")
     (p,) = c.search_runs([exp.experiment_id], "tags.rnnrec_role = 'parent'")
     by = {r.data.tags["rnnrec_candidate"]: r
@@ -213,7 +198,7 @@ def test_registry_versions_champion_and_pyfunc_serving(pipeline):
     import pandas as pd
 
     data = pipeline["data"]
-    c = _client(data)
+    c = mlflow_sqlite_client(data)
     names = {m.name for m in c.search_registered_models()}
     assert {"synthetic-gru4rec", "synthetic-pop", "synthetic-best"} <= names
     rows = {r["candidate"]: r for r in pipeline["snap1"]["comparison"]}

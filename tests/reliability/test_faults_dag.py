@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from airflow.sdk import BaseNotifier
 
+from tests.services import mlflow_sqlite_client
+
 DATE = "2014-04-06"
 INTERVAL = "20140405T000000Z_20140406T000000Z"
 CONF = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 5, "synthetic_start": "2014-04-01",
@@ -74,9 +76,6 @@ def _states(tis, task_id):
 
 
 def test_nan_in_one_family_leaves_the_other_trained_evaluated_and_registered(nan_run):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     tis, root = nan_run["tis"], nan_run["root"]
     # gru4rec's train failed (not retried: a NaN is not transient), pop's succeeded
     assert _states(tis, "train") == ["failed", "success"], tis
@@ -95,10 +94,7 @@ def test_nan_in_one_family_leaves_the_other_trained_evaluated_and_registered(nan
         failed["gru4rec-recent4"]["error"]
     assert not (root / "models" / "gru4rec").exists() and (root / "models" / "pop" / "model.pt").is_file()
 
-    uri = f"sqlite:///{nan_run['data'] / 'mlflow' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = mlflow_sqlite_client(nan_run["data"])
     assert c.get_model_version_by_alias("synthetic-pop", "champion") is not None
     assert c.get_model_version_by_alias("synthetic-best", "champion").tags["rnnrec_candidate"].startswith("pop")
     assert [m.name for m in c.search_registered_models() if "gru4rec" in m.name] == []

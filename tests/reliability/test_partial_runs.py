@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import mlflow_sqlite_client
+
 BASE = {"dataset": "synthetic", "synthetic_events": 20_000, "synthetic_days": 6, "synthetic_start": "2014-04-01",
         "families": ["gru4rec", "pop"], "epochs": 1, "fractions": [], "device": "cpu",
         "overrides": {"gru4rec": {"layers": [16], "n_sample": 64, "batch_size": 32, "num_threads": 1}}}
@@ -91,16 +93,6 @@ def runs(tmp_path_factory):
     return out
 
 
-def _client(data: Path):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def test_evaluate_only_scores_the_trained_models_again_without_spark_or_training(runs):
     state, tis = runs["evaluate"]
     assert state == "success", tis
@@ -134,7 +126,7 @@ def test_evaluate_registered_scores_each_champion_on_the_new_interval_and_regist
     comp = json.loads((root7 / "comparison" / "comparison.json").read_text())
     assert sorted(r["candidate"] for r in comp["candidates"]) == ["registered-gru4rec", "registered-pop"]
     assert comp["registry"] == [] and comp["failed"] == []
-    c = _client(data)
+    c = mlflow_sqlite_client(data)
     for fam in ("gru4rec", "pop"):
         res = json.loads((root7 / "eval" / f"registered-{fam}" / "result.json").read_text())
         champ = c.get_model_version_by_alias(f"synthetic-{fam}", "champion")

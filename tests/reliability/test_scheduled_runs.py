@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 from tests.parquet_bytes import parquet_tree_digests
-from tests.services import free_port, stop_process
+from tests.services import free_port, mlflow_sqlite_client, stop_process
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "rsc15-100k"
 FILES = ["yoochoose-clicks-100k_train_full.txt", "yoochoose-clicks-100k_test.txt"]
@@ -235,10 +235,7 @@ def test_scheduled_runs_on_a_growing_folder_then_overlapping_backfills(tmp_path)
     assert sorted(p.name for p in ds_root.iterdir()) == sorted([k1, k2])
     # the backfill's re-run: byte-identical Parquet, one parent run, no new registry version
     assert parquet_tree_digests(ds_root / k2 / "processed") == snap2
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = mlflow_sqlite_client(data)
     exp = c.get_experiment_by_name("rnnrec-clicks")
     parents = c.search_runs([exp.experiment_id], "tags.rnnrec_role = 'parent'")
     by_interval: dict[str, int] = {}
