@@ -232,14 +232,22 @@ def _run_both(cfg, n_items, n_steps, seed=0, p_emb=0.0):
 @needs_lib
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("variant", ["best", "nesterov", "two_layers_embed_dropout", "no_logq_no_momentum",
-                                     "no_samples", "no_dropout_batch_1"])
+                                     "no_samples", "no_dropout_batch_1", "bprmax_elu", "bprmax_linear_two_layers",
+                                     "bprmax_elu_no_samples"])
 def test_whole_step_chunk_equals_per_step_path(variant, threads):
+    """The whole-step C path against the per-step path (for bpr-max: its loss gradient by autograd
+    of training.losses.bpr_max_loss, after the final activation: an independent reference)."""
     n_items = 400
+    bpr = {"loss": "bpr-max", "logq": 0.0}
     kw = {"best": {}, "nesterov": {"nesterov": True},
           "two_layers_embed_dropout": {"layers": [29, 37], "dropout_embed": 0.25},
           "no_logq_no_momentum": {"logq": 0.0, "momentum": 0.0},
           "no_samples": {"n_sample": 0},
-          "no_dropout_batch_1": {"dropout_hidden": 0.0, "batch_size": 1}}[variant]
+          "no_dropout_batch_1": {"dropout_hidden": 0.0, "batch_size": 1},
+          # the official retailrocket / diginetica shapes of the loss: ELU 0.5 / 1, bpreg 1.95 / 0.9
+          "bprmax_elu": {**bpr, "final_act": "elu-0.5", "bpreg": 1.95, "momentum": 0.4, "dropout_embed": 0.5},
+          "bprmax_linear_two_layers": {**bpr, "final_act": "linear", "bpreg": 0.9, "layers": [29, 37]},
+          "bprmax_elu_no_samples": {**bpr, "final_act": "elu-1", "bpreg": 0.9, "n_sample": 0}}[variant]
     cfg = GRU4RecConfig(**{"layers": [37], "batch_size": 24, "n_sample": 96, **kw})  # H: 4 AVX blocks + 5
     # (batch 1: one thread gets no rows in the split phases, half-products of 0 rows)
     m0, out = _run_both(cfg, n_items, n_steps=7, p_emb=cfg.dropout_embed)
@@ -280,8 +288,8 @@ def test_whole_step_chunk_stops_at_non_finite_scores():
 
 def test_whole_step_chunk_only_for_its_configuration():
     cfg = GRU4RecConfig(layers=[10], batch_size=8, n_sample=16)
-    for kw in ({"loss": "bpr-max", "final_act": "elu-0.5"}, {"embedding": "separate", "embedding_dim": 10},
-               {"optimizer": "adam"}):
+    for kw in ({"loss": "top1-max", "final_act": "elu-0.5"}, {"loss": "bpr-max", "final_act": "tanh"},
+               {"embedding": "separate", "embedding_dim": 10}, {"optimizer": "adam"}):
         c = copy.deepcopy(cfg)
         for k, v in kw.items():
             setattr(c, k, v)

@@ -168,7 +168,13 @@ class ChunkCtx(ctypes.Structure):
         (k, ctypes.c_void_p * MAXL) for k in ("W_ih", "W_hh", "b_ih", "b_hh",
                                               "gW_ih", "gW_hh", "gb_ih", "gb_hh")] + [
         (k, ctypes.c_void_p) for k in ("logp", "eq_in", "eq_ex", "slot")] + [
-        (k, ctypes.c_float) for k in ("lr", "eps", "momentum", "w_in", "w_extra", "inv_b")]
+        (k, ctypes.c_float) for k in ("lr", "eps", "momentum", "w_in", "w_extra", "inv_b")] + [
+        (k, ctypes.c_int64) for k in ("loss_kind", "act_kind")] + [
+        (k, ctypes.c_float) for k in ("act_alpha", "bpreg")]
+
+#: rnn_ctx.loss_kind / act_kind (kernels.c)
+LOSS_KINDS = {"cross-entropy": 0, "bpr-max": 1}
+ACT_LINEAR, ACT_ELU = 0, 1
 
 
 def why_not() -> str:

@@ -30,6 +30,21 @@ from training.losses import parse_activation, sampled_loss
 #: the official cross-entropy's epsilon: row loss -log(p_target + XE_EPS) (kernels.c xe_row_loss)
 XE_EPS = 1e-24
 
+def chunk_activation(cfg) -> tuple[int | None, float]:
+    """The whole-step path's final activation for this setting: (kind, alpha), kind None when
+    it has none (cross-entropy: linear scores; bpr-max: linear or ELU with alpha > 0)."""
+    from training import native
+
+    if cfg.loss == "cross-entropy":
+        return native.ACT_LINEAR, 0.0
+    if cfg.final_act == "linear":
+        return native.ACT_LINEAR, 0.0
+    if cfg.final_act.startswith("elu-"):
+        a = float(cfg.final_act.split("-", 1)[1])
+        return (native.ACT_ELU, a) if a > 0 else (None, 0.0)
+    return None, 0.0
+
+
 class FastStep:
     """Forward + manual backward + optimizer update for one mini-batch (no autograd)."""
 
@@ -117,14 +132,17 @@ class FastStep:
     # ---- the whole-step C path ---------------------------------------------------------
     def _chunk_ctx(self):
         """``native.ChunkCtx`` for ``rnn_train_chunk``, or None when this configuration has no
-        whole-step C path (it needs: CPU kernels with MKL, tied embedding, cross-entropy,
-        Adagrad; ``RNNREC_NATIVE_CHUNK=0`` turns it off)."""
+        whole-step C path (it needs: CPU kernels with MKL, tied embedding, Adagrad, and either
+        cross-entropy or bpr-max with a linear or ELU final activation; ``RNNREC_NATIVE_CHUNK=0``
+        turns it off)."""
         m, c = self.m, self.cfg
         if self.native is None or self._mm is None or os.environ.get("RNNREC_NATIVE_CHUNK", "1") == "0":
             return None
         from training import native
         L = len(m.layers)
-        if m.embedding != "tied" or not self.xe or c.optimizer != "adagrad" or L > native.MAXL:
+        act_kind, alpha = chunk_activation(c)
+        if m.embedding != "tied" or c.loss not in native.LOSS_KINDS or act_kind is None \
+                or c.optimizer != "adagrad" or L > native.MAXL:
             return None
         st = self.opt_state
         ctx = native.ChunkCtx()
@@ -153,6 +171,7 @@ class FastStep:
         self._chunk_keep.append(slot)
         ctx.slot = slot.data_ptr()
         ctx.lr, ctx.eps, ctx.momentum, ctx.inv_b = c.learning_rate, c.adagrad_eps, c.momentum, 1.0 / self.B
+        ctx.loss_kind, ctx.act_kind, ctx.act_alpha, ctx.bpreg = native.LOSS_KINDS[c.loss], act_kind, alpha, c.bpreg
         return ctx
 
     def run_chunk(self, X: torch.Tensor, Y: torch.Tensor, samples: torch.Tensor | None,
@@ -572,7 +591,8 @@ class FastRunner:
                 from training.config import ConfigError
 
                 raise ConfigError("train_path=chunk: this setting has no whole-step C path (it needs tied "
-                                  "embedding, cross-entropy, Adagrad, <= 8 layers, MKL, RNNREC_NATIVE_CHUNK!=0); "
+                                  "embedding, cross-entropy or bpr-max (linear / ELU), Adagrad, <= 8 layers, MKL, "
+                                  "RNNREC_NATIVE_CHUNK!=0); "
                                   "use train_path=native")
             path = "native"
         if path == "native" and self.step.native is None:

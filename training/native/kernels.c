@@ -504,7 +504,16 @@ typedef struct {
     const float *eq_ex;     /* [n_items] exp(-w_extra * logp) */
     int64_t *slot;          /* [n_items] scratch, all -1 */
     float lr, eps, momentum, w_in, w_extra, inv_b;
+    int64_t loss_kind;      /* RNN_LOSS_XE | RNN_LOSS_BPRMAX */
+    int64_t act_kind;       /* final activation before a bpr-max loss: RNN_ACT_LINEAR | RNN_ACT_ELU */
+    float act_alpha, bpreg; /* ELU alpha (> 0); bpr-max score regularisation */
 } rnn_ctx;
+
+#define RNN_LOSS_XE 0
+#define RNN_LOSS_BPRMAX 1
+#define RNN_ACT_LINEAR 0
+#define RNN_ACT_ELU 1
+#define BPR_EPS 1e-24
 
 static void split_range(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
     *lo = n * t / nt;
@@ -567,10 +576,11 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
     float *cache = salloc(4 * B * Hsum);          /* r, z, n, ghn per layer */
     float *spare = salloc(B * Hsum);              /* the other state buffer per layer */
     float *red = salloc(6 * 2 * B + 8);           /* per-thread max / sums; mx, sum, diag */
+    float *bred = salloc(6 * B + 8);              /* bpr-max: per-thread sums of e*sig, e*r^2, e*sig*(1-sig) */
     int64_t U = 0, stop = n;
     float *cur[RNN_MAXL], *nxt[RNN_MAXL], *rC[RNN_MAXL], *zC[RNN_MAXL], *nC[RNN_MAXL], *gC[RNN_MAXL];
     if (!uniq || !inv || !in_out || !O || !dO || !Ssc || !wsum || !dby || !inp || !gi || !gh ||
-        !dgi || !dgh || !dA || !dBuf || !cache || !spare || !red) {
+        !dgi || !dgh || !dA || !dBuf || !cache || !spare || !red || !bred) {
         stop = -1;
         goto done;
     }
@@ -585,6 +595,8 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
     }
     float *pmx = red, *psum = red + 2 * B, *mx = red + 4 * B;
     float *diag = red + 6 * B;
+    float *pA = bred, *pQ = bred + 2 * B, *pG = bred + 4 * B;
+    const int bprmax = c->loss_kind == RNN_LOSS_BPRMAX;
     float chk2[2] = {0.0f, 0.0f};
 
 #pragma omp parallel num_threads(nt)
@@ -654,6 +666,121 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 hin = h;
             }
             const float *out = nxt[L - 1];
+            /* D (bpr-max): scores of own unique rows, bias, the final activation; per mini-batch
+             * row r the softmax runs over its negatives = every column but its own target's
+             * (the official softmax_neg), folded onto the unique rows: row u stands for wsum[u]
+             * columns, one fewer for a mini-batch row whose target it is (training/losses.py
+             * bpr_max_loss is the reference; the per-step path computes it with autograd) */
+            if (bprmax) {
+                split_range(U, t, nt, &lo, &hi);
+                if (hi > lo) mm_rowmajor(0, 1, (int)(hi - lo), (int)B, (int)D, O + lo * D, out, Ssc + lo * B);
+                {
+                    float *lmx = pmx + t * B;
+                    float lchk = 0.0f;
+                    for (int64_t r = 0; r < B; r++) lmx[r] = -INFINITY;
+                    for (int64_t u = lo; u < hi; u++) {
+                        float *sr = Ssc + u * B;
+                        const float bu = c->By[uniq[u]];
+                        for (int64_t r = 0; r < B; r++) {
+                            sr[r] += bu;
+                            lchk += sr[r] * 0.0f;
+                        }
+                        if (!in_out[u]) continue;
+                        if (c->act_kind == RNN_ACT_ELU) {
+                            const float al = c->act_alpha;
+                            for (int64_t r = 0; r < B; r++)
+                                sr[r] = sr[r] > 0.0f ? sr[r] : al * (exp_clamped(sr[r]) - 1.0f);
+                        }
+                        const float w = wsum[u];
+                        for (int64_t r = 0; r < B; r++) {
+                            const int own = inv[B + r] == u;
+                            if (own) diag[r] = sr[r];
+                            if (w - (own ? 1.0f : 0.0f) > 0.0f && sr[r] > lmx[r]) lmx[r] = sr[r];
+                        }
+                    }
+                    chk2[t] = lchk;
+                }
+#pragma omp barrier
+                {
+                    float lmxa[B];
+                    for (int64_t r = 0; r < B; r++) {
+                        float m = -INFINITY;
+                        for (int k = 0; k < nt; k++) m = pmx[k * B + r] > m ? pmx[k * B + r] : m;
+                        lmxa[r] = m;
+                    }
+                    float tot = 0.0f;
+                    for (int k = 0; k < nt; k++) tot += chk2[k];
+                    if (!isfinite(tot)) {
+                        if (t == 0) { losses[s] = NAN; stop = s + 1; }
+                        break;
+                    }
+                    float *ls = psum + t * B, *la = pA + t * B, *lq = pQ + t * B, *lg = pG + t * B;
+                    for (int64_t r = 0; r < B; r++) ls[r] = la[r] = lq[r] = lg[r] = 0.0f;
+                    for (int64_t u = lo; u < hi; u++) {
+                        if (!in_out[u]) continue;
+                        const float *sr = Ssc + u * B;
+                        const float w = wsum[u];
+                        for (int64_t r = 0; r < B; r++) {
+                            const float wr = w - (inv[B + r] == u ? 1.0f : 0.0f);
+                            if (wr <= 0.0f) continue;
+                            const float e = wr * exp_nonpos(sr[r] - lmxa[r]);
+                            const float sg = sigmoidf_(diag[r] - sr[r]);
+                            ls[r] += e;
+                            la[r] += e * sg;
+                            lq[r] += e * sr[r] * sr[r];
+                            lg[r] += e * sg * (1.0f - sg);
+                        }
+                    }
+                    if (t == 0) memcpy(mx, lmxa, sizeof(float) * B);
+                }
+#pragma omp barrier
+                {
+                    /* loss_r = -log(P + 1e-24) + bpreg Q, P = sum_j s_j sig(t - r_j), Q = sum_j s_j r_j^2;
+                     * d/dr_j = s_j [(sig_j (1 - sig_j) - sig_j + P) / (P + eps) + bpreg (2 r_j + r_j^2 - Q)],
+                     * d/dt = -sum_j s_j sig_j (1 - sig_j) / (P + eps); then times the activation's slope */
+                    float iz[B], P[B], Q[B], Gt[B], ipe[B];
+                    double lossr = 0.0;
+                    for (int64_t r = 0; r < B; r++) {
+                        float z = 0.0f, a = 0.0f, q = 0.0f, g = 0.0f;
+                        for (int k = 0; k < nt; k++) {
+                            z += psum[k * B + r]; a += pA[k * B + r]; q += pQ[k * B + r]; g += pG[k * B + r];
+                        }
+                        iz[r] = z > 0.0f ? 1.0f / z : 0.0f;  /* no negative at all: no gradient */
+                        P[r] = a * iz[r];
+                        Q[r] = q * iz[r];
+                        Gt[r] = g * iz[r];
+                        const double pe = (double)P[r] + BPR_EPS;
+                        ipe[r] = (float)(1.0 / pe);
+                        lossr += -log(pe) + (double)c->bpreg * (double)Q[r];
+                    }
+                    if (t == 0) losses[s] = (float)(lossr * c->inv_b);
+                    const float al = c->act_alpha, bpreg = c->bpreg, ib = c->inv_b;
+                    const int elu = c->act_kind == RNN_ACT_ELU;
+                    for (int64_t u = lo; u < hi; u++) {
+                        float *sr = Ssc + u * B;
+                        if (!in_out[u]) {
+                            memset(sr, 0, sizeof(float) * B);
+                            dby[u] = 0.0f;
+                            continue;
+                        }
+                        const float w = wsum[u];
+                        for (int64_t r = 0; r < B; r++) {
+                            const float R = sr[r];
+                            const int own = inv[B + r] == u;
+                            const float wr = w - (own ? 1.0f : 0.0f);
+                            float g = 0.0f;
+                            if (wr > 0.0f) {
+                                const float sm = wr * exp_nonpos(R - mx[r]) * iz[r];
+                                const float sg = sigmoidf_(diag[r] - R);
+                                g = sm * ((sg * (1.0f - sg) - sg + P[r]) * ipe[r] + bpreg * (2.0f * R + R * R - Q[r]));
+                            }
+                            if (own) g -= Gt[r] * ipe[r];
+                            sr[r] = g * ib * (elu && R <= 0.0f ? R + al : 1.0f);
+                        }
+                        dby[u] = row_sum8(sr, B);
+                    }
+                }
+            } else {
             /* D: scores of own unique rows, bias, max over the output rows, finiteness */
             split_range(U, t, nt, &lo, &hi);
             if (hi > lo) mm_rowmajor(0, 1, (int)(hi - lo), (int)B, (int)D, O + lo * D, out, Ssc + lo * B);
@@ -707,6 +834,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                     if (u >= lo && u < hi) Ssc[u * B + r] -= c->inv_b * gr[r];
                 }
                 for (int64_t u = lo; u < hi; u++) dby[u] = row_sum8(Ssc + u * B, B);
+            }
             }
 #pragma omp barrier
             PT(2);
@@ -779,6 +907,6 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
 done:
     free(uniq); free(inv); free(in_out); free(O); free(dO); free(Ssc); free(wsum); free(dby);
     free(inp); free(gi); free(gh); free(dgi); free(dgh); free(dA); free(dBuf); free(cache);
-    free(spare); free(red);
+    free(spare); free(red); free(bred);
     return stop;
 }
