@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,9 @@ POSITION_BUCKETS = ((1, 2), (3, 4), (5, 9), (10, None))
 POSITION_BUCKETS_COARSE = ((1, 2), (3, 4), (5, None))
 #: user history length in sessions (user mode), Quadrana et al.'s short / long histories
 HISTORY_BUCKETS = ((0, 6), (7, None))
+#: catalogues larger than this are scored in blocks of this many items (evaluation.loop, "Blocked
+#: ranking"): 512 slots x 65,536 items = 128 MiB of scores at a time
+DEFAULT_BLOCK_ITEMS = 65_536
 FUTURE_STEPS = 20  # Recall@K,N for N up to this, and recall per future step d = 1..this
 PER_EVENT_NS = (5, 20)
 
@@ -163,7 +167,7 @@ def latency(step_seconds: np.ndarray, step_rows: np.ndarray, n_events_fed: int) 
 
 def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conservative",
              ks=DEFAULT_KS, n_slots: int = 512, device: str = "auto", mode: str = "session",
-             history_tables=None, only_items=None) -> dict:
+             history_tables=None, only_items=None, block_items: int | None = None) -> dict:
     """Evaluate one checkpoint on one table (module docstring). ``only_items``: evaluate only
     on events whose items are in it (paired comparisons of models with different item
     indexes, evaluation/selection.py); the events dropped for it count as unknown."""
@@ -188,7 +192,9 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
         if data.user_ids is None:
             log.warning("table %s has no user ids: user mode evaluates every session as a new user", table)
     top_k = max(20, max(ks))
-    res = evaluate_sessions(scorer, data, n_slots=n_slots, mode=mode, history=history,
+    if block_items is None:
+        block_items = int(os.environ.get("RNNREC_EVAL_BLOCK_ITEMS", DEFAULT_BLOCK_ITEMS))
+    res = evaluate_sessions(scorer, data, n_slots=n_slots, mode=mode, history=history, block_items=block_items,
                             n_future=FUTURE_STEPS, top_k=top_k)
     rank = rank_from_counts(res.greater.astype(np.float64), res.ties.astype(np.float64), ties)
     metrics = metrics_from_ranks(rank, ks)
@@ -219,6 +225,8 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
         "dropped_short_sessions": data.n_short_dropped, "eval_seconds": res.seconds,
         "eval_events_per_s": res.n_events / max(res.seconds, 1e-9), "device": str(dev),
         "n_slots": n_slots, "ties_recall_at_k_n": "conservative", "n_future": FUTURE_STEPS,
+        "block_items": block_items if block_items and index.n_items > block_items
+        and getattr(scorer, "output_factors", lambda: None)() is not None else None,
         f"coverage_at_{top_k}": coverage, f"mean_popularity_at_{top_k}": popularity,
         "test_digest": events_digest(sess_ids, res.position, tgt_ids),
         **model_cost(model_dir, ckpt),
@@ -267,6 +275,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ties", default="conservative", choices=TIE_MODES)
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
     ap.add_argument("--slots", type=int, default=512, help="sessions evaluated in parallel")
+    ap.add_argument("--block-items", type=int, default=None,
+                    help=f"score catalogues larger than this in blocks of this many items (memory: slots x "
+                         f"block instead of slots x items; models with output factors, e.g. GRU4Rec); "
+                         f"default $RNNREC_EVAL_BLOCK_ITEMS or {DEFAULT_BLOCK_ITEMS}; 0 = never")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--mode", default="session", choices=MODES,
                     help="session: each session from a zero state; user: a user's sessions in time "
@@ -280,7 +292,8 @@ def main(argv=None) -> int:
     if not ks or min(ks) < 1:
         ap.error("--ks must be positive integers, e.g. 1,5,10,20")
     hist = [h.strip() for h in a.history_tables.split(",") if h.strip()] if a.history_tables else None
-    m = evaluate(a.model_dir, a.data, a.out, a.table, a.ties, ks, a.slots, a.device, a.mode, hist)
+    m = evaluate(a.model_dir, a.data, a.out, a.table, a.ties, ks, a.slots, a.device, a.mode, hist,
+                 block_items=a.block_items)
     print(" ".join(f"{k}={m[k]:.4f}" for k in sorted(m) if k.startswith(("recall_at", "mrr_at"))))
     print(f"{m['n_events']} events, {m['eval_events_per_s']:.0f} events/s, ties={m['ties']}")
     if m["latency_ms_p50"] is not None:

@@ -58,6 +58,19 @@ first ``top_k`` topk indices also give the top-K lists for
 catalogue coverage / popularity (ties at the cut are whatever topk picks; only
 coverage uses them).
 
+Blocked ranking (large catalogues): with ``block_items`` and a scorer whose scores are
+``out @ W.T + b`` (``step_hidden`` / ``output_factors``: GRU4Rec), a catalogue larger than
+``block_items`` is never scored as one ``[rows, n_items]`` matrix. The step returns the hidden
+output only; the loop scores ``block_items`` items at a time (:func:`blocked_top`): each block's
+top ``top_k + 1`` values are merged into the running ones and the target's / next items' scores
+are taken from their own block's product, so every count below compares values of the same
+products the unblocked path would compare within one row. Rows whose target ranks beyond
+``top_k`` get their exact greater / ties counts from a second sweep over the blocks
+(:func:`blocked_greater_ties`) that repeats the same products (same rows, same block bounds:
+the same values). Memory: ``rows x block_items`` scores at a time instead of ``rows x n_items``;
+cost: that second sweep of products (tested equal to the unblocked counts, ties included:
+tests/evaluation/test_blocked_ranking.py).
+
 Prediction latency: every ``scorer.step`` call (the model's prediction of one
 batch, one event per row) is timed on its own with ``time.perf_counter``, from
 after its arguments are on the device to its return; on CUDA the device is
@@ -154,12 +167,58 @@ def _event_ts(data: SessionData) -> np.ndarray:
     return np.repeat(data.start_ts, np.diff(data.offsets))
 
 
+def blocked_top(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, fut: torch.Tensor, kk: int,
+                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores ``H @ W.T + b`` of ``[R, N]`` items, ``block`` items at a time: the ``kk`` largest
+    values per row with their item indices, and the scores of the items ``fut`` ``[R, F]``, each
+    taken from its own block's product. Raises on a NaN score."""
+    R, N = H.shape[0], W.shape[0]
+    tv = H.new_full((R, 0), float("-inf"))
+    tix = torch.zeros((R, 0), dtype=torch.int64, device=H.device)
+    fs = H.new_zeros(fut.shape)
+    for lo in range(0, N, block):
+        hi = min(N, lo + block)
+        S = torch.addmm(b[lo:hi], H, W[lo:hi].t())
+        if torch.isnan(S.sum()) and torch.isnan(S).any():
+            raise FloatingPointError("model produced NaN scores; ranks would be meaningless")
+        v, i = torch.topk(S, min(kk, hi - lo), dim=1)
+        cv, ci = torch.cat([tv, v], 1), torch.cat([tix, i + lo], 1)
+        if cv.shape[1] > kk:
+            cv, sel = torch.topk(cv, kk, dim=1)
+            ci = ci.gather(1, sel)
+        tv, tix = cv, ci
+        inb = (fut >= lo) & (fut < hi)
+        if bool(inb.any()):
+            fs = torch.where(inb, S.gather(1, (fut - lo).clamp(0, hi - lo - 1)), fs)
+    return tv, tix, fs
+
+
+def blocked_greater_ties(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
+                         t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the rows ``rows`` of ``H``: (#items scoring > ``t``, #items scoring == ``t`` minus one:
+    the target itself), repeating :func:`blocked_top`'s products (all of ``H``'s rows, the same
+    block bounds) so that every score equals the one the target's ``t`` was compared with there."""
+    N = W.shape[0]
+    g = torch.zeros(len(rows), dtype=torch.int32, device=H.device)
+    e = torch.zeros(len(rows), dtype=torch.int32, device=H.device)
+    tt = t.unsqueeze(1)
+    for lo in range(0, N, block):
+        hi = min(N, lo + block)
+        S = torch.addmm(b[lo:hi], H, W[lo:hi].t()).index_select(0, rows)
+        g += (S > tt).sum(1, dtype=torch.int32)
+        e += (S == tt).sum(1, dtype=torch.int32)
+    return g, e - 1
+
+
 def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str = "session",
-                      history=None, n_future: int = 20, top_k: int = 20) -> EvalResult:
+                      history=None, n_future: int = 20, top_k: int = 20,
+                      block_items: int | None = None) -> EvalResult:
     """Walk ``data`` (the test table) through ``scorer``; see the module docstring.
 
     ``history``: list of ``SessionData`` read with the same item index (user mode only):
-    their sessions of test users are fed first, unscored.
+    their sessions of test users are fed first, unscored. ``block_items``: score a catalogue
+    larger than this in blocks (module docstring, "Blocked ranking"; scorers with
+    ``output_factors`` only).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -232,6 +291,10 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
     else:
         state = scorer.begin(n_used)
     can_shrink = hasattr(scorer, "select")
+    blocked = bool(block_items) and scorer.n_items > block_items and callable(getattr(scorer, "output_factors", None)) \
+        and scorer.output_factors() is not None
+    if blocked:
+        W_out, b_out = scorer.output_factors()
     uses_time = bool(getattr(scorer, "uses_time", False))
     wants_last = bool(getattr(scorer, "wants_last_item", False))
     sl = np.arange(n_used)  # row of the scorer's state -> schedule slot
@@ -260,7 +323,10 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         if sync is not None:
             sync(dev)
         c0 = time.perf_counter()
-        scores, state = scorer.step(state, *args)
+        if blocked:  # the hidden output only: the loop scores the catalogue block by block
+            hidden, state = scorer.step_hidden(state, *args)
+        else:
+            scores, state = scorer.step(state, *args)
         if sync is not None:
             sync(dev)
         step_secs.append(time.perf_counter() - c0)
@@ -269,18 +335,22 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         n_hist_steps += int((valid & (sess >= n_test)).sum())
         r = np.flatnonzero(scored)
         if len(r):
-            S = scores if len(r) == len(sl) else scores[torch.from_numpy(r).to(dev)]
-            tv, tix = torch.topk(S, kk, dim=1)
-            # topk ranks NaN above every number, so a row holding a NaN has it in column 0:
-            # this replaces a full isnan pass over the scores
-            if bool(torch.isnan(tv[:, 0]).any()):
-                raise FloatingPointError("model produced NaN scores; ranks would be meaningless")
             s_r = sess[r]
             ev = offsets[s_r] + sch.position[t, sl[r]] + 1  # event index of the target
             idx = ev[:, None] + ar_f
             ok = idx < offsets[s_r + 1][:, None]
             fut = item_t[torch.from_numpy(np.minimum(idx, n_all_ev - 1))]
-            fs = S.gather(1, fut.to(dev))  # [R, n_future] scores of the next items
+            if blocked:
+                Hr = hidden if len(r) == len(sl) else hidden[torch.from_numpy(r).to(dev)]
+                tv, tix, fs = blocked_top(Hr, W_out, b_out, fut.to(dev), kk, block_items)
+            else:
+                S = scores if len(r) == len(sl) else scores[torch.from_numpy(r).to(dev)]
+                tv, tix = torch.topk(S, kk, dim=1)
+                # topk ranks NaN above every number, so a row holding a NaN has it in column 0:
+                # this replaces a full isnan pass over the scores
+                if bool(torch.isnan(tv[:, 0]).any()):
+                    raise FloatingPointError("model produced NaN scores; ranks would be meaningless")
+                fs = S.gather(1, fut.to(dev))  # [R, n_future] scores of the next items
             cnt = (tv.unsqueeze(1) >= fs.unsqueeze(2)).sum(2, dtype=torch.int32)  # in 1..kk (itself included)
             # the target (column 0): when fewer than kk of the top values reach its score
             # (or topk holds the whole catalogue) every item >= it is among them, so its
@@ -291,7 +361,11 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
             ti = ge - 1 - g
             if kk < scorer.n_items:
                 far = torch.nonzero(ge >= kk).squeeze(1)
-                if far.numel():
+                if far.numel() and blocked:
+                    g_f, t_f = blocked_greater_ties(Hr, W_out, b_out, far, fs[far, 0], block_items)
+                    g[far] = g_f
+                    ti[far] = t_f
+                elif far.numel():
                     g_f, t_f = greater_and_ties(S[far], fut[far.cpu(), 0].to(dev), check_nan=False)
                     g[far] = g_f
                     ti[far] = t_f

@@ -98,3 +98,15 @@ class RNNScorer(SessionScorerBase):
             out, state = self.model(items, state)
             scores = self.model.all_scores(out)
         return scores.float(), [h.float() for h in state]
+
+    def output_factors(self):
+        """``(W, b)`` with ``all_scores(out) == out @ W.T + b`` for models that say so
+        (``output_factors``), in full precision only; else None (evaluation.loop "Blocked ranking")."""
+        f = getattr(self.model, "output_factors", None)
+        return None if f is None or self.amp else tuple(t.detach() for t in f())
+
+    @torch.no_grad()
+    def step_hidden(self, state, items):
+        """:meth:`step` without the scores: the top layer's output (blocked ranking)."""
+        out, state = self.model(items, state)
+        return out, state

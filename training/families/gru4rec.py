@@ -196,6 +196,10 @@ class GRU4RecModel(nn.Module):
     def all_scores(self, out: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.By, out, self.Wy.t())
 
+    def output_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``all_scores(out) == out @ Wy.T + By``: the item table and bias (blocked evaluation)."""
+        return self.Wy, self.By
+
 
 
 def dropout_masks(cfg: GRU4RecConfig, model: GRU4RecModel, n_steps: int, B: int, gen: torch.Generator,
