@@ -541,6 +541,19 @@ void rnn_chunk_profile(int on, double *out) {
     g_prof = on;
 }
 
+/* the per-row max over the threads' partial maxima into lmxa[B]; 0 when a thread's finiteness
+ * sum (chk2) says some score was NaN / inf (every thread gets the same answer) */
+static inline int merge_max_finite(const float *pmx, const float *chk2, int nt, int64_t B, float *lmxa) {
+    for (int64_t r = 0; r < B; r++) {
+        float m = -INFINITY;
+        for (int k = 0; k < nt; k++) m = pmx[k * B + r] > m ? pmx[k * B + r] : m;
+        lmxa[r] = m;
+    }
+    float tot = 0.0f;
+    for (int k = 0; k < nt; k++) tot += chk2[k];
+    return isfinite(tot);
+}
+
 static float *salloc(size_t nfloat) {
     size_t bytes = (nfloat * sizeof(float) + 63) / 64 * 64;
     return (float *)aligned_alloc(64, bytes ? bytes : 64);
@@ -703,14 +716,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
 #pragma omp barrier
                 {
                     float lmxa[B];
-                    for (int64_t r = 0; r < B; r++) {
-                        float m = -INFINITY;
-                        for (int k = 0; k < nt; k++) m = pmx[k * B + r] > m ? pmx[k * B + r] : m;
-                        lmxa[r] = m;
-                    }
-                    float tot = 0.0f;
-                    for (int k = 0; k < nt; k++) tot += chk2[k];
-                    if (!isfinite(tot)) {
+                    if (!merge_max_finite(pmx, chk2, nt, B, lmxa)) {
                         if (t == 0) { losses[s] = NAN; stop = s + 1; }
                         break;
                     }
@@ -795,14 +801,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
 #pragma omp barrier
             {
                 float lmxa[B];
-                for (int64_t r = 0; r < B; r++) {
-                    float m = -INFINITY;
-                    for (int k = 0; k < nt; k++) m = pmx[k * B + r] > m ? pmx[k * B + r] : m;
-                    lmxa[r] = m;
-                }
-                float tot = 0.0f;
-                for (int k = 0; k < nt; k++) tot += chk2[k];
-                if (!isfinite(tot)) {
+                if (!merge_max_finite(pmx, chk2, nt, B, lmxa)) {
                     if (t == 0) { losses[s] = NAN; stop = s + 1; }
                     break; /* every thread sees the same total: all leave together */
                 }
