@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -115,6 +116,61 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: floa
             proc.wait(timeout=15)
     if group:
         send(signal.SIGKILL)  # workers that outlived their leader
+
+
+def mlflow_server(stack, tmp_path: Path, backend_uri: str, env_extra: dict | None = None,
+                  timeout: float = 240) -> tuple[str, Path, subprocess.Popen]:
+    """``mlflow server`` on 127.0.0.1 (free port, one worker) with its backend store at
+    ``backend_uri`` (given as ``MLFLOW_BACKEND_STORE_URI``: a password stays off the command line)
+    and served artifacts in ``tmp_path/mlflow-artifacts``; its own process group, stopped by
+    ``stack`` (an ExitStack). Returns (url, artifacts dir, process) once /health answers."""
+    port = free_port()
+    log_path = tmp_path / "mlflow-server.log"
+    log = stack.enter_context(open(log_path, "w"))
+    artifacts = tmp_path / "mlflow-artifacts"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--artifacts-destination", str(artifacts), "--serve-artifacts"],
+        env={**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env_extra or {})},
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        start_new_session=True)  # its own process group: the uvicorn worker goes with it
+    stack.callback(stop_process, proc, signal.SIGINT, 30, True)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", timeout=timeout, alive=lambda: proc.poll() is None, what="mlflow server",
+              log=log_path)
+    return url, artifacts, proc
+
+
+def processes_marked(marker: str) -> list[str]:
+    """Processes (other than this one) whose environment carries ``RNNREC_TEST_RUN=<marker>``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid() or not pid_alive(int(d.name)):
+            continue
+        try:
+            if f"RNNREC_TEST_RUN={marker}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")[:200].decode(errors="replace")
+                found.append(f"{d.name}: {cmd}")
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def assert_none_left(marker: str) -> None:
+    """Fail (after killing them) if processes carrying ``marker`` outlived their stop."""
+    left = []
+    for _ in range(20):  # children that were told to stop may take a moment to go
+        left = processes_marked(marker)
+        if not left:
+            break
+        time.sleep(1)
+    for line in left:
+        try:
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, "processes left behind:\n" + "\n".join(left)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
