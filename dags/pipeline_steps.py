@@ -450,21 +450,19 @@ def interval_has_data(cfg: dict, prep: dict) -> bool:
 def housekeeping(cfg: dict, min_age_s: float | None = None) -> dict:
     """Retention for this run's dataset (its dataset config's ``retention``; none = keep all):
     sweep what killed runs left (temp / old outputs untouched for ``sweep_after_hours``, default
-    24) and remove interval folders beyond the ``keep_intervals`` newest. The running interval is
-    never removed. Returns what was removed and the bytes freed."""
+    24; an output a killed swap left aside is restored) and remove interval folders beyond the
+    ``keep_intervals`` newest. The running interval is never removed. Returns what was removed
+    and the bytes freed (``spark_jobs.retention.housekeep``)."""
     from spark_jobs import retention as R
 
     ret = cfg.get("retention") or {}
     root = Path(cfg["root"]).parent
     age = float(ret.get("sweep_after_hours", 24)) * 3600 if min_age_s is None else min_age_s
-    sw = R.sweep_leftovers(root, age)
-    pr = R.prune_intervals(root, int(ret["keep_intervals"]), protect=(Path(cfg["root"]).name,)) \
-        if ret.get("keep_intervals") else R.Housekeeping()
-    out = {"swept": sw.removed, "pruned": pr.removed, "restored": sw.restored,
-           "freed_bytes": sw.freed_bytes + pr.freed_bytes}
+    keep = int(ret["keep_intervals"]) if ret.get("keep_intervals") else None
+    out = R.housekeep(root, keep, age, protect=(Path(cfg["root"]).name,))
     log.info("housekeeping of %s: swept %d leftover(s), restored %d output(s) a killed swap left aside, "
-             "pruned %d interval(s), freed %.1f MB", root, len(sw.removed), len(sw.restored), len(pr.removed),
-             out["freed_bytes"] / 1e6)
+             "pruned %d interval(s), freed %.1f MB", root, len(out["swept"]), len(out["restored"]),
+             len(out["pruned"]), out["freed_bytes"] / 1e6)
     return out
 
 
@@ -860,13 +858,13 @@ def collect_outcomes(cfg: dict, tracking_run_id: str | None) -> tuple[list[dict]
 
 # --------------------------------------------------------------------------- compare + registry
 
-def _valid_start_us(split_dir: str) -> int:
-    """First event time of ``valid`` (us): a model that trained only on earlier events has not
-    seen the validation period."""
+def _table_start_us(split_dir: str, table: str) -> int:
+    """First event time (us) of a split table: a model whose training ended before it has not
+    seen that period (``valid`` for selection, ``test`` for re-evaluating a champion)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    ts = pads.dataset(str(Path(split_dir) / "valid"), format="parquet").to_table(columns=["ts"]).column("ts")
+    ts = pads.dataset(str(Path(split_dir) / table), format="parquet").to_table(columns=["ts"]).column("ts")
     return int(pc.min(ts).cast("int64").as_py())
 
 
@@ -950,7 +948,7 @@ def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str,
     rows = sorted((dict(e, label=e["candidate"]) for e in evaluated), key=lambda r: r["candidate"])
     decisions: list[dict] = []
     if p["register"] and rows:
-        valid_start = _valid_start_us(rows[0]["split_dir"])
+        valid_start = _table_start_us(rows[0]["split_dir"], "valid")
         tags = {f"{ml.TAG}interval": f"{cfg['interval_start']}/{cfg['interval_end']}"}
 
         def version_tags(r):
@@ -982,14 +980,6 @@ def compare_and_register(cfg: dict, evaluated: list[dict], parent_run_id: str,
     ml.finish_parent_run(parent_run_id, "FAILED" if failed else "FINISHED", failed=failed)
     return {"candidates": slim, "registry": decisions, "parent_run_id": parent_run_id, "select_key": key,
             "comparison": str(Path(cfg["root"]) / "comparison"), "failed": failed}
-
-
-def _table_start_us(split_dir: str, table: str) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    ts = pads.dataset(str(Path(split_dir) / table), format="parquet").to_table(columns=["ts"]).column("ts")
-    return int(pc.min(ts).cast("int64").as_py())
 
 
 def evaluate_registered(cfg: dict, prep: dict, parent_run_id: str) -> list[dict] | None:

@@ -225,8 +225,7 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
         "dropped_short_sessions": data.n_short_dropped, "eval_seconds": res.seconds,
         "eval_events_per_s": res.n_events / max(res.seconds, 1e-9), "device": str(dev),
         "n_slots": n_slots, "ties_recall_at_k_n": "conservative", "n_future": FUTURE_STEPS,
-        "block_items": block_items if block_items and index.n_items > block_items
-        and getattr(scorer, "output_factors", lambda: None)() is not None else None,
+        "block_items": res.block_items,
         f"coverage_at_{top_k}": coverage, f"mean_popularity_at_{top_k}": popularity,
         "test_digest": events_digest(sess_ids, res.position, tgt_ids),
         **model_cost(model_dir, ckpt),

@@ -121,6 +121,8 @@ class EvalResult:
     step_seconds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     #: rows passed to each scorer.step call (its batch size)
     step_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: items per block when the catalogue was scored in blocks, else None ("Blocked ranking")
+    block_items: int | None = None
 
     @property
     def n_events(self) -> int:
@@ -291,10 +293,11 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
     else:
         state = scorer.begin(n_used)
     can_shrink = hasattr(scorer, "select")
-    blocked = bool(block_items) and scorer.n_items > block_items and callable(getattr(scorer, "output_factors", None)) \
-        and scorer.output_factors() is not None
+    factors = getattr(scorer, "output_factors", lambda: None)() \
+        if block_items and scorer.n_items > block_items else None
+    blocked = factors is not None
     if blocked:
-        W_out, b_out = scorer.output_factors()
+        W_out, b_out = factors
     uses_time = bool(getattr(scorer, "uses_time", False))
     wants_last = bool(getattr(scorer, "wants_last_item", False))
     sl = np.arange(n_used)  # row of the scorer's state -> schedule slot
@@ -408,4 +411,5 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         top_counts=top_counts.numpy(), top_k=top_k, mode=mode,
         n_users=n_users if mode == "user" else 0, n_users_without_history=n_no_hist,
         n_history_sessions=n_hist_sess, n_history_steps=n_hist_steps, n_end_session_calls=n_end,
-        step_seconds=np.array(step_secs, np.float64), step_rows=np.array(step_rows, np.int64))
+        step_seconds=np.array(step_secs, np.float64), step_rows=np.array(step_rows, np.int64),
+        block_items=block_items if blocked else None)

@@ -156,6 +156,16 @@ def prune_intervals(dataset_root: str | os.PathLike, keep: int, protect: tuple[s
     return out
 
 
+def housekeep(root: str | os.PathLike, keep: int | None, min_age_s: float, protect: tuple[str, ...] = (),
+              dry_run: bool = False) -> dict:
+    """:func:`sweep_leftovers` then, with ``keep``, :func:`prune_intervals` of a dataset's folder;
+    what was removed, restored and kept (the CLI's output, the DAG's ``housekeeping`` result)."""
+    sw = sweep_leftovers(root, min_age_s, dry_run=dry_run)
+    pr = prune_intervals(root, keep, protect=protect, dry_run=dry_run) if keep is not None else Housekeeping()
+    return {"dry_run": dry_run, "swept": sw.removed, "restored": sw.restored, "pruned": pr.removed,
+            "freed_bytes": sw.freed_bytes + pr.freed_bytes, "kept": {**sw.kept, **pr.kept}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spark_jobs.retention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", required=True, help="a dataset's folder: <data_dir>/pipeline/<dataset>")
@@ -163,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-age-hours", type=float, default=24.0, help="sweep leftovers untouched this long")
     ap.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     a = ap.parse_args(argv)
-    sw = sweep_leftovers(a.root, a.min_age_hours * 3600, dry_run=a.dry_run)
-    pr = prune_intervals(a.root, a.keep, dry_run=a.dry_run) if a.keep is not None else Housekeeping()
-    print(json.dumps({"dry_run": a.dry_run, "swept": sw.removed, "restored": sw.restored, "pruned": pr.removed,
-                      "freed_bytes": sw.freed_bytes + pr.freed_bytes, "kept": {**sw.kept, **pr.kept}}, indent=2))
+    print(json.dumps(housekeep(a.root, a.keep, a.min_age_hours * 3600, dry_run=a.dry_run), indent=2))
     return 0
 
 

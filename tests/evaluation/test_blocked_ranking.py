@@ -105,7 +105,7 @@ def test_the_loop_uses_blocks_only_above_the_threshold(monkeypatch):
     real = L.blocked_top
     monkeypatch.setattr(L, "blocked_top", lambda *a: calls.append(a[-1]) or real(*a))
     scorer, data = _toy_gru4rec(), _sessions(n=10)
-    evaluate_sessions(scorer, data, n_slots=4, block_items=300)  # = n_items: one matrix
+    assert evaluate_sessions(scorer, data, n_slots=4, block_items=300).block_items is None  # = n_items
     assert calls == []
-    evaluate_sessions(scorer, data, n_slots=4, block_items=50)
+    assert evaluate_sessions(scorer, data, n_slots=4, block_items=50).block_items == 50
     assert calls and set(calls) == {50}
