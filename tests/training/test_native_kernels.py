@@ -270,6 +270,21 @@ def test_whole_step_chunk_equals_per_step_path(variant, threads):
 
 
 @needs_lib
+def test_whole_step_chunk_restores_the_callers_subnormal_mode():
+    """The chunk flushes subnormals to zero inside (kernels.c ftz_on: the bpr-max sums spent
+    ~0.4 ms of a retailrocket step in subnormal assists) and must hand the calling thread its
+    floating-point mode back: torch code after it still computes with subnormals."""
+    def subnormal_survives():
+        return float(torch.tensor([3e-39]) * torch.tensor([0.5])) != 0.0  # one element: this thread
+    assert subnormal_survives()
+    cfg = GRU4RecConfig(layers=[16], batch_size=8, n_sample=32, loss="bpr-max", logq=0.0,
+                        final_act="elu-1", bpreg=0.9)
+    _, out = _run_both(cfg, 80, n_steps=3)
+    assert torch.isfinite(out[True][2]).all()
+    assert subnormal_survives()
+
+
+@needs_lib
 def test_whole_step_chunk_stops_at_non_finite_scores():
     cfg = GRU4RecConfig(layers=[10], batch_size=8, n_sample=16)
     m = GRU4RecModel(60, cfg)
