@@ -114,7 +114,8 @@ class SampleStore:
     One chunk = ``rows`` samples of ``n_sample`` items (the official cache holds
     10M ids); refilled when used up. Draws use Walker's alias method (exact, two
     uniforms per sample, no binary search: ~10x cheaper than searchsorted over the
-    CDF on CPU). A dedicated generator keeps runs reproducible.
+    CDF on CPU). A dedicated generator keeps runs reproducible: a ``torch.Generator``, or a
+    ``training.rng.CounterStream`` (GRU4Rec), whose draws run in C when the kernels are built.
     """
 
     def __init__(self, support: np.ndarray, n_sample: int, alpha: float, store_size: int,
@@ -134,9 +135,12 @@ class SampleStore:
     def _refill(self) -> None:
         n = len(self.prob)
         k = self.rows * self.n_sample
-        bucket = torch.randint(0, n, (k,), generator=self.gen)
-        u = torch.rand(k, generator=self.gen, dtype=torch.float64)
-        idx = torch.where(u < self.prob[bucket], bucket, self.alias[bucket])
+        if hasattr(self.gen, "alias"):  # a training.rng.CounterStream (GRU4Rec): C draws
+            idx = self.gen.alias(k, self.prob, self.alias)
+        else:
+            bucket = torch.randint(0, n, (k,), generator=self.gen)
+            u = torch.rand(k, generator=self.gen, dtype=torch.float64)
+            idx = torch.where(u < self.prob[bucket], bucket, self.alias[bucket])
         self._chunk = idx.view(self.rows, self.n_sample).to(self.device)
         self._ptr = 0
 

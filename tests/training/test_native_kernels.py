@@ -319,8 +319,9 @@ def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypa
     the samples and the dropout masks of each step, the shrinking tail back on the per-step path.
     Per-step losses are compared over the first 30 steps (6 chunk boundaries): a mask, sample or
     reset taken from the wrong step changes the next loss by 1e-2 or more, while float rounding
-    differences only grow slowly (training on this tiny table is chaotic: after ~100 steps they
-    reach 1e-3 in the weights, so later steps are compared loosely)."""
+    differences only grow slowly (training on this tiny table is chaotic: they reach ~3e-5 of a
+    loss by step 20 and 1e-3 in the weights after ~100 steps, so later steps are compared
+    loosely)."""
     from tests.training.toy import zipf_train_context
     from training.families import gru4rec
 
@@ -361,6 +362,7 @@ def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypa
     (sa, la, na, oa), (sb, lb, nb, ob) = res[True], res[False]
     assert na >= 6 and nb == 0 and sa["steps"] == sb["steps"] > 60 and sa["events"] == sb["events"]
     assert len(la) == len(lb) == sa["steps"]
-    np.testing.assert_allclose(la[:30], lb[:30], rtol=1e-5)
+    np.testing.assert_allclose(la[:15], lb[:15], rtol=1e-5)
+    np.testing.assert_allclose(la[15:30], lb[15:30], rtol=2e-4)  # rounding has started to grow
     np.testing.assert_allclose(la, lb, rtol=2e-3)
     assert int(oa["step"]) == int(ob["step"]) == sa["steps"]

@@ -40,8 +40,10 @@ from torch import nn
 
 from training.batching import SampleStore, session_parallel_schedule
 from training.config import ConfigError, TrainConfig, config_from_dict
-from training.family import Family, TrainContext, gather_rows, generator, glorot_
+from training.family import Family, TrainContext, gather_rows, glorot_
+from training import rng
 from training.losses import check_loss_config, sampled_loss
+from training.rng import CounterStream
 from training.scoring import RNNScorer
 
 log = logging.getLogger("training")
@@ -202,22 +204,21 @@ class GRU4RecModel(nn.Module):
 
 
 
-def dropout_masks(cfg: GRU4RecConfig, model: GRU4RecModel, n_steps: int, B: int, gen: torch.Generator,
+def dropout_masks(cfg: GRU4RecConfig, model: GRU4RecModel, n_steps: int, B: int, gen: CounterStream,
                   device: torch.device) -> tuple:
     """Inverted-dropout masks (DROP probabilities, checklist 4) for a chunk of steps, drawn at
-    once: embedding ``[n_steps, B, d]`` or None, and one ``[n_steps, B, H_i]`` (or None) per layer."""
+    once: embedding ``[n_steps, B, d]`` or None, and one ``[n_steps, B, H_i]`` (or None) per layer
+    (``training.rng``: ``u >= p`` keeps a unit, scaled by 1 / (1 - p))."""
     c, m = cfg, model
     emb = None
     if c.dropout_embed > 0 and m.embedding != "onehot":
         d = m.Wy.shape[1] if m.embedding == "tied" else m.E.shape[1]
-        emb = (torch.rand(n_steps, B, d, generator=gen) >= c.dropout_embed).float().mul_(
-            1 / (1 - c.dropout_embed)).to(device)
+        emb = gen.mask((n_steps, B, d), c.dropout_embed).to(device)
     hid = []
     for i, h in enumerate(m.layers):
         # official one-hot quirk: the first layer plays the embedding, so it takes dropout_embed
         p = c.dropout_embed if (i == 0 and m.embedding == "onehot") else c.dropout_hidden
-        hid.append((torch.rand(n_steps, B, h, generator=gen) >= p).float().mul_(1 / (1 - p)).to(device)
-                   if p > 0 else None)
+        hid.append(gen.mask((n_steps, B, h), p).to(device) if p > 0 else None)
     return emb, hid
 
 
@@ -242,23 +243,24 @@ CHUNK = 256
 
 def epoch_chunks(cfg: GRU4RecConfig, model: GRU4RecModel, ctx: TrainContext, epoch: int):
     """The epoch's schedule, negatives and dropout masks, chunk by chunk. Every path consumes
-    exactly this stream (same generator, same order of draws), so paths differ only in
+    exactly this stream (same counter-based streams, same order of draws), so paths differ only in
     arithmetic, never in data."""
     c, dev = cfg, ctx.device
     B = c.batch_size
-    gen = generator(c.seed, epoch)
+    # counter-based streams (training.rng), one per (seed, epoch, purpose): drawn in C
+    smp_gen, mask_gen = CounterStream(c.seed, epoch, rng.SAMPLES), CounterStream(c.seed, epoch, rng.DROPOUT)
     order = ctx.data.order(c.session_order, np.random.default_rng([c.seed, epoch]))
     sch = session_parallel_schedule(ctx.data.items, ctx.data.offsets, order, B)
     X = torch.from_numpy(sch.inputs).to(dev)
     Y = torch.from_numpy(sch.targets).to(dev)
     keep = torch.from_numpy(~sch.reset).to(torch.float32).unsqueeze(-1).to(dev)
     store = SampleStore(ctx.support, c.n_sample, c.sample_alpha,
-                        min(c.sample_store_size, max(1, sch.n_steps) * c.n_sample), gen, dev) \
+                        min(c.sample_store_size, max(1, sch.n_steps) * c.n_sample), smp_gen, dev) \
         if c.n_sample > 0 else None
     for c0 in range(0, sch.n_steps, CHUNK):
         c1 = min(sch.n_steps, c0 + CHUNK)
         samples = store.take(c1 - c0) if store is not None else None
-        emb, hid = dropout_masks(c, model, c1 - c0, B, gen, dev)
+        emb, hid = dropout_masks(c, model, c1 - c0, B, mask_gen, dev)
         yield Chunk(c0, c1, X[c0:c1], Y[c0:c1], keep[c0:c1], sch.n_valid[c0:c1], samples, emb, hid)
 
 

@@ -113,6 +113,12 @@ def load():
     lib.rnn_train_chunk.restype = ctypes.c_int64
     lib.rnn_train_chunk.argtypes = [ctypes.c_void_p, ctypes.c_int64, i64p, i64p, i64p, f32p, f32p,
                                     ctypes.c_void_p, ctypes.c_void_p, f32p]
+    lib.rnn_rand_mask.restype = None
+    lib.rnn_rand_mask.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_float,
+                                  ctypes.c_float, f32p]
+    lib.rnn_alias_draw.restype = None
+    lib.rnn_alias_draw.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
+                                   i64p, ctypes.c_int64, i64p]
     lib.rnn_chunk_profile.restype = None
     lib.rnn_chunk_profile.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.has_blas = _hand_over_blas(lib)

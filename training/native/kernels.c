@@ -946,3 +946,38 @@ done:
     free(spare); free(red); free(bred);
     return stop;
 }
+
+/* ---- counter-based random draws (training/rng.py is the reference and the fallback) -------
+ * Value i of a stream with key k and start position s is splitmix64's output mix64(k + (s + i
+ * + 1) * GOLDEN): independent of thread count and chunking, so C and numpy give the same bits. */
+#define RNG_GOLDEN 0x9E3779B97F4A7C15ULL
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* inverted-dropout mask: out[i] = scale if u_i >= p else 0, u_i = (z_i >> 40) 2^-24 in [0, 1) */
+void rnn_rand_mask(uint64_t key, uint64_t start, int64_t n, float p, float scale, float *out) {
+    const int nt = n_threads(n);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t z = mix64(key + (start + (uint64_t)i + 1) * RNG_GOLDEN);
+        const float u = (float)(z >> 40) * 0x1p-24f;
+        out[i] = u >= p ? scale : 0.0f;
+    }
+}
+
+/* Walker alias draws over n_items: bucket = high 32 bits of z scaled to [0, n_items) (multiply
+ * and shift), u = low 32 bits 2^-32; out[i] = bucket if u < prob[bucket] else alias[bucket] */
+void rnn_alias_draw(uint64_t key, uint64_t start, int64_t n, const double *prob, const int64_t *alias,
+                    int64_t n_items, int64_t *out) {
+    const int nt = n_threads(n);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t z = mix64(key + (start + (uint64_t)i + 1) * RNG_GOLDEN);
+        const uint64_t b = ((z >> 32) * (uint64_t)n_items) >> 32;
+        const double u = (double)(uint32_t)z * 0x1p-32;
+        out[i] = u < prob[b] ? (int64_t)b : alias[b];
+    }
+}
