@@ -15,11 +15,16 @@ and one child process per (setting, k) trains on it with the default training pa
 * ``peak_rss_mb``: the process's peak (``ru_maxrss``).
 
 The report fits ``peak - before = a + b x events`` by least squares and prints ``b`` in bytes
-per training event, next to what the epoch's schedule needs by construction: the
-session-parallel schedule of int64 inputs and targets (16 B per step-slot) plus its reset /
-validity masks, and the sample store (8 B per drawn negative, ``min(sample_store_size, steps x
-n_sample)``: capped at 80 MB, as the official code's 10M-id cache). Anything above that would be
-memory that grows with the data for no reason (per-step loss lists, leaked chunks, ...).
+per training event, next to what an epoch needs by construction: the slot assignment of the
+session-parallel schedule (six int64 per session) and one chunk of 256 steps (inputs, targets,
+masks, negatives), since the schedule is built chunk by chunk (``training.batching.
+StreamedSchedule``) and the negatives are drawn per chunk (no 10M-id store). Anything above that
+grows with the data for no reason (per-step loss lists, leaked chunks, a whole-epoch schedule).
+
+Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (``--glibc-default`` turns it off): glibc's
+default raises its mmap threshold after the first large free, after which freed blocks of tens of
+MB stay in the heap and RSS says little about what the code holds (measured: after one epoch,
+x16, 601 MB with the default vs 455 MB with the fixed threshold, same code).
 
 Settings: the official best parameter files' values (``rsc15_xe_shared_100_best``,
 ``diginetica_bprmax_shared_best``; key mapping in benchmarks/README_gru4rec.md).
@@ -113,12 +118,11 @@ def child(split: Path, setting: str, copies: int, epochs: int, threads: int) -> 
 
 
 def expected_schedule_mb(r: dict) -> float:
-    """What an epoch needs by construction (module docstring): inputs + targets (int64) and the
-    reset mask (bool) + keep (float32) per step-slot, plus the sample store (int64 ids)."""
-    steps = r["epochs"][0]["steps"]
-    slots = steps * r["batch_size"]
-    store = min(r["sample_store_size"], max(1, steps) * r["n_sample"]) if r["n_sample"] else 0
-    return (slots * (8 + 8 + 1 + 4) + store * 8) / 2 ** 20
+    """What an epoch needs by construction (module docstring): the slot assignment (six int64
+    per session: order, steps, slot, first step, end step, prefix max) and one chunk of 256 steps
+    (inputs + targets int64, reset bool, keep float32 per step-slot, the negatives int64)."""
+    chunk = 256 * (r["batch_size"] * (8 + 8 + 1 + 4) + r["n_sample"] * 8)
+    return (r["sessions"] * 6 * 8 + chunk) / 2 ** 20
 
 
 def fit(rows: list[dict]) -> dict:
@@ -132,7 +136,7 @@ def fit(rows: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = ["| setting | copies | events | data MB | RSS before MB | RSS after each epoch MB | peak MB | "
-           "peak - before MB | schedule + sample store MB (by construction) | events/s |",
+           "peak - before MB | slot assignment + one chunk MB (by construction) | events/s |",
            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['setting']} | {r['copies']} | {r['events']:,} | {r['data_mb']:.1f} | "
@@ -153,7 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(ev, [r["peak_rss_mb"] for r in rr], "o-", label=f"{s}: peak RSS")
         ax.plot(ev, [r["rss_before_mb"] for r in rr], "s--", label=f"{s}: before training")
         ax.plot(ev, [r["rss_before_mb"] + expected_schedule_mb(r) for r in rr], ":",
-                label=f"{s}: before + schedule + sample store")
+                label=f"{s}: before + slot assignment + one chunk")
     ax.set_xlabel("training events (millions)")
     ax.set_ylabel("MB")
     ax.set_title("GRU4Rec training memory vs data size (rsc15-100k train_full repeated)")
@@ -173,6 +177,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gru4rec_memory.json")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's dynamic mmap threshold on in the children (module docstring)")
     ap.add_argument("--child", nargs=2, metavar=("SETTING", "COPIES"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -188,6 +194,8 @@ def main(argv=None) -> None:
                 continue
             t0 = time.time()
             env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(ROOT)}
+            if not a.glibc_default:
+                env["MALLOC_MMAP_THRESHOLD_"] = "131072"
             r = subprocess.run([sys.executable, "-m", "benchmarks.gru4rec_memory", "--split", str(a.split),
                                 "--epochs", str(a.epochs), "--threads", str(a.threads), "--child", s, str(k)],
                                cwd=ROOT, env=env, capture_output=True, text=True)
@@ -198,6 +206,7 @@ def main(argv=None) -> None:
                   f"({time.time() - t0:.0f} s)", flush=True)
     fits = {s: fit([r for r in rows if r["setting"] == s]) for s in a.settings}
     rep = {"issue": 13, "what": "GRU4Rec training peak RSS against the number of training events",
+           "malloc_mmap_threshold": None if a.glibc_default else 131072,
            "command": "python -m benchmarks.gru4rec_memory " + " ".join(sys.argv[1:] if argv is None else argv),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows, "fit": fits,
            "table": table(rows)}

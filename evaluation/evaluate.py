@@ -226,6 +226,7 @@ def evaluate(model_dir, data_dir, out, table: str = "test", ties: str = "conserv
         "eval_events_per_s": res.n_events / max(res.seconds, 1e-9), "device": str(dev),
         "n_slots": n_slots, "ties_recall_at_k_n": "conservative", "n_future": FUTURE_STEPS,
         "block_items": res.block_items,
+        "rank_path": res.rank_path,
         f"coverage_at_{top_k}": coverage, f"mean_popularity_at_{top_k}": popularity,
         "test_digest": events_digest(sess_ids, res.position, tgt_ids),
         **model_cost(model_dir, ckpt),

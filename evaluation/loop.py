@@ -71,6 +71,18 @@ the same values). Memory: ``rows x block_items`` scores at a time instead of ``r
 cost: that second sweep of products (tested equal to the unblocked counts, ties included:
 tests/evaluation/test_blocked_ranking.py).
 
+Fused ranking (CPU, the default where the C kernels build; ``RNNREC_EVAL_NATIVE=0`` turns it
+off; ``EvalResult.rank_path`` says which ran): one C pass per score row
+(``training/native/kernels.c`` ``rnn_rank_rows``, rows in parallel) gives the target's exact
+greater / ties counts over the whole row, the ``top_k + 1`` largest values with their items and
+the next items' scores, in place of topk + gather + the two comparison passes of the far rows
+(:func:`rank_rows_native`; tested equal to the torch ranking, ties included). For a scorer with
+``output_factors`` (GRU4Rec) the step returns the hidden output and the loop multiplies it by the
+item table inside the timed step (``torch.mm``), the bias being added in the ranking pass: this
+skips ``addmm``'s copy of the bias into every ``[rows, items]`` output (a third of the scoring
+time at 100 units). Top-k lists break ties at the cut by the smaller item (topk's choice is
+unspecified); only catalogue coverage / popularity use them.
+
 Prediction latency: every ``scorer.step`` call (the model's prediction of one
 batch, one event per row) is timed on its own with ``time.perf_counter``, from
 after its arguments are on the device to its return; on CUDA the device is
@@ -83,6 +95,7 @@ the tail for a scorer with ``select``; always all rows for one without it).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -123,6 +136,8 @@ class EvalResult:
     step_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     #: items per block when the catalogue was scored in blocks, else None ("Blocked ranking")
     block_items: int | None = None
+    #: which ranking ran: "native" (the fused C pass, "Fused ranking"), "torch", or "blocked"
+    rank_path: str = "torch"
 
     @property
     def n_events(self) -> int:
@@ -212,6 +227,43 @@ def blocked_greater_ties(H: torch.Tensor, W: torch.Tensor, b: torch.Tensor, rows
     return g, e - 1
 
 
+def rank_lib(device):
+    """The fused ranking kernel's library (training/native ``rnn_rank_rows``) for CPU scores,
+    or None: on another device, without the C kernels, or with ``RNNREC_EVAL_NATIVE=0``."""
+    if torch.device(device).type != "cpu" or os.environ.get("RNNREC_EVAL_NATIVE", "1") == "0":
+        return None
+    from training import native
+    return native.load()
+
+
+def rank_rows_native(lib, S: torch.Tensor, bias: torch.Tensor | None, fut: torch.Tensor, kk: int):
+    """One pass over each row of the scores ``S + bias`` ([R, N], float32 CPU; ``bias`` [N] or
+    None) in C (module docstring, "Fused ranking"): the ``kk`` largest values and their items
+    (descending), the scores of the items ``fut`` [R, F] (column 0: the target), and the
+    target's exact (#greater, #ties). Raises on a NaN score."""
+    S = S.contiguous()
+    R, N = S.shape
+    fut = fut.contiguous()
+    F = fut.shape[1]
+    tv = torch.empty((R, kk), dtype=torch.float32)
+    tix = torch.empty((R, kk), dtype=torch.int64)
+    fs = torch.empty((R, F), dtype=torch.float32)
+    g = torch.empty(R, dtype=torch.int32)
+    ti = torch.empty(R, dtype=torch.int32)
+    tgt = fut[:, 0].contiguous()
+    if bias is None:  # + 0.0 leaves every score as it is (NaN stays NaN)
+        bias = torch.zeros(N, dtype=torch.float32)
+    bias = bias.contiguous()
+    n_nan = lib.rnn_rank_rows(S.data_ptr(), bias.data_ptr(), R, N, tgt.data_ptr(),
+                              fut.data_ptr(), F, kk, tv.data_ptr(), tix.data_ptr(), fs.data_ptr(), g.data_ptr(),
+                              ti.data_ptr())
+    if n_nan < 0:
+        raise MemoryError("rnn_rank_rows: could not allocate its per-thread buffers")
+    if n_nan:
+        raise FloatingPointError("model produced NaN scores; ranks would be meaningless")
+    return tv, tix, fs, g, ti
+
+
 def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str = "session",
                       history=None, n_future: int = 20, top_k: int = 20,
                       block_items: int | None = None) -> EvalResult:
@@ -298,6 +350,13 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
     blocked = factors is not None
     if blocked:
         W_out, b_out = factors
+    lib = rank_lib(dev) if not blocked else None
+    # fused: the model's hidden output times the item table in the timed step, the bias added
+    # in the ranking pass (no [rows, items] bias copy); scorers without factors give scores
+    fused = getattr(scorer, "output_factors", lambda: None)() \
+        if lib is not None and hasattr(scorer, "step_hidden") else None
+    if fused is not None:
+        W_f, b_f = (t.float().contiguous() for t in fused)
     uses_time = bool(getattr(scorer, "uses_time", False))
     wants_last = bool(getattr(scorer, "wants_last_item", False))
     sl = np.arange(n_used)  # row of the scorer's state -> schedule slot
@@ -328,6 +387,9 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         c0 = time.perf_counter()
         if blocked:  # the hidden output only: the loop scores the catalogue block by block
             hidden, state = scorer.step_hidden(state, *args)
+        elif fused is not None:  # the product in the step's time, its bias in the ranking pass
+            hidden, state = scorer.step_hidden(state, *args)
+            scores = torch.mm(hidden.float(), W_f.t())
         else:
             scores, state = scorer.step(state, *args)
         if sync is not None:
@@ -343,9 +405,15 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
             idx = ev[:, None] + ar_f
             ok = idx < offsets[s_r + 1][:, None]
             fut = item_t[torch.from_numpy(np.minimum(idx, n_all_ev - 1))]
+            native_counts = None
             if blocked:
                 Hr = hidden if len(r) == len(sl) else hidden[torch.from_numpy(r).to(dev)]
                 tv, tix, fs = blocked_top(Hr, W_out, b_out, fut.to(dev), kk, block_items)
+            elif lib is not None:
+                S = scores if len(r) == len(sl) else scores[torch.from_numpy(r)]
+                tv, tix, fs, g_n, t_n = rank_rows_native(lib, S.float(), b_f if fused is not None else None,
+                                                          fut, kk)
+                native_counts = (g_n, t_n)
             else:
                 S = scores if len(r) == len(sl) else scores[torch.from_numpy(r).to(dev)]
                 tv, tix = torch.topk(S, kk, dim=1)
@@ -360,9 +428,12 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
             # greater / ties counts come from the top values; only the other rows need the
             # two full comparison passes
             ge = cnt[:, 0]
-            g = (tv > fs[:, :1]).sum(1, dtype=torch.int32)
-            ti = ge - 1 - g
-            if kk < scorer.n_items:
+            if native_counts is not None:  # exact counts over the whole row, from the same pass
+                g, ti = native_counts
+            else:
+                g = (tv > fs[:, :1]).sum(1, dtype=torch.int32)
+                ti = ge - 1 - g
+            if kk < scorer.n_items and native_counts is None:
                 far = torch.nonzero(ge >= kk).squeeze(1)
                 if far.numel() and blocked:
                     g_f, t_f = blocked_greater_ties(Hr, W_out, b_out, far, fs[far, 0], block_items)
@@ -412,4 +483,5 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         n_users=n_users if mode == "user" else 0, n_users_without_history=n_no_hist,
         n_history_sessions=n_hist_sess, n_history_steps=n_hist_steps, n_end_session_calls=n_end,
         step_seconds=np.array(step_secs, np.float64), step_rows=np.array(step_rows, np.int64),
-        block_items=block_items if blocked else None)
+        block_items=block_items if blocked else None,
+        rank_path="blocked" if blocked else "native" if lib is not None else "torch")

@@ -68,23 +68,8 @@ def session_parallel_schedule(items: np.ndarray, offsets: np.ndarray, order: np.
                               n_slots: int) -> Schedule:
     """Assign sessions (taken in ``order``) to ``n_slots`` slots; sessions with < 2 events
     produce no step and are skipped."""
-    if n_slots < 1:
-        raise ValueError("batch size must be >= 1")
-    lengths = np.diff(offsets)[order]
-    keep = lengths >= 2
-    order = np.asarray(order)[keep]
-    lengths = lengths[keep]
+    order, steps_per, slot_of, start_of, n_steps = _assign_slots(offsets, order, n_slots)
     n_sess = len(order)
-    steps_per = lengths - 1
-    slot_of = np.empty(n_sess, np.int64)
-    start_of = np.empty(n_sess, np.int64)
-    heap = [(0, b) for b in range(n_slots)]  # (first free step, slot): lowest slot wins ties
-    for i in range(n_sess):
-        free, b = heapq.heappop(heap)
-        slot_of[i] = b
-        start_of[i] = free
-        heapq.heappush(heap, (free + int(steps_per[i]), b))
-    n_steps = int((start_of + steps_per).max()) if n_sess else 0
     shape = (n_steps, n_slots)
     inputs = np.full(shape, -1, np.int64)
     targets = np.full(shape, -1, np.int64)
@@ -108,6 +93,88 @@ def session_parallel_schedule(items: np.ndarray, offsets: np.ndarray, order: np.
     return Schedule(inputs, targets, reset, session, position, n_valid)
 
 
+def _assign_slots(offsets: np.ndarray, order: np.ndarray, n_slots: int):
+    """Which slot each session (in ``order``, those with >= 2 events) takes and at which step:
+    the next session takes the slot that falls free first (lowest slot on ties, as the official
+    iterator). Returns (order kept, steps per session, slot, first step, total steps); the
+    first steps are non-decreasing along the order."""
+    if n_slots < 1:
+        raise ValueError("batch size must be >= 1")
+    lengths = np.diff(offsets)[order]
+    keep = lengths >= 2
+    order = np.asarray(order)[keep]
+    steps_per = lengths[keep] - 1
+    n_sess = len(order)
+    slot_of = np.empty(n_sess, np.int64)
+    start_of = np.empty(n_sess, np.int64)
+    heap = [(0, b) for b in range(n_slots)]  # (first free step, slot): lowest slot wins ties
+    for i in range(n_sess):
+        free, b = heapq.heappop(heap)
+        slot_of[i] = b
+        start_of[i] = free
+        heapq.heappush(heap, (free + int(steps_per[i]), b))
+    n_steps = int((start_of + steps_per).max()) if n_sess else 0
+    return order, steps_per, slot_of, start_of, n_steps
+
+
+@dataclass
+class ScheduleChunk:
+    """Steps ``c0 .. c1 - 1`` of a session-parallel schedule (``[c1 - c0, n_slots]`` arrays,
+    equal to the same rows of :func:`session_parallel_schedule`'s)."""
+
+    c0: int
+    c1: int
+    inputs: np.ndarray
+    targets: np.ndarray
+    reset: np.ndarray
+    n_valid: np.ndarray
+
+
+class StreamedSchedule:
+    """:func:`session_parallel_schedule`'s inputs / targets / resets, built one chunk of steps
+    at a time (:meth:`chunks`): memory O(sessions + chunk x slots) instead of O(steps x slots)
+    int64 arrays for the whole epoch (GRU4Rec training: 33 B per step-slot plus ~60 B per event
+    of temporaries while building, i.e. several times the training table itself on a large
+    table; issue 13, benchmarks/gru4rec_memory.py)."""
+
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, order: np.ndarray, n_slots: int):
+        self.items, self.offsets, self.n_slots = items, offsets, n_slots
+        self.order, self.steps_per, self.slot_of, self.start_of, self.n_steps = \
+            _assign_slots(offsets, order, n_slots)
+        self.end_of = self.start_of + self.steps_per
+        # prefix max of the end steps: every session before the first index whose prefix max
+        # exceeds c0 has ended by step c0
+        self._end_pmax = np.maximum.accumulate(self.end_of) if len(self.end_of) else self.end_of
+
+    def chunk(self, c0: int, c1: int) -> ScheduleChunk:
+        lo = int(np.searchsorted(self._end_pmax, c0, side="right"))
+        hi = int(np.searchsorted(self.start_of, c1, side="left"))
+        idx = np.arange(lo, hi)
+        idx = idx[self.end_of[idx] > c0]
+        shape = (c1 - c0, self.n_slots)
+        inputs = np.full(shape, -1, np.int64)
+        targets = np.full(shape, -1, np.int64)
+        reset = np.zeros(shape, bool)
+        if len(idx):
+            t0 = np.maximum(self.start_of[idx], c0)
+            t1 = np.minimum(self.end_of[idx], c1)
+            cnt = t1 - t0
+            rep = np.repeat(np.arange(len(idx)), cnt)
+            t = np.repeat(t0, cnt) + (np.arange(len(rep)) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+            i = idx[rep]
+            ev = self.offsets[self.order[i]] + (t - self.start_of[i])
+            b = self.slot_of[i]
+            inputs[t - c0, b] = self.items[ev]
+            targets[t - c0, b] = self.items[ev + 1]
+            st = idx[(self.start_of[idx] >= c0) & (self.start_of[idx] < c1)]
+            reset[self.start_of[st] - c0, self.slot_of[st]] = True
+        return ScheduleChunk(c0, c1, inputs, targets, reset, (targets >= 0).sum(1))
+
+    def chunks(self, size: int):
+        for c0 in range(0, self.n_steps, size):
+            yield self.chunk(c0, min(self.n_steps, c0 + size))
+
+
 class SampleStore:
     """Extra negatives p(item) ∝ support^alpha, drawn in big chunks before scoring.
 
@@ -115,7 +182,8 @@ class SampleStore:
     10M ids); refilled when used up. Draws use Walker's alias method (exact, two
     uniforms per sample, no binary search: ~10x cheaper than searchsorted over the
     CDF on CPU). A dedicated generator keeps runs reproducible: a ``torch.Generator``, or a
-    ``training.rng.CounterStream`` (GRU4Rec), whose draws run in C when the kernels are built.
+    ``training.rng.CounterStream`` (GRU4Rec), whose draws run in C when the kernels are built
+    and are made per :meth:`take`, without a store.
     """
 
     def __init__(self, support: np.ndarray, n_sample: int, alpha: float, store_size: int,
@@ -135,17 +203,20 @@ class SampleStore:
     def _refill(self) -> None:
         n = len(self.prob)
         k = self.rows * self.n_sample
-        if hasattr(self.gen, "alias"):  # a training.rng.CounterStream (GRU4Rec): C draws
-            idx = self.gen.alias(k, self.prob, self.alias)
-        else:
-            bucket = torch.randint(0, n, (k,), generator=self.gen)
-            u = torch.rand(k, generator=self.gen, dtype=torch.float64)
-            idx = torch.where(u < self.prob[bucket], bucket, self.alias[bucket])
+        bucket = torch.randint(0, n, (k,), generator=self.gen)
+        u = torch.rand(k, generator=self.gen, dtype=torch.float64)
+        idx = torch.where(u < self.prob[bucket], bucket, self.alias[bucket])
         self._chunk = idx.view(self.rows, self.n_sample).to(self.device)
         self._ptr = 0
 
     def take(self, n_rows: int) -> torch.Tensor:
-        """Next ``n_rows`` sample rows ``[n_rows, n_sample]`` (may span refills)."""
+        """Next ``n_rows`` sample rows ``[n_rows, n_sample]`` (may span refills). With a
+        counter-based stream the rows are drawn right here: a counter stream's draws do not
+        depend on how they are grouped, so this equals any store size (tested) and holds no
+        store (the 10M-id store was 80 MB; issue 13, benchmarks/gru4rec_memory.py)."""
+        if hasattr(self.gen, "alias"):
+            return self.gen.alias(n_rows * self.n_sample, self.prob, self.alias).view(
+                n_rows, self.n_sample).to(self.device)
         parts = []
         while n_rows > 0:
             if self._chunk is None or self._ptr >= self.rows:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.batching import SampleStore, alias_tables, session_parallel_schedule
+from training.batching import SampleStore, StreamedSchedule, alias_tables, session_parallel_schedule
 from training.data import ItemIndex, SessionData
 from training.families.gru4rec import GRU4RecConfig, GRU4RecFamily
 from training.family import TrainContext
@@ -27,6 +27,30 @@ def test_two_slot_schedule_by_hand():
     assert s.reset.tolist() == [[True, True], [False, True], [True, False], [False, False]]
     assert s.n_valid.tolist() == [2, 2, 2, 1]  # the batch shrinks at the tail ...
     assert s.n_events == sum(L - 1 for L in [3, 2, 4, 2])  # ... and no event is skipped (checklist 6)
+
+
+def test_streamed_schedule_by_hand_and_equal_to_the_whole_one():
+    """StreamedSchedule (GRU4Rec training) builds the same rows chunk by chunk: the hand-made
+    example above cut at every chunk size, then random tables (long sessions spanning many
+    chunks, short ones skipped, odd chunk sizes) against session_parallel_schedule."""
+    items, off = sessions([3, 2, 4, 2])
+    for size in (1, 2, 3, 4, 9):
+        parts = list(StreamedSchedule(items, off, np.arange(4), 2).chunks(size))
+        assert np.concatenate([p.inputs for p in parts]).tolist() == [[0, 3], [1, 5], [9, 6], [-1, 7]]
+        assert np.concatenate([p.reset for p in parts]).tolist() == [[True, True], [False, True],
+                                                                    [True, False], [False, False]]
+    rng = np.random.default_rng(3)
+    for n_sess, slots, size in ((300, 7, 5), (120, 16, 3), (50, 1, 4), (400, 32, 256)):
+        lengths = np.where(rng.random(n_sess) < 0.05, rng.integers(20, 60, n_sess), rng.integers(1, 9, n_sess))
+        items, off = sessions(lengths)
+        order = rng.permutation(n_sess)
+        whole = session_parallel_schedule(items, off, order, slots)
+        st = StreamedSchedule(items, off, order, slots)
+        assert st.n_steps == whole.n_steps
+        parts = list(st.chunks(size))
+        assert [p.c0 for p in parts] == list(range(0, whole.n_steps, size))
+        for name in ("inputs", "targets", "reset", "n_valid"):
+            assert np.array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name)), name
 
 
 def test_every_event_once_and_short_sessions_skipped():

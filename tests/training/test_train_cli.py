@@ -7,8 +7,7 @@ import torch
 from tests.training.toy import events_table, random_sessions, toy_split, write_split
 from training import checkpoint as ck
 from training.config import ConfigError, resolve_config
-from training.families.gru4rec import GRU4RecConfig, GRU4RecModel, dropout_masks
-from training.rng import CounterStream
+from training.families.gru4rec import GRU4RecConfig, GRU4RecModel, dropout_masks, mask_streams
 from training.train import main, train
 from training.trainer import NonFiniteLoss
 
@@ -101,13 +100,13 @@ def test_dropout_probabilities_are_drop_not_keep_and_separate():
     """Checklist 4: dropout_hidden=0.4 drops ~40%; embedding dropout is separate (0 -> no mask)."""
     cfg = GRU4RecConfig(batch_size=64, layers=[50], dropout_hidden=0.4, dropout_embed=0.0)
     cpu = torch.device("cpu")
-    emb, hid = dropout_masks(cfg, GRU4RecModel(10, cfg), 100, 64, CounterStream(0, 0, 2), cpu)
+    emb, hid = dropout_masks(cfg, GRU4RecModel(10, cfg), 100, 64, mask_streams(cfg, GRU4RecModel(10, cfg), 0), cpu)
     assert emb is None
     dropped = (hid[0] == 0).float().mean().item()
     assert 0.38 < dropped < 0.42
     assert hid[0].max().item() == pytest.approx(1 / 0.6)
     cfg2 = GRU4RecConfig(batch_size=64, layers=[50], dropout_hidden=0.0, dropout_embed=0.25)
-    emb, hid = dropout_masks(cfg2, GRU4RecModel(10, cfg2), 100, 64, CounterStream(0, 0, 2), cpu)
+    emb, hid = dropout_masks(cfg2, GRU4RecModel(10, cfg2), 100, 64, mask_streams(cfg2, GRU4RecModel(10, cfg2), 0), cpu)
     assert hid[0] is None and 0.23 < (emb == 0).float().mean().item() < 0.27
 
 

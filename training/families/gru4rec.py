@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.batching import SampleStore, session_parallel_schedule
+from training.batching import SampleStore, StreamedSchedule
 from training.config import ConfigError, TrainConfig, config_from_dict
 from training.family import Family, TrainContext, gather_rows, glorot_
 from training import rng
@@ -79,7 +79,9 @@ class GRU4RecConfig(TrainConfig):
     momentum: float = 0.2
     n_sample: int = 2048
     sample_alpha: float = 0.5
-    #: rows of negative samples generated at once (official: 10M ids / n_sample)
+    #: the official sample cache size (10M ids); kept for configs and checkpoints, but it no
+    #: longer changes anything: the counter-based negatives (training.rng) are drawn per chunk
+    #: of steps, the same draws whatever the store size, with no 80 MB store (issue 13)
     sample_store_size: int = 10_000_000
     #: auto | chunk | native | manual | torch (module docstring)
     train_path: str = "auto"
@@ -204,22 +206,49 @@ class GRU4RecModel(nn.Module):
 
 
 
-def dropout_masks(cfg: GRU4RecConfig, model: GRU4RecModel, n_steps: int, B: int, gen: CounterStream,
+def mask_streams(cfg: GRU4RecConfig, model: GRU4RecModel, epoch: int) -> list[CounterStream]:
+    """One counter stream per dropout mask (the embedding's, then each layer's): each mask's
+    draws are then the same whatever the chunk size (training.rng)."""
+    return [CounterStream(cfg.seed, epoch, rng.DROPOUT, k) for k in range(1 + len(model.layers))]
+
+
+def dropout_masks(cfg: GRU4RecConfig, model: GRU4RecModel, n_steps: int, B: int, streams: list[CounterStream],
                   device: torch.device) -> tuple:
     """Inverted-dropout masks (DROP probabilities, checklist 4) for a chunk of steps, drawn at
-    once: embedding ``[n_steps, B, d]`` or None, and one ``[n_steps, B, H_i]`` (or None) per layer
-    (``training.rng``: ``u >= p`` keeps a unit, scaled by 1 / (1 - p))."""
+    once from :func:`mask_streams`: embedding ``[n_steps, B, d]`` or None, and one
+    ``[n_steps, B, H_i]`` (or None) per layer (``u >= p`` keeps a unit, scaled by 1 / (1 - p))."""
     c, m = cfg, model
     emb = None
     if c.dropout_embed > 0 and m.embedding != "onehot":
-        d = m.Wy.shape[1] if m.embedding == "tied" else m.E.shape[1]
-        emb = gen.mask((n_steps, B, d), c.dropout_embed).to(device)
+        emb = streams[0].mask((n_steps, B, mask_width(m)), c.dropout_embed).to(device)
     hid = []
     for i, h in enumerate(m.layers):
-        # official one-hot quirk: the first layer plays the embedding, so it takes dropout_embed
-        p = c.dropout_embed if (i == 0 and m.embedding == "onehot") else c.dropout_hidden
-        hid.append(gen.mask((n_steps, B, h), p).to(device) if p > 0 else None)
+        p = layer_dropout(c, m, i)
+        hid.append(streams[1 + i].mask((n_steps, B, h), p).to(device) if p > 0 else None)
     return emb, hid
+
+
+def mask_width(model: GRU4RecModel) -> int:
+    """Width of the embedding dropout mask (the input row)."""
+    return model.Wy.shape[1] if model.embedding == "tied" else model.E.shape[1]
+
+
+def layer_dropout(cfg: GRU4RecConfig, model: GRU4RecModel, i: int) -> float:
+    # official one-hot quirk: the first layer plays the embedding, so it takes dropout_embed
+    return cfg.dropout_embed if (i == 0 and model.embedding == "onehot") else cfg.dropout_hidden
+
+
+def chunk_steps(cfg: GRU4RecConfig, model: GRU4RecModel) -> int:
+    """Steps per chunk: ``CHUNK``, fewer where one chunk's dropout masks would exceed
+    ``MASK_BYTES`` (512 units at batch 128: 134 MB of masks at 256 steps, 17 MB at 32), never
+    below 16 (the C call's per-chunk overhead). Results do not depend on it (mask_streams)."""
+    per_step = sum(h for i, h in enumerate(model.layers) if layer_dropout(cfg, model, i) > 0)
+    if cfg.dropout_embed > 0 and model.embedding != "onehot":
+        per_step += mask_width(model)
+    per_step *= 4 * cfg.batch_size
+    if not per_step:
+        return CHUNK
+    return min(CHUNK, max(16, MASK_BYTES // per_step))
 
 
 @dataclass
@@ -237,8 +266,11 @@ class Chunk:
     hid: list
 
 
-#: steps per chunk: masks and samples are drawn per chunk, and the C path runs a chunk per call
+#: steps per chunk (at most; chunk_steps): masks and samples are drawn per chunk, and the C path
+#: runs a chunk per call
 CHUNK = 256
+#: memory budget of one chunk's dropout masks (chunk_steps)
+MASK_BYTES = 16 << 20
 
 
 def epoch_chunks(cfg: GRU4RecConfig, model: GRU4RecModel, ctx: TrainContext, epoch: int):
@@ -248,20 +280,20 @@ def epoch_chunks(cfg: GRU4RecConfig, model: GRU4RecModel, ctx: TrainContext, epo
     c, dev = cfg, ctx.device
     B = c.batch_size
     # counter-based streams (training.rng), one per (seed, epoch, purpose): drawn in C
-    smp_gen, mask_gen = CounterStream(c.seed, epoch, rng.SAMPLES), CounterStream(c.seed, epoch, rng.DROPOUT)
+    smp_gen, mask_gen = CounterStream(c.seed, epoch, rng.SAMPLES), mask_streams(c, model, epoch)
     order = ctx.data.order(c.session_order, np.random.default_rng([c.seed, epoch]))
-    sch = session_parallel_schedule(ctx.data.items, ctx.data.offsets, order, B)
-    X = torch.from_numpy(sch.inputs).to(dev)
-    Y = torch.from_numpy(sch.targets).to(dev)
-    keep = torch.from_numpy(~sch.reset).to(torch.float32).unsqueeze(-1).to(dev)
+    # built chunk by chunk: memory O(sessions + CHUNK x B), not O(events) (StreamedSchedule)
+    sch = StreamedSchedule(ctx.data.items, ctx.data.offsets, order, B)
     store = SampleStore(ctx.support, c.n_sample, c.sample_alpha,
                         min(c.sample_store_size, max(1, sch.n_steps) * c.n_sample), smp_gen, dev) \
         if c.n_sample > 0 else None
-    for c0 in range(0, sch.n_steps, CHUNK):
-        c1 = min(sch.n_steps, c0 + CHUNK)
+    for part in sch.chunks(chunk_steps(c, model)):
+        c0, c1 = part.c0, part.c1
         samples = store.take(c1 - c0) if store is not None else None
         emb, hid = dropout_masks(c, model, c1 - c0, B, mask_gen, dev)
-        yield Chunk(c0, c1, X[c0:c1], Y[c0:c1], keep[c0:c1], sch.n_valid[c0:c1], samples, emb, hid)
+        keep = torch.from_numpy(~part.reset).to(torch.float32).unsqueeze(-1).to(dev)
+        yield Chunk(c0, c1, torch.from_numpy(part.inputs).to(dev), torch.from_numpy(part.targets).to(dev), keep,
+                    part.n_valid, samples, emb, hid)
 
 
 def logq_weights(cfg: GRU4RecConfig, M: int) -> torch.Tensor | None:

@@ -119,6 +119,9 @@ def load():
     lib.rnn_alias_draw.restype = None
     lib.rnn_alias_draw.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
                                    i64p, ctypes.c_int64, i64p]
+    lib.rnn_rank_rows.restype = ctypes.c_int64
+    lib.rnn_rank_rows.argtypes = [f32p, f32p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, ctypes.c_int64,
+                                  ctypes.c_int64, f32p, i64p, f32p, ctypes.c_void_p, ctypes.c_void_p]
     lib.rnn_chunk_profile.restype = None
     lib.rnn_chunk_profile.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.has_blas = _hand_over_blas(lib)

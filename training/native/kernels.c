@@ -981,3 +981,117 @@ void rnn_alias_draw(uint64_t key, uint64_t start, int64_t n, const double *prob,
         out[i] = u < prob[b] ? (int64_t)b : alias[b];
     }
 }
+
+/* ---- evaluation: one ranking pass over each score row (evaluation/loop.py "Fused ranking") ----
+ * Row r's scores are v_j = S[r, j] + bias[j] (the caller passes zeros for no bias). In one read of
+ * the row (two loops over it while it sits in L1/L2): the target's exact counts greater[r] =
+ * #{j: v_j > t}, ties[r] = #{j: v_j == t} - 1 with t = v_target (the same float expression for
+ * every item, so the counts are exact for these scores), the kk largest values with their items
+ * (top_v / top_i, sorted descending, ties by the smaller item), and the scores of the F items
+ * fut[r, :]. Returns the number of NaN scores seen (the caller refuses them). Rows in parallel. */
+static inline float rank_score(const float *s, const float *bias, int64_t j) { return s[j] + bias[j]; }
+
+/* the k-th largest (1-based, k <= n) of a[0..n): one pass keeping the k largest in buf[0..k)
+ * (descending); most values fail the first comparison */
+static float kth_largest(const float *a, int64_t n, int64_t k, float *buf) {
+    int64_t filled = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = a[i];
+        if (filled == k && !(v > buf[k - 1])) continue;
+        int64_t b = filled < k ? filled : k - 1;
+        while (b > 0 && buf[b - 1] < v) { buf[b] = buf[b - 1]; b--; }
+        buf[b] = v;
+        if (filled < k) filled++;
+    }
+    return buf[k - 1];
+}
+
+#define RANK_BLK 16
+int64_t rnn_rank_rows(const float *S, const float *bias, int64_t R, int64_t N, const int64_t *target,
+                      const int64_t *fut, int64_t F, int64_t kk, float *top_v, int64_t *top_i,
+                      float *fut_s, int32_t *greater, int32_t *ties) {
+    int64_t n_nan = 0, fail = 0;
+    const int nt = n_threads(R * N);
+    const int64_t nb = (N + RANK_BLK - 1) / RANK_BLK;
+#pragma omp parallel num_threads(nt) reduction(+ : n_nan, fail)
+    {
+        /* per thread: block maxima (+ kk to select in), candidates (values, items) */
+        float *bm = salloc(nb + kk), *cv = salloc(N);
+        int64_t *ci = (int64_t *)malloc(sizeof(int64_t) * (N > 0 ? N : 1));
+        float *bsel = bm ? bm + nb : NULL;
+        const int ok = bm && cv && ci;
+        if (!ok) fail = 1;
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t r = 0; r < R; r++) {
+            if (!ok) continue;
+            const float *s = S + r * N;
+            const float t = rank_score(s, bias, target[r]);
+            for (int64_t f = 0; f < F; f++) fut_s[r * F + f] = rank_score(s, bias, fut[r * F + f]);
+            /* 1: the target's counts, NaNs, and each block's maximum (vectorised) */
+            int32_t g = 0, e = 0, nn = 0;
+            const int64_t nfull = N / RANK_BLK;
+            for (int64_t blk = 0; blk < nfull; blk++) { /* whole blocks: a fixed trip count */
+                const float *sb = s + blk * RANK_BLK, *bb = bias + blk * RANK_BLK;
+                float m = -INFINITY;
+#pragma omp simd reduction(+ : g, e, nn) reduction(max : m)
+                for (int k = 0; k < RANK_BLK; k++) {
+                    const float v = sb[k] + bb[k];
+                    g += v > t;
+                    e += v == t;
+                    nn += v != v;
+                    m = v > m ? v : m;
+                }
+                bm[blk] = m;
+            }
+            if (nfull < nb) { /* the last, partial block */
+                float m = -INFINITY;
+                for (int64_t j = nfull * RANK_BLK; j < N; j++) {
+                    const float v = s[j] + bias[j];
+                    g += v > t;
+                    e += v == t;
+                    nn += v != v;
+                    m = v > m ? v : m;
+                }
+                bm[nfull] = m;
+            }
+            greater[r] = g;
+            ties[r] = e - 1;
+            n_nan += nn;
+            /* 2: a threshold T <= the kk-th largest score: the kk-th largest block maximum (kk
+             * blocks hold a score >= it); only blocks whose maximum reaches T can hold a top
+             * score, and only scores >= T are candidates (ties with T included) */
+            float T = -INFINITY;
+            if (kk <= nb) T = kth_largest(bm, nb, kk, bsel);
+            int64_t C = 0;
+            for (int64_t blk = 0; blk < nb; blk++) {
+                if (!(bm[blk] >= T)) continue;
+                const int64_t b0 = blk * RANK_BLK, b1 = b0 + RANK_BLK < N ? b0 + RANK_BLK : N;
+                for (int64_t j = b0; j < b1; j++) {
+                    const float v = rank_score(s, bias, j);
+                    if (v >= T) { cv[C] = v; ci[C] = j; C++; } /* never a NaN: NaN >= T is false */
+                }
+            }
+            /* 3: the kk best candidates, descending, ties by the smaller item (candidates come
+             * in item order, and the insertion passes only strictly smaller values) */
+            float *tv = top_v + r * kk;
+            int64_t *ti = top_i + r * kk;
+            int64_t filled = 0;
+            for (int64_t c = 0; c < C; c++) {
+                const float v = cv[c];
+                if (filled == kk && !(v > tv[kk - 1])) continue;
+                int64_t b = filled < kk ? filled : kk - 1;
+                while (b > 0 && tv[b - 1] < v) {
+                    tv[b] = tv[b - 1];
+                    ti[b] = ti[b - 1];
+                    b--;
+                }
+                tv[b] = v;
+                ti[b] = ci[c];
+                if (filled < kk) filled++;
+            }
+            for (int64_t k = filled; k < kk; k++) { tv[k] = -INFINITY; ti[k] = 0; } /* N < kk or NaNs */
+        }
+        free(bm); free(cv); free(ci);
+    }
+    return fail ? -1 : n_nan;
+}
