@@ -119,19 +119,25 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: floa
 
 
 def mlflow_server(stack, tmp_path: Path, backend_uri: str, env_extra: dict | None = None,
-                  timeout: float = 240) -> tuple[str, Path, subprocess.Popen]:
-    """``mlflow server`` on 127.0.0.1 (free port, one worker) with its backend store at
-    ``backend_uri`` (given as ``MLFLOW_BACKEND_STORE_URI``: a password stays off the command line)
-    and served artifacts in ``tmp_path/mlflow-artifacts``; its own process group, stopped by
-    ``stack`` (an ExitStack). Returns (url, artifacts dir, process) once /health answers."""
-    port = free_port()
+                  timeout: float = 240, port: int | None = None, args=(), env_drop=(),
+                  artifacts: Path | None = None) -> tuple[str, Path, subprocess.Popen]:
+    """``mlflow server`` on 127.0.0.1 (one worker) with its backend store at ``backend_uri``
+    (given as ``MLFLOW_BACKEND_STORE_URI``: a password stays off the command line) and served
+    artifacts in ``artifacts`` (default ``tmp_path/mlflow-artifacts``); its own process group,
+    stopped by ``stack`` (an ExitStack). ``port``: a free one unless given (a restart on the same
+    port and store); ``args``: extra server options (``--app-name basic-auth``, ``--allowed-hosts``,
+    ...); ``env_drop``: variables removed from its environment (e.g. credentials). The log
+    ``tmp_path/mlflow-server.log`` is appended to. Returns (url, artifacts dir, process) once
+    /health answers (it is not behind the basic-auth login)."""
+    port = port or free_port()
     log_path = tmp_path / "mlflow-server.log"
-    log = stack.enter_context(open(log_path, "w"))
-    artifacts = tmp_path / "mlflow-artifacts"
+    log = stack.enter_context(open(log_path, "a"))
+    artifacts = artifacts or tmp_path / "mlflow-artifacts"
+    env = {k: v for k, v in os.environ.items() if k not in set(env_drop)}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--artifacts-destination", str(artifacts), "--serve-artifacts"],
-        env={**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+         "--workers", "1", "--artifacts-destination", str(artifacts), "--serve-artifacts", *args],
+        env={**env, "MLFLOW_BACKEND_STORE_URI": backend_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
              "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env_extra or {})},
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
         start_new_session=True)  # its own process group: the uvicorn worker goes with it

@@ -17,6 +17,7 @@ split (no Spark/Airflow needed for these steps) once for the module, then:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import services
 from tests.services import free_port, stop_process, wait_http
 
 from tests.training.toy import events_table, random_sessions, write_split
@@ -51,27 +53,14 @@ UI_HOST = "mlflow-ui.test"
 def mlflow_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log_path = tmp / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-         "--artifacts-destination", str(tmp / "server-artifacts"),
-         # the server's DNS-rebinding / CORS guard must accept the browser's host name
-         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port},{UI_HOST}:{port}",
-         "--cors-allowed-origins", f"http://{UI_HOST}:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-        # no background job runner (nothing here uses server-side jobs; one process less to stop)
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        # own process group: its uvicorn worker can be stopped with it, whatever state it is in
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", alive=lambda: proc.poll() is None, what="mlflow server", log=log_path, timeout=300)
+    with contextlib.ExitStack() as stack:
+        url, _, _ = services.mlflow_server(
+            stack, tmp, f"sqlite:///{tmp / 'server.db'}", port=port, timeout=300,
+            artifacts=tmp / "server-artifacts",
+            # the server's DNS-rebinding / CORS guard must accept the browser's host name
+            args=["--allowed-hosts", f"127.0.0.1:{port},localhost:{port},{UI_HOST}:{port}",
+                  "--cors-allowed-origins", f"http://{UI_HOST}:{port}"])
         yield url
-    finally:
-        stop_process(proc, timeout=30, group=True)
-        log.close()
 
 
 def _split(root: Path) -> Path:

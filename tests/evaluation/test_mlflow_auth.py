@@ -11,21 +11,17 @@ in a ``finally``; every wait is bounded.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-import os
 import secrets
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, stop_process
+from tests.services import mlflow_server
 
-BIN = Path(sys.executable).parent
 ADMIN = "rnnrec-admin"
 #: environment variables that would change who the server or the client thinks we are
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
@@ -66,29 +62,14 @@ def auth_server(tmp_path_factory):
     password = secrets.token_urlsafe(18)  # throwaway; MLflow wants >= 12 characters
     ini = tmp / "basic_auth.ini"
     ini.write_text(auth_ini(tmp, password))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
-    env.update({"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_DISABLE_TELEMETRY": "true",
-                # the auth app signs CSRF tokens with it and refuses to start without one
-                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    log_path = tmp / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-             "--artifacts-destination", str(tmp / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 240
-            while _get_or_none(f"{url}/health") != 200:  # /health is not behind the login
-                assert proc.poll() is None, f"mlflow server exited (rc {proc.returncode}):\n{log_path.read_text()[-3000:]}"
-                assert time.time() < deadline, f"mlflow server not up in 240 s:\n{log_path.read_text()[-3000:]}"
-                time.sleep(1)
-            yield {"url": url, "password": password, "tmp": tmp, "log": log_path}
-        finally:
-            stop_process(proc, timeout=30, group=True)  # its uvicorn worker too
+    with contextlib.ExitStack() as stack:
+        url, _, _ = mlflow_server(
+            stack, tmp, f"sqlite:///{tmp / 'mlflow.db'}", args=["--app-name", "basic-auth"],
+            artifacts=tmp / "artifacts", env_drop=CREDENTIAL_VARS,
+            env_extra={"MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                       # the auth app signs CSRF tokens with it and refuses to start without one
+                       "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+        yield {"url": url, "password": password, "tmp": tmp, "log": tmp / "mlflow-server.log"}
 
 
 def _get_or_none(url: str) -> int | None:

@@ -11,28 +11,15 @@ the retry.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, stop_process, wait_http
+from tests.services import free_port, mlflow_server, stop_process
 from tests.training.toy import events_table, random_sessions, write_split
-
-BIN = Path(sys.executable).parent
-
-
-def _server(tmp: Path, port: int) -> subprocess.Popen:
-    log = open(tmp / "server.log", "a")
-    return subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 def test_mlflow_down_keeps_the_trained_model_and_the_retry_only_logs(tmp_path, monkeypatch, caplog):
@@ -56,10 +43,10 @@ def test_mlflow_down_keeps_the_trained_model_and_the_retry_only_logs(tmp_path, m
                         dag_id="session_rec_pipeline", dag_run_id="manual__mlflow_down",
                         interval_start="2014-04-07T00:00:00Z", interval_end="2014-04-08T00:00:00Z")
     (spec,) = steps.plan_pretrain(cfg, {"split_dir": str(split)})
-    proc = _server(tmp_path, port)
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    stack = contextlib.ExitStack()
     try:
-        wait_http(f"{url}/health", alive=lambda: proc.poll() is None, what="mlflow server",
-                  log=tmp_path / "server.log")
+        _, _, proc = mlflow_server(stack, tmp_path, store, port=port)
         ml.configure(cfg["data_dir"])
         parent = MlflowClient().create_run(ml.experiment_id("synthetic", cfg["data_dir"]),
                                            tags={"rnnrec_role": "parent"}).info.run_id
@@ -76,9 +63,7 @@ def test_mlflow_down_keeps_the_trained_model_and_the_retry_only_logs(tmp_path, m
         rec = steps._read_json(Path(cfg["root"]) / "status" / "failed" / "gru4rec.json")
         assert rec["step"] == "train" and "MlflowNotLogged" in rec["error"]
 
-        proc = _server(tmp_path, port)  # back, same store
-        wait_http(f"{url}/health", alive=lambda: proc.poll() is None, what="mlflow server",
-                  log=tmp_path / "server.log")
+        mlflow_server(stack, tmp_path, store, port=port)  # back, same port and store
         with caplog.at_level(logging.INFO, logger="dags.pipeline_steps"):
             out = steps.train_one(cfg, spec, parent)
         assert out["training"] == {"select": {"trained": False, "resumed_from_epoch": None},
@@ -95,7 +80,7 @@ def test_mlflow_down_keeps_the_trained_model_and_the_retry_only_logs(tmp_path, m
         kids = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
         assert len(kids) == 1  # the failed try's child run (if any) was replaced, not duplicated
     finally:
-        stop_process(proc, signal.SIGINT, timeout=30, group=True)
+        stack.close()  # stops the server (both starts)
         from mlflow.tracking._model_registry import utils as reg_utils
         from mlflow.tracking._tracking_service import utils as trk_utils
 
