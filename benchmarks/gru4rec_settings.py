@@ -64,6 +64,7 @@ it at fp32 on this CPU (ranking, gathers and gates counted as free).
 
 Goals checked per setting (issue 13): this project >= 70% of the limit; never slower than the
 official code; >= 4x the official code on the rsc15 setting; evaluation >= 3x the official.
+Training memory against the data size: ``benchmarks/gru4rec_memory.py``.
 
 The official side: the scratch checkout (commit recorded) carries the patches described in
 benchmarks/README_gru4rec.md (``LC_SEED`` / ``LC_THREADS`` seeding and thread count, float32 init
@@ -141,7 +142,8 @@ KEY_MAP = [
     ("sample_alpha", "sample_alpha", "same"),
     ("bpreg", "bpreg", "same (0 for cross-entropy: unused)"),
     ("logq", "logq", "same (0 for bpr-max: unused)"),
-    ("(run.py -ss, not in the file) sample_cache_max_size 10,000,000", "sample_store_size", "10,000,000 (our default)"),
+    ("(run.py -ss, not in the file) sample_cache_max_size 10,000,000", "sample_store_size",
+     "10,000,000 (our default; no effect since the negatives are drawn per chunk from a counter stream, training.rng)"),
     ("(fit default) compatibility_mode=True: NumPy-seeded init", "seed (partly)",
      "same distribution (Glorot-uniform per gate block, zero biases), but NO EQUIVALENT of its NumPy random "
      "stream: the same seed gives other initial weights in the two codes"),
