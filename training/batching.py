@@ -104,17 +104,24 @@ def _assign_slots(offsets: np.ndarray, order: np.ndarray, n_slots: int):
     keep = lengths >= 2
     order = np.asarray(order)[keep]
     steps_per = lengths[keep] - 1
-    n_sess = len(order)
-    slot_of = np.empty(n_sess, np.int64)
-    start_of = np.empty(n_sess, np.int64)
-    heap = [(0, b) for b in range(n_slots)]  # (first free step, slot): lowest slot wins ties
-    for i in range(n_sess):
+    slot_of, start_of = parallel_slots(steps_per, n_slots)
+    n_steps = int((start_of + steps_per).max()) if len(order) else 0
+    return order, steps_per, slot_of, start_of, n_steps
+
+
+def parallel_slots(durations: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Jobs of the given durations, in order, each to the slot that falls free first (lowest
+    slot on ties): (slot, first step) per job."""
+    n = len(durations)
+    slot_of = np.empty(n, np.int64)
+    start_of = np.empty(n, np.int64)
+    heap = [(0, b) for b in range(n_slots)]  # (first free step, slot)
+    for i in range(n):
         free, b = heapq.heappop(heap)
         slot_of[i] = b
         start_of[i] = free
-        heapq.heappush(heap, (free + int(steps_per[i]), b))
-    n_steps = int((start_of + steps_per).max()) if n_sess else 0
-    return order, steps_per, slot_of, start_of, n_steps
+        heapq.heappush(heap, (free + int(durations[i]), b))
+    return slot_of, start_of
 
 
 @dataclass
@@ -550,14 +557,7 @@ def sequence_batches(items: np.ndarray, offsets: np.ndarray, order: np.ndarray, 
     # split: session-parallel over windows
     n_win = -(-pairs // max_len)
     n_rows = min(batch_size, n_sess)
-    row_of = np.empty(n_sess, np.int64)
-    k0_of = np.empty(n_sess, np.int64)
-    heap = [(0, b) for b in range(n_rows)]  # (first free batch, row): lowest row wins ties
-    for i in range(n_sess):
-        free, b = heapq.heappop(heap)
-        row_of[i] = b
-        k0_of[i] = free
-        heapq.heappush(heap, (free + int(n_win[i]), b))
+    row_of, k0_of = parallel_slots(n_win, n_rows)  # (row, first batch): lowest row wins ties
     n_batches = int((k0_of + n_win).max())
     # one entry per window, then a [n_batches, n_rows] table of windows
     wsess = np.repeat(np.arange(n_sess), n_win)

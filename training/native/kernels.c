@@ -1007,6 +1007,26 @@ static float kth_largest(const float *a, int64_t n, int64_t k, float *buf) {
 }
 
 #define RANK_BLK 16
+
+/* n scores s + b against t: #greater, #equal, #NaN added to *g, *e, *nn; returns their maximum
+ * (inlined with n = RANK_BLK, the loop is one vectorised block) */
+static inline float rank_block(const float *restrict s, const float *restrict b, int64_t n, float t,
+                               int32_t *g, int32_t *e, int32_t *nn) {
+    int32_t gl = 0, el = 0, nl = 0;
+    float m = -INFINITY;
+#pragma omp simd reduction(+ : gl, el, nl) reduction(max : m)
+    for (int64_t k = 0; k < n; k++) {
+        const float v = s[k] + b[k];
+        gl += v > t;
+        el += v == t;
+        nl += v != v;
+        m = v > m ? v : m;
+    }
+    *g += gl;
+    *e += el;
+    *nn += nl;
+    return m;
+}
 int64_t rnn_rank_rows(const float *S, const float *bias, int64_t R, int64_t N, const int64_t *target,
                       const int64_t *fut, int64_t F, int64_t kk, float *top_v, int64_t *top_i,
                       float *fut_s, int32_t *greater, int32_t *ties) {
@@ -1030,30 +1050,11 @@ int64_t rnn_rank_rows(const float *S, const float *bias, int64_t R, int64_t N, c
             /* 1: the target's counts, NaNs, and each block's maximum (vectorised) */
             int32_t g = 0, e = 0, nn = 0;
             const int64_t nfull = N / RANK_BLK;
-            for (int64_t blk = 0; blk < nfull; blk++) { /* whole blocks: a fixed trip count */
-                const float *sb = s + blk * RANK_BLK, *bb = bias + blk * RANK_BLK;
-                float m = -INFINITY;
-#pragma omp simd reduction(+ : g, e, nn) reduction(max : m)
-                for (int k = 0; k < RANK_BLK; k++) {
-                    const float v = sb[k] + bb[k];
-                    g += v > t;
-                    e += v == t;
-                    nn += v != v;
-                    m = v > m ? v : m;
-                }
-                bm[blk] = m;
-            }
-            if (nfull < nb) { /* the last, partial block */
-                float m = -INFINITY;
-                for (int64_t j = nfull * RANK_BLK; j < N; j++) {
-                    const float v = s[j] + bias[j];
-                    g += v > t;
-                    e += v == t;
-                    nn += v != v;
-                    m = v > m ? v : m;
-                }
-                bm[nfull] = m;
-            }
+            for (int64_t blk = 0; blk < nfull; blk++) /* whole blocks: a fixed trip count */
+                bm[blk] = rank_block(s + blk * RANK_BLK, bias + blk * RANK_BLK, RANK_BLK, t, &g, &e, &nn);
+            if (nfull < nb) /* the last, partial block */
+                bm[nfull] = rank_block(s + nfull * RANK_BLK, bias + nfull * RANK_BLK, N - nfull * RANK_BLK, t,
+                                       &g, &e, &nn);
             greater[r] = g;
             ties[r] = e - 1;
             n_nan += nn;
