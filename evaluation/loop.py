@@ -345,18 +345,16 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
     else:
         state = scorer.begin(n_used)
     can_shrink = hasattr(scorer, "select")
-    factors = getattr(scorer, "output_factors", lambda: None)() \
-        if block_items and scorer.n_items > block_items else None
-    blocked = factors is not None
+    factors = getattr(scorer, "output_factors", lambda: None)()  # (W, b) or None, asked once
+    blocked = factors is not None and bool(block_items) and scorer.n_items > block_items
     if blocked:
         W_out, b_out = factors
     lib = rank_lib(dev) if not blocked else None
     # fused: the model's hidden output times the item table in the timed step, the bias added
     # in the ranking pass (no [rows, items] bias copy); scorers without factors give scores
-    fused = getattr(scorer, "output_factors", lambda: None)() \
-        if lib is not None and hasattr(scorer, "step_hidden") else None
-    if fused is not None:
-        W_f, b_f = (t.float().contiguous() for t in fused)
+    fused = factors is not None and lib is not None and hasattr(scorer, "step_hidden")
+    if fused:
+        W_f, b_f = (t.float().contiguous() for t in factors)
     uses_time = bool(getattr(scorer, "uses_time", False))
     wants_last = bool(getattr(scorer, "wants_last_item", False))
     sl = np.arange(n_used)  # row of the scorer's state -> schedule slot
@@ -387,7 +385,7 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
         c0 = time.perf_counter()
         if blocked:  # the hidden output only: the loop scores the catalogue block by block
             hidden, state = scorer.step_hidden(state, *args)
-        elif fused is not None:  # the product in the step's time, its bias in the ranking pass
+        elif fused:  # the product in the step's time, its bias in the ranking pass
             hidden, state = scorer.step_hidden(state, *args)
             scores = torch.mm(hidden.float(), W_f.t())
         else:
@@ -411,8 +409,7 @@ def evaluate_sessions(scorer, data: SessionData, n_slots: int = 512, mode: str =
                 tv, tix, fs = blocked_top(Hr, W_out, b_out, fut.to(dev), kk, block_items)
             elif lib is not None:
                 S = scores if len(r) == len(sl) else scores[torch.from_numpy(r)]
-                tv, tix, fs, g_n, t_n = rank_rows_native(lib, S.float(), b_f if fused is not None else None,
-                                                          fut, kk)
+                tv, tix, fs, g_n, t_n = rank_rows_native(lib, S.float(), b_f if fused else None, fut, kk)
                 native_counts = (g_n, t_n)
             else:
                 S = scores if len(r) == len(sl) else scores[torch.from_numpy(r).to(dev)]

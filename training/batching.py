@@ -67,30 +67,12 @@ class Schedule:
 def session_parallel_schedule(items: np.ndarray, offsets: np.ndarray, order: np.ndarray,
                               n_slots: int) -> Schedule:
     """Assign sessions (taken in ``order``) to ``n_slots`` slots; sessions with < 2 events
-    produce no step and are skipped."""
-    order, steps_per, slot_of, start_of, n_steps = _assign_slots(offsets, order, n_slots)
-    n_sess = len(order)
-    shape = (n_steps, n_slots)
-    inputs = np.full(shape, -1, np.int64)
-    targets = np.full(shape, -1, np.int64)
-    session = np.full(shape, -1, np.int64)
-    position = np.full(shape, -1, np.int64)
-    reset = np.zeros(shape, bool)
-    if n_sess:
-        # one row per training example (every event but the last of each session)
-        sess_rep = np.repeat(np.arange(n_sess), steps_per)
-        within = np.arange(len(sess_rep)) - np.repeat(np.cumsum(steps_per) - steps_per, steps_per)
-        ev = offsets[order][sess_rep] + within
-        t = start_of[sess_rep] + within
-        b = slot_of[sess_rep]
-        inputs[t, b] = items[ev]
-        targets[t, b] = items[ev + 1]
-        session[t, b] = sess_rep
-        position[t, b] = within
-        reset[start_of, slot_of] = True
-    n_valid = (targets >= 0).sum(1)
+    produce no step and are skipped. The whole epoch as one :class:`StreamedSchedule` chunk,
+    with each entry's session and position."""
+    st = StreamedSchedule(items, offsets, order, n_slots)
+    ch = st.chunk(0, st.n_steps, with_sessions=True)
     # idle slots only at the tail: a slot never becomes active again once idle
-    return Schedule(inputs, targets, reset, session, position, n_valid)
+    return Schedule(ch.inputs, ch.targets, ch.reset, ch.session, ch.position, ch.n_valid)
 
 
 def _assign_slots(offsets: np.ndarray, order: np.ndarray, n_slots: int):
@@ -135,6 +117,8 @@ class ScheduleChunk:
     targets: np.ndarray
     reset: np.ndarray
     n_valid: np.ndarray
+    session: np.ndarray | None = None  # with_sessions: position of the session in the order kept
+    position: np.ndarray | None = None  # with_sessions: index of the input event in its session
 
 
 class StreamedSchedule:
@@ -153,7 +137,9 @@ class StreamedSchedule:
         # exceeds c0 has ended by step c0
         self._end_pmax = np.maximum.accumulate(self.end_of) if len(self.end_of) else self.end_of
 
-    def chunk(self, c0: int, c1: int) -> ScheduleChunk:
+    def chunk(self, c0: int, c1: int, with_sessions: bool = False) -> ScheduleChunk:
+        """Steps ``c0 .. c1 - 1``; ``with_sessions``: also each entry's session and position
+        (-1 where idle)."""
         lo = int(np.searchsorted(self._end_pmax, c0, side="right"))
         hi = int(np.searchsorted(self.start_of, c1, side="left"))
         idx = np.arange(lo, hi)
@@ -162,6 +148,8 @@ class StreamedSchedule:
         inputs = np.full(shape, -1, np.int64)
         targets = np.full(shape, -1, np.int64)
         reset = np.zeros(shape, bool)
+        session = np.full(shape, -1, np.int64) if with_sessions else None
+        position = np.full(shape, -1, np.int64) if with_sessions else None
         if len(idx):
             t0 = np.maximum(self.start_of[idx], c0)
             t1 = np.minimum(self.end_of[idx], c1)
@@ -169,13 +157,17 @@ class StreamedSchedule:
             rep = np.repeat(np.arange(len(idx)), cnt)
             t = np.repeat(t0, cnt) + (np.arange(len(rep)) - np.repeat(np.cumsum(cnt) - cnt, cnt))
             i = idx[rep]
-            ev = self.offsets[self.order[i]] + (t - self.start_of[i])
+            within = t - self.start_of[i]
+            ev = self.offsets[self.order[i]] + within
             b = self.slot_of[i]
             inputs[t - c0, b] = self.items[ev]
             targets[t - c0, b] = self.items[ev + 1]
+            if with_sessions:
+                session[t - c0, b] = i
+                position[t - c0, b] = within
             st = idx[(self.start_of[idx] >= c0) & (self.start_of[idx] < c1)]
             reset[self.start_of[st] - c0, self.slot_of[st]] = True
-        return ScheduleChunk(c0, c1, inputs, targets, reset, (targets >= 0).sum(1))
+        return ScheduleChunk(c0, c1, inputs, targets, reset, (targets >= 0).sum(1), session, position)
 
     def chunks(self, size: int):
         for c0 in range(0, self.n_steps, size):

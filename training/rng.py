@@ -44,19 +44,13 @@ _C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 SAMPLES, DROPOUT = 1, 2
 
 
-def _mix_int(z: int) -> int:
-    z &= M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-    return z ^ (z >> 31)
-
-
 def stream_key(*parts: int) -> int:
     """A 64-bit key from integers (e.g. seed, epoch, purpose): each part folded in by one
-    splitmix64 round, so nearby tuples give unrelated keys."""
+    splitmix64 round (the first value of the stream keyed by the key so far xor the part), so
+    nearby tuples give unrelated keys."""
     k = 0
     for p in parts:
-        k = _mix_int((k ^ (int(p) & M64)) + GOLDEN)
+        k = int(raw(k ^ (int(p) & M64), 0, 1)[0])
     return k
 
 

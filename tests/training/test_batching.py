@@ -29,10 +29,38 @@ def test_two_slot_schedule_by_hand():
     assert s.n_events == sum(L - 1 for L in [3, 2, 4, 2])  # ... and no event is skipped (checklist 6)
 
 
+def _slow_schedule(items, off, order, slots):
+    """The obvious step-by-step simulation (independent reference): at every step each free slot,
+    lowest first, takes the next session of >= 2 events; a session holds its slot len - 1 steps."""
+    queue = [s for s in order if off[s + 1] - off[s] >= 2]
+    kept = {s: k for k, s in enumerate(queue)}
+    cur = [None] * slots  # (session, position) per slot
+    rows = []
+    while queue or any(c is not None for c in cur):
+        row = []
+        for b in range(slots):
+            start = False
+            if cur[b] is None and queue:
+                cur[b], start = (queue.pop(0), 0), True
+            if cur[b] is None:
+                row.append((-1, -1, False, -1, -1))
+                continue
+            sess, pos = cur[b]
+            e = off[sess] + pos
+            row.append((items[e], items[e + 1], start, kept[sess], pos))
+            cur[b] = (sess, pos + 1) if pos + 2 < off[sess + 1] - off[sess] else None
+        rows.append(row)
+    a = np.array(rows, dtype=object).reshape(len(rows), slots, 5) if rows else np.zeros((0, slots, 5), object)
+    return {"inputs": a[..., 0].astype(np.int64), "targets": a[..., 1].astype(np.int64),
+            "reset": a[..., 2].astype(bool), "session": a[..., 3].astype(np.int64),
+            "position": a[..., 4].astype(np.int64)}
+
+
 def test_streamed_schedule_by_hand_and_equal_to_the_whole_one():
     """StreamedSchedule (GRU4Rec training) builds the same rows chunk by chunk: the hand-made
     example above cut at every chunk size, then random tables (long sessions spanning many
-    chunks, short ones skipped, odd chunk sizes) against session_parallel_schedule."""
+    chunks, short ones skipped, odd chunk sizes) against a step-by-step simulation, as does
+    session_parallel_schedule (the whole epoch as one chunk)."""
     items, off = sessions([3, 2, 4, 2])
     for size in (1, 2, 3, 4, 9):
         parts = list(StreamedSchedule(items, off, np.arange(4), 2).chunks(size))
@@ -44,7 +72,10 @@ def test_streamed_schedule_by_hand_and_equal_to_the_whole_one():
         lengths = np.where(rng.random(n_sess) < 0.05, rng.integers(20, 60, n_sess), rng.integers(1, 9, n_sess))
         items, off = sessions(lengths)
         order = rng.permutation(n_sess)
+        ref = _slow_schedule(items, off, order, slots)
         whole = session_parallel_schedule(items, off, order, slots)
+        for name in ("inputs", "targets", "reset", "session", "position"):
+            assert np.array_equal(getattr(whole, name), ref[name]), name
         st = StreamedSchedule(items, off, order, slots)
         assert st.n_steps == whole.n_steps
         parts = list(st.chunks(size))

@@ -284,8 +284,8 @@ def epoch_chunks(cfg: GRU4RecConfig, model: GRU4RecModel, ctx: TrainContext, epo
     order = ctx.data.order(c.session_order, np.random.default_rng([c.seed, epoch]))
     # built chunk by chunk: memory O(sessions + CHUNK x B), not O(events) (StreamedSchedule)
     sch = StreamedSchedule(ctx.data.items, ctx.data.offsets, order, B)
-    store = SampleStore(ctx.support, c.n_sample, c.sample_alpha,
-                        min(c.sample_store_size, max(1, sch.n_steps) * c.n_sample), smp_gen, dev) \
+    # a counter stream: each take() draws its rows, no store (sample_store_size has no effect)
+    store = SampleStore(ctx.support, c.n_sample, c.sample_alpha, c.sample_store_size, smp_gen, dev) \
         if c.n_sample > 0 else None
     for part in sch.chunks(chunk_steps(c, model)):
         c0, c1 = part.c0, part.c1

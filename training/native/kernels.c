@@ -991,18 +991,27 @@ void rnn_alias_draw(uint64_t key, uint64_t start, int64_t n, const double *prob,
  * fut[r, :]. Returns the number of NaN scores seen (the caller refuses them). Rows in parallel. */
 static inline float rank_score(const float *s, const float *bias, int64_t j) { return s[j] + bias[j]; }
 
-/* the k-th largest (1-based, k <= n) of a[0..n): one pass keeping the k largest in buf[0..k)
- * (descending); most values fail the first comparison */
+/* v (item j) into the k largest so far, tv[0..*filled) descending (ti: their items, or NULL):
+ * dropped unless the list is short or v beats its last; it passes only strictly smaller values,
+ * so of equal values the one offered first stays ahead (and in, at the cut) */
+static inline void topk_push(float *tv, int64_t *ti, int64_t k, int64_t *filled, float v, int64_t j) {
+    if (*filled == k && !(v > tv[k - 1])) return;
+    int64_t b = *filled < k ? *filled : k - 1;
+    while (b > 0 && tv[b - 1] < v) {
+        tv[b] = tv[b - 1];
+        if (ti) ti[b] = ti[b - 1];
+        b--;
+    }
+    tv[b] = v;
+    if (ti) ti[b] = j;
+    if (*filled < k) (*filled)++;
+}
+
+/* the k-th largest (1-based, k <= n) of a[0..n), kept in buf[0..k); most values fail the first
+ * comparison */
 static float kth_largest(const float *a, int64_t n, int64_t k, float *buf) {
     int64_t filled = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const float v = a[i];
-        if (filled == k && !(v > buf[k - 1])) continue;
-        int64_t b = filled < k ? filled : k - 1;
-        while (b > 0 && buf[b - 1] < v) { buf[b] = buf[b - 1]; b--; }
-        buf[b] = v;
-        if (filled < k) filled++;
-    }
+    for (int64_t i = 0; i < n; i++) topk_push(buf, NULL, k, &filled, a[i], i);
     return buf[k - 1];
 }
 
@@ -1073,23 +1082,11 @@ int64_t rnn_rank_rows(const float *S, const float *bias, int64_t R, int64_t N, c
                 }
             }
             /* 3: the kk best candidates, descending, ties by the smaller item (candidates come
-             * in item order, and the insertion passes only strictly smaller values) */
+             * in item order) */
             float *tv = top_v + r * kk;
             int64_t *ti = top_i + r * kk;
             int64_t filled = 0;
-            for (int64_t c = 0; c < C; c++) {
-                const float v = cv[c];
-                if (filled == kk && !(v > tv[kk - 1])) continue;
-                int64_t b = filled < kk ? filled : kk - 1;
-                while (b > 0 && tv[b - 1] < v) {
-                    tv[b] = tv[b - 1];
-                    ti[b] = ti[b - 1];
-                    b--;
-                }
-                tv[b] = v;
-                ti[b] = ci[c];
-                if (filled < kk) filled++;
-            }
+            for (int64_t c = 0; c < C; c++) topk_push(tv, ti, kk, &filled, cv[c], ci[c]);
             for (int64_t k = filled; k < kk; k++) { tv[k] = -INFINITY; ti[k] = 0; } /* N < kk or NaNs */
         }
         free(bm); free(cv); free(ci);
