@@ -117,6 +117,20 @@ def child(split: Path, setting: str, copies: int, epochs: int, threads: int) -> 
             "epochs": stats, "threads": threads, "machine": cpu_label()}
 
 
+def run_child(split: Path, setting: str, copies: int, epochs: int, threads: int,
+              glibc_default: bool = False) -> dict:
+    """:func:`child` in a fresh process (its own peak RSS); raises with the child's stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gru4rec_memory", "--split", str(split),
+                        "--epochs", str(epochs), "--threads", str(threads), "--child", setting, str(copies)],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"child {setting} x{copies} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def expected_schedule_mb(r: dict) -> float:
     """What an epoch needs by construction (module docstring): the slot assignment (six int64
     per session: order, steps, slot, first step, end step, prefix max) and one chunk of 256 steps
@@ -193,15 +207,7 @@ def main(argv=None) -> None:
             if s != "rsc15" and k * 70_278 > a.max_events_512:
                 continue
             t0 = time.time()
-            env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(ROOT)}
-            if not a.glibc_default:
-                env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-            r = subprocess.run([sys.executable, "-m", "benchmarks.gru4rec_memory", "--split", str(a.split),
-                                "--epochs", str(a.epochs), "--threads", str(a.threads), "--child", s, str(k)],
-                               cwd=ROOT, env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise SystemExit(f"child {s} x{k} failed:\n{r.stderr[-3000:]}")
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            rows.append(run_child(a.split, s, k, a.epochs, a.threads, a.glibc_default))
             print(f"{s} x{k}: {rows[-1]['events']:,} events, peak {rows[-1]['peak_rss_mb']:.0f} MB "
                   f"({time.time() - t0:.0f} s)", flush=True)
     fits = {s: fit([r for r in rows if r["setting"] == s]) for s in a.settings}

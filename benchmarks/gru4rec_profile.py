@@ -80,14 +80,14 @@ def main(argv=None):
         if getattr(getattr(fam, "step", None), "chunk", None) is None:
             raise SystemExit("--phases: this configuration does not run the whole-step C path")
         lib = fam.step.native
-        times = (ctypes.c_double * 8)()
+        times = (ctypes.c_double * 12)()
         lib.rnn_chunk_profile(1, None)
         st = fam.run_epoch(1)
         lib.rnn_chunk_profile(0, ctypes.addressof(times))
         names = ["A coalesce, state reset, input rows", "B+C output rows, GRU forward",
                  "D scores + softmax", "E output-layer gradient products", "F GRU backward",
-                 "G1 input-row grads, dense Adagrad", "G2 Wy/By row Adagrad"]
-        tot = sum(times[:7])
+                 "G1 input-row grads, dense Adagrad", "G2 Wy/By row Adagrad", "B gather (exp)", "C gates (exp)"]
+        tot = sum(times[:9])
         print(f"wall per step: {st['seconds'] / st['steps'] * 1e6:.1f} us, of which in the phases {tot / st['steps'] * 1e6:.1f} us")
         for k, nm in enumerate(names):
             print(f"  {nm:38s} {times[k] / st['steps'] * 1e6:8.1f} us/step {100 * times[k] / tot:5.1f}%")

@@ -522,7 +522,7 @@ static void split_range(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
 
 /* optional wall-clock time per phase (thread 0's view, barrier waits included) */
 static int g_prof = 0;
-static double g_pt[8];
+static double g_pt[12];
 static double wall_now(void) {
 #ifdef _OPENMP
     return omp_get_wtime();
@@ -700,6 +700,8 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
             /* B: the unique output rows */
             split_range(U, t, nt, &lo, &hi);
             for (int64_t u = lo; u < hi; u++) memcpy(O + u * D, c->Wy + uniq[u] * D, sizeof(float) * D);
+#pragma omp barrier
+            PT(7);
             /* C: GRU layers (the gathers above are not read until phase D) */
             const float *xin = inp;
             int64_t hin = D;
@@ -708,6 +710,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 if (t == 0) mm_rowmajor(0, 1, (int)B, (int)(3 * h), (int)hin, xin, c->W_ih[l], gi);
                 if (t == other) mm_rowmajor(0, 1, (int)B, (int)(3 * h), (int)h, cur[l], c->W_hh[l], gh);
 #pragma omp barrier
+                PT(1);
                 split_range(B, t, nt, &lo, &hi);
                 if (hi > lo)
                     rnn_gru_gates_fwd(gi + lo * 3 * h, gh + lo * 3 * h, c->b_ih[l], c->b_hh[l],
@@ -715,7 +718,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                                       hi - lo, h, nxt[l] + lo * h, rC[l] + lo * h, zC[l] + lo * h,
                                       nC[l] + lo * h, gC[l] + lo * h);
 #pragma omp barrier
-                PT(1);
+                PT(8);
                 xin = nxt[l];
                 hin = h;
             }
