@@ -532,9 +532,9 @@ static double wall_now(void) {
 }
 #define PT(k) do { if (g_prof && t == 0) { double now_ = wall_now(); g_pt[k] += now_ - t_last; t_last = now_; } } while (0)
 
-/* on: profile the phases from now on (0: stop); out[8] (or NULL) receives the seconds so far
- * per phase (A; B+C: output rows, GRU forward; D; E; F; G1; G2; unused -- see rnn_train_chunk),
- * then zeroes them */
+/* on: profile the phases from now on (0: stop); out[12] (or NULL) receives the seconds so far
+ * per phase (A; C products; D; E; F; G1; G2; B gather (+ a barrier, only while profiling);
+ * C gates; unused x3 -- see rnn_train_chunk), then zeroes them */
 void rnn_chunk_profile(int on, double *out) {
     if (out) memcpy(out, g_pt, sizeof g_pt);
     memset(g_pt, 0, sizeof g_pt);
@@ -700,7 +700,9 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
             /* B: the unique output rows */
             split_range(U, t, nt, &lo, &hi);
             for (int64_t u = lo; u < hi; u++) memcpy(O + u * D, c->Wy + uniq[u] * D, sizeof(float) * D);
+            if (g_prof) {  /* the same on every thread: the barrier only while profiling */
 #pragma omp barrier
+            }
             PT(7);
             /* C: GRU layers (the gathers above are not read until phase D) */
             const float *xin = inp;
