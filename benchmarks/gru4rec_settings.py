@@ -47,7 +47,9 @@ rows of [targets, samples] (U < B+S), so it can in principle beat this "limit" o
 
 Compute-bound limit: every product above (each backward product at its own shape) is timed with
 ``torch.mm`` on this machine at the same thread count as the runs (best of 7 loops of >= 20 ms,
-``benchmarks.rnn_speed_common.mm_seconds``), and limit events/s = B / Σ_products (FLOPs_p / rate_p)
+``benchmarks.rnn_speed_common.mm_seconds``), right before each code's run, so each code is measured
+against the limit of its own moment ("limit drift": how far the two timings of a setting differ;
+the products' rates drift on a shared VM), and limit events/s = B / Σ_products (FLOPs_p / rate_p)
 = B / Σ_products seconds_p. Tail steps (the batch shrinking at the end of an epoch) are charged
 nothing extra; ``full_batch_share`` in the records (events / (steps·B)) says how much of an epoch
 ran at a smaller batch. The same limit with each product timed on ONE thread and multiplied by the
@@ -61,6 +63,17 @@ the full-catalogue scores [512, H_L] x [H_L, n_items], forward only; timed the s
 events/s = 512 / Σ seconds. The official evaluation already computes exactly these products, so
 ``eval limit / official`` is the most ANY implementation of the same full ranking could gain over
 it at fp32 on this CPU (ranking, gathers and gates counted as free).
+
+Optimizer traffic (:func:`optimizer_floor`): the products-only limit charges nothing for the
+optimizer, but IndexedAdagrad(+momentum), the official optimizer, must read and write each weight
+and its accumulator (and momentum) every step it updates them: the whole dense GRU block
+(:func:`dense_params`) and the expected number of distinct output rows a step touches
+(:func:`expected_unique_rows`: inputs and targets at the training events' item frequencies,
+negatives at support^sample_alpha). Those bytes (:func:`optimizer_bytes`) at the stream bandwidth
+measured here with ``torch.add`` on arrays of the same total size give its time per step; "limit
+with optimizer" = B / (products + that time). A model, not a bound (a code could overlap the update
+with other work); it says how much of the gap to the products-only limit is the update's memory
+traffic alone.
 
 Goals checked per setting (issue 13): this project >= 70% of the limit; never slower than the
 official code; >= 4x the official code on the rsc15 setting; evaluation >= 3x the official.
@@ -85,6 +98,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.gru4rec_loss_settings_accuracy import OFFICIAL_COMMIT, write_tsvs
 from benchmarks.machine import cpu_label
@@ -233,6 +248,73 @@ def product_flops(p: Product) -> int:
 def flops_per_step(layers: list[int], batch: int, n_sample: int, embedding: str = "tied",
                    embedding_dim: int = 0) -> int:
     return sum(product_flops(p) for _, p in step_products(layers, batch, n_sample, embedding, embedding_dim))
+
+
+def dense_params(layers: list[int], embedding_in: int) -> int:
+    """GRU weights and biases (the dense block the optimizer updates in full every step): per
+    layer W_ih [3H, I], W_hh [3H, H], b_ih and b_hh [3H]; I = ``embedding_in`` for layer 1."""
+    n, i_in = 0, embedding_in
+    for h in layers:
+        n += 3 * h * i_in + 3 * h * h + 6 * h
+        i_in = h
+    return n
+
+
+def expected_unique_rows(event_p: np.ndarray, sample_p: np.ndarray, batch: int, n_sample: int) -> float:
+    """Expected number of distinct output rows one step touches: the B inputs and B targets (each
+    an item with the training events' frequencies ``event_p``) and the n_sample negatives (drawn
+    with ``sample_p``), all independent: sum over items of 1 - P(item drawn by none of them)."""
+    miss = (1.0 - sample_p) ** n_sample * (1.0 - event_p) ** (2 * batch)
+    return float(np.sum(1.0 - miss))
+
+
+def optimizer_bytes(n_dense: int, unique_rows: float, width: int, momentum: bool) -> float:
+    """Bytes the Adagrad(+momentum) update must read and write per step at the least: the weight
+    and its accumulator (and momentum), float32, each read once and written once, over the dense
+    block and the touched output rows (width floats + the bias). The gradient is not counted (an
+    update fused into its product need not store it)."""
+    per = 4 * 2 * (3 if momentum else 2)
+    return per * (n_dense + unique_rows * (width + 1))
+
+
+def stream_bandwidth(nbytes: float, threads: int) -> float:
+    """Bytes/s of ``torch.add(a, b, out=a)`` (read a and b, write a: 12 B per float) on float32
+    arrays of ``nbytes`` in all, at ``threads`` threads: best of 7 loops of >= 20 ms."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n = max(1 << 14, int(nbytes / 8))
+    a, b = torch.rand(n), torch.rand(n)
+    torch.add(a, b, out=a)
+    t = time.perf_counter()
+    torch.add(a, b, out=a)
+    loops = max(1, int(0.02 / max(time.perf_counter() - t, 1e-7)))
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        for _ in range(loops):
+            torch.add(a, b, out=a)
+        best = min(best, (time.perf_counter() - t) / loops)
+    return 12 * n / best
+
+
+def optimizer_floor(p: dict, split: Path, threads: int, limit: dict) -> dict:
+    """The optimizer's state traffic per step (:func:`optimizer_bytes`) at the stream bandwidth
+    measured here on arrays of that size, and the limit with it added to the products' time."""
+    from training.data import read_events, read_item_index, table_support
+
+    idx = read_item_index(split)
+    sup = np.asarray(table_support(read_events(split, "train_full", idx), idx.n_items), float)
+    event_p = sup / sup.sum()
+    sample_p = sup ** p["sample_alpha"]
+    sample_p /= sample_p.sum()
+    H = p["layers"][-1]
+    u = expected_unique_rows(event_p, sample_p, p["batch_size"], p["n_sample"])
+    nbytes = optimizer_bytes(dense_params(p["layers"], H), u, H, p["momentum"] > 0)
+    bw = stream_bandwidth(nbytes, threads)
+    sec = nbytes / bw
+    return {"expected_unique_rows": u, "bytes_per_step": nbytes, "stream_bytes_per_s": bw, "seconds": sec,
+            "limit_with_optimizer_events_per_s": p["batch_size"] / (limit["limit_step_seconds"] + sec)}
 
 
 def measure_limit(prods: list[tuple[str, Product]], batch: int, threads: int, cache: dict) -> dict:
@@ -424,7 +506,9 @@ def summarise(recs: list[dict]) -> list[dict]:
     for name in [s for s in SETTING_ORDER if s in by]:
         o, f = by[name].get("ours"), by[name].get("official")
         any_r = o or f
+        lims = [r["limit"]["limit_events_per_s"] for r in (o, f) if r is not None]
         row = {"setting": name, "paramfile": OFFICIAL_BEST[name][0], "epochs": any_r["epochs"],
+               "limit_spread": max(lims) / min(lims) - 1,
                "threads": any_r["threads"], "limit_events_per_s": any_r["limit"]["limit_events_per_s"],
                "limit_1t_x_threads_events_per_s": any_r["limit"]["limit_1t_x_threads_events_per_s"],
                "flops_per_event": any_r["flops_per_step"] / OFFICIAL_BEST[name][1]["batch_size"]}
@@ -435,13 +519,23 @@ def summarise(recs: list[dict]) -> list[dict]:
                       "eval_events_per_s", "train_path"):
                 if k in r:
                     row[f"{code}_{k}"] = r[k]
-            row[f"{code}_fraction_of_limit"] = r["train_events_per_s"] / row["limit_events_per_s"]
+            # against the limit timed right before this code's run (older records: the setting's one)
+            row[f"{code}_limit_events_per_s"] = r["limit"]["limit_events_per_s"]
+            row[f"{code}_fraction_of_limit"] = r["train_events_per_s"] / r["limit"]["limit_events_per_s"]
             # the same epochs as one figure: their events over their seconds (slow epochs weigh in)
             ks = slice(1, None) if len(r["epoch_seconds"]) > 1 else slice(None)
             row[f"{code}_train_events_per_s_pooled"] = sum(r["epoch_events"][ks]) / sum(r["epoch_seconds"][ks])
             row[f"{code}_epoch_events_per_s"] = r["epoch_events_per_s"]
             ev, st = r["epoch_events"][0], r["epoch_steps"][0]
             row["full_batch_share"] = ev / (st * OFFICIAL_BEST[name][1]["batch_size"]) if st else None
+        if "optimizer_floor" in any_r:
+            of = any_r["optimizer_floor"]
+            row["optimizer_floor"] = of
+            row["limit_with_optimizer_events_per_s"] = of["limit_with_optimizer_events_per_s"]
+            for code, r in (("ours", o), ("official", f)):
+                if r is not None and "optimizer_floor" in r:
+                    row[f"{code}_fraction_of_limit_with_optimizer"] = (
+                        r["train_events_per_s"] / r["optimizer_floor"]["limit_with_optimizer_events_per_s"])
         if "eval_limit" in any_r:
             row["eval_limit_events_per_s"] = any_r["eval_limit"]["limit_events_per_s"]
             for code, r in (("ours", o), ("official", f)):
@@ -476,7 +570,7 @@ def table(rows: list[dict]) -> str:
             sp = (f"{r['speedup_train']:.2f}x train, {r['speedup_eval']:.2f}x eval"
                   if code == "ours" and r.get("speedup_train") else "")
             out.append(f"| {r['setting']} | {code} | {r.get(code + '_train_path', 'autograd (official)')} | "
-                       f"{r[code + '_train_events_per_s']:,.0f} | {r['limit_events_per_s']:,.0f} | "
+                       f"{r[code + '_train_events_per_s']:,.0f} | {r[code + '_limit_events_per_s']:,.0f} | "
                        f"{100 * r[code + '_fraction_of_limit']:.0f}% | {sp} | "
                        f"{r[code + '_peak_rss_train_mb']:,.0f} / {r[code + '_peak_rss_eval_mb']:,.0f} | "
                        f"{r[code + '_recall_at_20']:.4f} | {r[code + '_mrr_at_20']:.4f} | "
@@ -487,21 +581,25 @@ def table(rows: list[dict]) -> str:
 def goals_table(rows: list[dict]) -> str:
     yn = lambda v: "—" if v is None else ("yes" if v else "**no**")
     pct = lambda v: "—" if v is None else f"{100 * v:.0f}%"
-    out = ["| setting | ours % of limit (>= 70%) | ours / official train (>= 1) | rsc15: >= 4x | limit (1 thread x T) "
+    out = ["| setting | ours % of limit (>= 70%) | limit drift | ours / official train (>= 1) | rsc15: >= 4x | limit (1 thread x T) "
            "| eval: ours / official (>= 3x) | eval limit events/s | eval % of limit: ours / official "
-           "| eval limit / official (most any code could gain) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| eval limit / official (most any code could gain) | optimizer traffic per step (MB, us) "
+           "| ours % of products + optimizer traffic |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "speedup_train" not in r:
             continue
         ev = f"{r['speedup_eval']:.2f}x {yn(r.get('goal_eval_3x_official'))}" if r.get("speedup_eval") else "—"
         el = f"{r['eval_limit_events_per_s']:,.0f}" if r.get("eval_limit_events_per_s") else "—"
         mx = f"{r['eval_max_speedup_possible']:.2f}x" if r.get("eval_max_speedup_possible") else "—"
+        of = r.get("optimizer_floor")
+        opt = f"{of['bytes_per_step'] / 2 ** 20:.1f}, {of['seconds'] * 1e6:.0f}" if of else "—"
         out.append(f"| {r['setting']} | {100 * r['ours_fraction_of_limit']:.0f}% {yn(r['goal_70pct_of_limit'])} | "
+                   f"{pct(r.get('limit_spread'))} | "
                    f"{r['speedup_train']:.2f}x {yn(r['goal_not_slower_than_official'])} | "
                    f"{yn(r.get('goal_4x_official'))} | {r['limit_1t_x_threads_events_per_s']:,.0f} | {ev} | {el} | "
                    f"{pct(r.get('ours_eval_fraction_of_limit'))} / {pct(r.get('official_eval_fraction_of_limit'))} | "
-                   f"{mx} |")
+                   f"{mx} | {opt} | {pct(r.get('ours_fraction_of_limit_with_optimizer'))} |")
     return "\n".join(out)
 
 
@@ -569,13 +667,17 @@ def main(argv=None) -> None:
             for i, name in enumerate(a.settings):
                 p = OFFICIAL_BEST[name][1]
                 prods = step_products(p["layers"], p["batch_size"], p["n_sample"])
-                lim = measure_limit(prods, p["batch_size"], a.threads, cache)
                 n_items = json.loads((a.split / "split.json").read_text())["n_items"]
-                elim = measure_limit(eval_products(p["layers"], n_items), 512, a.threads, cache)
                 codes = a.codes if i % 2 == 0 else a.codes[::-1]
                 for code in codes:
                     if STOP_FILE.exists():
                         raise Stopped(f"{STOP_FILE} exists")
+                    # the limits are timed again right before each code's run (the products' rates
+                    # drift on a shared VM: the two figures of a setting show by how much)
+                    cache.clear()
+                    lim = measure_limit(prods, p["batch_size"], a.threads, cache)
+                    elim = measure_limit(eval_products(p["layers"], n_items), 512, a.threads, cache)
+                    opt = optimizer_floor(p, a.split, a.threads, lim)
                     print(f"[{time.strftime('%H:%M:%S')}] {name}: {code} ...", file=sys.stderr, flush=True)
                     if code == "ours":
                         res = run_ours(name, a.split, a.epochs, a.threads, a.seed, a.work)
@@ -587,7 +689,7 @@ def main(argv=None) -> None:
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **cm,
                            "flops_per_step": flops_per_step(p["layers"], p["batch_size"], p["n_sample"]),
                            "limit": lim, "fraction_of_limit": res["train_events_per_s"] / lim["limit_events_per_s"],
-                           "eval_limit": elim,
+                           "eval_limit": elim, "optimizer_floor": opt,
                            "driver_command": command, **res}
                     append(records, rec)
                     print(f"  {name} {code}: {res['train_events_per_s']:,.0f} events/s "

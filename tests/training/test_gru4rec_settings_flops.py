@@ -33,3 +33,37 @@ def test_official_sets_map_onto_our_config():
         cfg = resolve_config("gru4rec", overrides=our_config(p))
         assert cfg.layers == p["layers"] and cfg.batch_size == p["batch_size"], name
         assert cfg.final_act == ("softmax" if p["loss"] == "cross-entropy" else f"elu-{p['elu_param']:g}"), name
+
+
+def test_dense_params_by_hand():
+    from benchmarks.gru4rec_settings import dense_params
+    # yoochoose: one layer of 480 with a tied input of 480: W_ih + W_hh 2 x 3*480*480, biases 6*480
+    assert dense_params([480], 480) == 2 * 3 * 480 * 480 + 6 * 480 == 1_385_280
+    # two layers [6, 5], tied input 5: (18*5 + 18*6 + 36) + (15*6 + 15*5 + 30)
+    assert dense_params([6, 5], 5) == (90 + 108 + 36) + (90 + 75 + 30)
+
+
+def test_optimizer_bytes_by_hand():
+    from benchmarks.gru4rec_settings import optimizer_bytes
+    # weight + accumulator read and written, float32: 16 B per value; + momentum: 24 B
+    assert optimizer_bytes(1000, 10.0, 7, momentum=False) == 16 * (1000 + 10 * 8)
+    assert optimizer_bytes(1000, 10.0, 7, momentum=True) == 24 * (1000 + 10 * 8)
+
+
+def test_expected_unique_rows_against_simulation():
+    """The closed form against counting distinct items over simulated steps."""
+    import numpy as np
+
+    from benchmarks.gru4rec_settings import expected_unique_rows
+    rng = np.random.default_rng(0)
+    sup = rng.zipf(1.6, 300).astype(float)
+    ev = sup / sup.sum()
+    sp = sup ** 0.4
+    sp /= sp.sum()
+    B, S = 8, 50
+    got = [len(np.unique(np.r_[rng.choice(300, 2 * B, p=ev), rng.choice(300, S, p=sp)])) for _ in range(4000)]
+    assert abs(expected_unique_rows(ev, sp, B, S) - np.mean(got)) < 4 * np.std(got) / np.sqrt(len(got))
+    # nothing drawn -> no rows; one item only -> one row
+    assert expected_unique_rows(ev, sp, 0, 0) == 0.0
+    one = np.r_[1.0, np.zeros(299)]
+    assert abs(expected_unique_rows(one, one, B, S) - 1.0) < 1e-12
