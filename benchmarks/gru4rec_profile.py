@@ -80,7 +80,7 @@ def main(argv=None):
         if getattr(getattr(fam, "step", None), "chunk", None) is None:
             raise SystemExit("--phases: this configuration does not run the whole-step C path")
         lib = fam.step.native
-        times = (ctypes.c_double * 12)()
+        times = (ctypes.c_double * 36)()
         lib.rnn_chunk_profile(1, None)
         st = fam.run_epoch(1)
         lib.rnn_chunk_profile(0, ctypes.addressof(times))
@@ -90,10 +90,13 @@ def main(argv=None):
                  "C GRU forward gates"]
         order = [0, 7, 1, 8, 2, 3, 4, 5, 6]  # the order they run in
         tot = sum(times[:9])
-        print(f"wall per step: {st['seconds'] / st['steps'] * 1e6:.1f} us, of which in the phases {tot / st['steps'] * 1e6:.1f} us")
+        n = st["steps"]
+        print(f"wall per step: {st['seconds'] / n * 1e6:.1f} us, of which in the phases {tot / n * 1e6:.1f} us "
+              f"(busy: the time each thread worked before the phase's barriers; the rest it waited)")
+        print(f"  {'phase':38s} {'wall us/step':>12s} {'share':>6s} {'busy t0':>8s} {'busy t1':>8s}")
         for k in order:
-            nm = names[k]
-            print(f"  {nm:38s} {times[k] / st['steps'] * 1e6:8.1f} us/step {100 * times[k] / tot:5.1f}%")
+            print(f"  {names[k]:38s} {times[k] / n * 1e6:12.1f} {100 * times[k] / tot:5.1f}% "
+                  f"{times[12 + k] / n * 1e6:8.1f} {times[24 + k] / n * 1e6:8.1f}")
     elif a.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

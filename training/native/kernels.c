@@ -438,6 +438,19 @@ static void mm_rowmajor(int ta, int tb, int M, int N, int K, const float *A, con
     g_sgemm(&tB, &tA, &N, &M, &K, &one, B, &ldb, A, &lda, &zero, C, &ldc);
 }
 
+/* the same on sub-blocks of larger row-major matrices (explicit leading dimensions) */
+static void mm_rowmajor_ld(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                           float *C, int ldc) {
+    const float one = 1.0f, zero = 0.0f;
+    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, sizeof(float) * (size_t)N);
+        return;
+    }
+    g_sgemm(&tB, &tA, &N, &M, &K, &one, B, &ldb, A, &lda, &zero, C, &ldc);
+}
+
 /* desc: n jobs x 8 int64 (ta, tb, M, N, K, A, B, C addresses); jobs [0, split) run on one
  * thread, [split, n) on the other. Returns 0, or -1 when no BLAS was handed over. */
 int rnn_mm_jobs(int64_t n, int64_t split, const int64_t *desc) {
@@ -479,14 +492,16 @@ int rnn_mm_jobs(int64_t n, int64_t split, const int64_t *desc) {
  * with each phase split between the threads and a barrier between phases:
  *   A  coalesce [x, targets, samples] into unique rows (thread 0) | reset states (all)
  *   B  gather the unique output rows O and the inputs Wy[x] (* embedding dropout)
- *   C  per layer: gi = x W_ih^T (thread 0) | gh = h W_hh^T (thread 1); gates by rows
+ *   C  per layer: gi = x W_ih^T and gh = h W_hh^T, each thread for its own gate rows
+ *      (gate_rows); gates by batch rows
  *   D  scores O out^T by halves of the unique rows; softmax folded onto the unique rows
  *      (as rnn_xe_softmax), loss, dS, bias gradients
- *   E  dout = dS^T O (thread 0) | dO = dS out (thread 1)
- *   F  per layer, top down: gate backward by rows; gW_hh + half of dx (thread 0) | gW_ih +
- *      the other half (thread 1); bias gradients by columns
- *   G  input rows' gradient added to dO (thread 0), dense Adagrad by chunks (all); then the
- *      Adagrad update of the touched Wy / By rows by halves
+ *   E  by the halves of the unique rows of D: dO = dS out for them, and their part of
+ *      dout = dS^T O (summed by rows at the start of F)
+ *   F  per layer, top down: gate backward by batch rows; then each thread's gate rows: bias
+ *      and weight gradients and its part of dx (the two parts summed by rows afterwards)
+ *   G  input rows' gradient added to dO (thread 0); the dense Adagrad of each thread's own
+ *      gate rows; then the Adagrad update of the touched Wy / By rows by the halves of D / E
  * Threads: min(2, omp_get_max_threads()); results depend only on that number (fixed splits,
  * reductions in thread order), so a resumed run equals an uninterrupted one.
  * ------------------------------------------------------------------------------------------- */
@@ -530,14 +545,26 @@ static double wall_now(void) {
     return 0.0;
 #endif
 }
-#define PT(k) do { if (g_prof && t == 0) { double now_ = wall_now(); g_pt[k] += now_ - t_last; t_last = now_; } } while (0)
+/* thread t's busy time per phase (from leaving one barrier to reaching the next, summed over
+ * the phase's barriers): g_busy[t][k]; a phase's wall time minus a thread's busy time is what
+ * that thread waited */
+static double g_busy[2][12];
+#define PT(k) do { if (g_prof) { double now_ = wall_now(); if (t == 0) g_pt[k] += now_ - t_last; \
+                                  t_last = now_; if (t < 2) g_busy[t][k] += busy; busy = 0.0; } } while (0)
+/* a barrier of rnn_train_chunk; while profiling, it adds the time since the previous one to busy */
+#define BAR() do { if (g_prof) busy += wall_now() - t_dep; _Pragma("omp barrier") if (g_prof) t_dep = wall_now(); } while (0)
 
-/* on: profile the phases from now on (0: stop); out[12] (or NULL) receives the seconds so far
- * per phase (A; C products; D; E; F; G1; G2; B gather (+ a barrier, only while profiling);
- * C gates; unused x3 -- see rnn_train_chunk), then zeroes them */
+/* on: profile the phases from now on (0: stop); out[36] (or NULL) receives the seconds so far:
+ * out[0..12) the wall time per phase (A; C products; D; E; F; G1; G2; B gather (+ a barrier,
+ * only while profiling); C gates; unused x3 -- see rnn_train_chunk), out[12..24) thread 0's and
+ * out[24..36) thread 1's busy time per phase; then zeroes them */
 void rnn_chunk_profile(int on, double *out) {
-    if (out) memcpy(out, g_pt, sizeof g_pt);
+    if (out) {
+        memcpy(out, g_pt, sizeof g_pt);
+        memcpy(out + 12, g_busy, sizeof g_busy);
+    }
     memset(g_pt, 0, sizeof g_pt);
+    memset(g_busy, 0, sizeof g_busy);
     g_prof = on;
 }
 
@@ -599,6 +626,27 @@ static float *salloc(size_t nfloat) {
     return (float *)aligned_alloc(64, bytes ? bytes : 64);
 }
 
+/* Adagrad (+ momentum) of the n dense values whose gradient starts at g (inside gflat) */
+static void dense_adagrad(const rnn_ctx *c, const float *g, int64_t n) {
+    const int64_t a = g - c->gflat;
+    if (n > 0)
+        adagrad_row(c->flat + a, c->dacc + a, c->dmom ? c->dmom + a : NULL, c->gflat + a, n, c->lr, c->eps,
+                    c->momentum, (int)c->nesterov);
+}
+
+/* Thread t's rows [g0, g1) of a layer's 3H gate rows (of W_ih, W_hh, their gradients and
+ * biases): halves at a multiple of 16, all with one thread. Each thread computes those rows'
+ * products in C and F and updates them in G, so a weight matrix and its gradient never move
+ * between the cores (measured on yoochoose's 480 units: with the dense update by halves of the
+ * block, the thread updating W_ih, which both threads had read, took 660-740 us per step, the
+ * other ~300). */
+static inline void gate_rows(int64_t h, int t, int nt, int64_t *g0, int64_t *g1) {
+    const int64_t mid = nt > 1 ? ((3 * h / 2 + 8) / 16) * 16 : 3 * h;
+    const int64_t m = mid > 3 * h ? 3 * h : mid;
+    *g0 = t ? m : 0;
+    *g1 = t ? 3 * h : m;
+}
+
 /* Runs steps 0..n-1; every step is a full batch of B rows. X, Y [n, B] inputs / targets,
  * smp [n, S] extra negatives (NULL when S == 0), keep [n, B] (0: the slot starts a new
  * session), emb [n, B, D] embedding dropout mask or NULL, hid[l] [n, B, H_l] or NULL; state[l]
@@ -625,7 +673,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
     float *wsum = salloc(Umax), *dby = salloc(Umax), *inp = salloc(B * D);
     float *gi = salloc(B * 3 * Hmax), *gh = salloc(B * 3 * Hmax);
     float *dgi = salloc(B * 3 * Hmax), *dgh = salloc(B * 3 * Hmax);
-    float *dA = salloc(B * Hmax), *dBuf = salloc(B * Hmax);
+    float *dA = salloc(B * Hmax), *dBuf = salloc(B * Hmax), *dA1 = salloc(B * D), *dn1 = salloc(B * Hmax);
     float *cache = salloc(4 * B * Hsum);          /* r, z, n, ghn per layer */
     float *spare = salloc(B * Hsum);              /* the other state buffer per layer */
     float *red = salloc(6 * 2 * B + 8);           /* per-thread max / sums; mx, sum, diag */
@@ -633,7 +681,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
     int64_t U = 0, stop = n;
     float *cur[RNN_MAXL], *nxt[RNN_MAXL], *rC[RNN_MAXL], *zC[RNN_MAXL], *nC[RNN_MAXL], *gC[RNN_MAXL];
     if (!uniq || !inv || !in_out || !O || !dO || !Ssc || !wsum || !dby || !inp || !gi || !gh ||
-        !dgi || !dgh || !dA || !dBuf || !cache || !spare || !red || !bred) {
+        !dgi || !dgh || !dA || !dBuf || !dA1 || !dn1 || !cache || !spare || !red || !bred) {
         stop = -1;
         goto done;
     }
@@ -655,8 +703,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
 #pragma omp parallel num_threads(nt)
     {
         const int t = thread_id();
-        const int other = nt > 1 ? 1 : 0; /* the thread that takes the second of a pair of jobs */
-        double t_last = g_prof && t == 0 ? wall_now() : 0.0;
+        double t_last = g_prof ? wall_now() : 0.0, t_dep = t_last, busy = 0.0;
         const unsigned csr = ftz_on();
         for (int64_t s = 0; s < n; s++) {
             const int64_t *x = X + s * B, *yt = Y + s * B, *ys = smp ? smp + s * S : NULL;
@@ -695,13 +742,13 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                     memcpy(o, w, sizeof(float) * D);
                 }
             }
-#pragma omp barrier
+            BAR();
             PT(0);
             /* B: the unique output rows */
             split_range(U, t, nt, &lo, &hi);
             for (int64_t u = lo; u < hi; u++) memcpy(O + u * D, c->Wy + uniq[u] * D, sizeof(float) * D);
             if (g_prof) {  /* the same on every thread: the barrier only while profiling */
-#pragma omp barrier
+                BAR();
             }
             PT(7);
             /* C: GRU layers (the gathers above are not read until phase D) */
@@ -709,9 +756,13 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
             int64_t hin = D;
             for (int64_t l = 0; l < L; l++) {
                 const int64_t h = c->H[l];
-                if (t == 0) mm_rowmajor(0, 1, (int)B, (int)(3 * h), (int)hin, xin, c->W_ih[l], gi);
-                if (t == other) mm_rowmajor(0, 1, (int)B, (int)(3 * h), (int)h, cur[l], c->W_hh[l], gh);
-#pragma omp barrier
+                int64_t g0, g1;  /* this thread's gate rows of W_ih / W_hh (gate_rows) */
+                gate_rows(h, t, nt, &g0, &g1);
+                mm_rowmajor_ld(0, 1, (int)B, (int)(g1 - g0), (int)hin, xin, (int)hin, c->W_ih[l] + g0 * hin,
+                               (int)hin, gi + g0, (int)(3 * h));
+                mm_rowmajor_ld(0, 1, (int)B, (int)(g1 - g0), (int)h, cur[l], (int)h, c->W_hh[l] + g0 * h, (int)h,
+                               gh + g0, (int)(3 * h));
+                BAR();
                 PT(1);
                 split_range(B, t, nt, &lo, &hi);
                 if (hi > lo)
@@ -719,7 +770,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                                       cur[l] + lo * h, hid[l] ? hid[l] + (s * B + lo) * h : NULL,
                                       hi - lo, h, nxt[l] + lo * h, rC[l] + lo * h, zC[l] + lo * h,
                                       nC[l] + lo * h, gC[l] + lo * h);
-#pragma omp barrier
+                BAR();
                 PT(8);
                 xin = nxt[l];
                 hin = h;
@@ -759,7 +810,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                     }
                     chk2[t] = lchk;
                 }
-#pragma omp barrier
+                BAR();
                 {
                     float lmxa[B];
                     if (!merge_max_finite(pmx, chk2, nt, B, lmxa)) {
@@ -780,7 +831,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                     }
                     if (t == 0) memcpy(mx, lmxa, sizeof(float) * B);
                 }
-#pragma omp barrier
+                BAR();
                 {
                     /* loss_r = -log(P + 1e-24) + bpreg Q, P = sum_j s_j sig(t - r_j), Q = sum_j s_j r_j^2;
                      * d/dr_j = s_j [(sig_j (1 - sig_j) - sig_j + P) / (P + eps) + bpreg (2 r_j + r_j^2 - Q)],
@@ -839,7 +890,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                     lchk += softmax_bias_max_row(Ssc + u * B, c->By[uniq[u]], in_out[u], B, lmx);
                 chk2[t] = lchk;
             }
-#pragma omp barrier
+            BAR();
             {
                 float lmxa[B];
                 if (!merge_max_finite(pmx, chk2, nt, B, lmxa)) {
@@ -857,7 +908,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 for (int64_t u = lo; u < hi; u++) softmax_exp_row(Ssc + u * B, wsum[u], lmxa, B, ls);
                 if (t == 0) memcpy(mx, lmxa, sizeof(float) * B);
             }
-#pragma omp barrier
+            BAR();
             {
                 float lsc[B], gr[B];
                 double lossr = 0.0;
@@ -876,56 +927,68 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 for (int64_t u = lo; u < hi; u++) dby[u] = row_sum8(Ssc + u * B, B);
             }
             }
-#pragma omp barrier
+            BAR();
             PT(2);
-            /* E: gradient of the top layer's output | of the unique output rows */
-            if (t == 0) mm_rowmajor(1, 0, (int)B, (int)D, (int)U, Ssc, O, dA);
-            if (t == other) mm_rowmajor(0, 0, (int)U, (int)D, (int)B, Ssc, out, dO);
-#pragma omp barrier
+            /* E: by the same halves of the unique rows as D (each thread reads only the score
+             * rows it wrote and the output rows it gathered): their output rows' gradient dO, and
+             * a partial gradient of the top layer's output (thread 0 into dA, thread 1 into dA1;
+             * summed by rows at the start of F) */
+            split_range(U, t, nt, &lo, &hi);
+            mm_rowmajor(1, 0, (int)B, (int)D, (int)(hi - lo), Ssc + lo * B, O + lo * D, t ? dA1 : dA);
+            if (hi > lo) mm_rowmajor(0, 0, (int)(hi - lo), (int)D, (int)B, Ssc + lo * B, out, dO + lo * D);
+            BAR();
             PT(3);
             /* F: layers top down; dA holds d loss / d (layer output) */
             float *dcur = dA, *dnext = dBuf;
+            split_range(B, t, nt, &lo, &hi);
+            if (nt > 1)
+                for (int64_t i = lo * D; i < hi * D; i++) dA[i] += dA1[i];
             for (int64_t l = L - 1; l >= 0; l--) {
                 const int64_t h = c->H[l], hi_in = l ? c->H[l - 1] : D;
                 const float *lx = l ? nxt[l - 1] : inp;
                 split_range(B, t, nt, &lo, &hi);
+                if (nt > 1 && l < L - 1)  /* the layer above's two parts of this layer's dout */
+                    for (int64_t i = lo * h; i < hi * h; i++) dcur[i] += dn1[i];
                 if (hi > lo)
                     gru_gates_bwd_rows(dcur + lo * h, hid[l] ? hid[l] + (s * B + lo) * h : NULL,
                                        cur[l] + lo * h, rC[l] + lo * h, zC[l] + lo * h, nC[l] + lo * h,
                                        gC[l] + lo * h, hi - lo, h, dgi + lo * 3 * h, dgh + lo * 3 * h);
-#pragma omp barrier
-                /* bias gradients: column sums in row order (as rnn_gru_gates_bwd) */
-                split_range(3 * h, t, nt, &lo, &hi);
-                gru_bias_grads(dgi, dgh, B, h, lo, hi, c->gb_ih[l], c->gb_hh[l]);
-                const int64_t B1 = nt > 1 ? B / 2 : B;
-                if (t == 0) {
-                    mm_rowmajor(1, 0, (int)(3 * h), (int)h, (int)B, dgh, cur[l], c->gW_hh[l]);
-                    mm_rowmajor(0, 0, (int)B1, (int)hi_in, (int)(3 * h), dgi, c->W_ih[l], dnext);
-                }
-                if (t == other) {
-                    mm_rowmajor(1, 0, (int)(3 * h), (int)hi_in, (int)B, dgi, lx, c->gW_ih[l]);
-                    if (B1 < B)
-                        mm_rowmajor(0, 0, (int)(B - B1), (int)hi_in, (int)(3 * h), dgi + B1 * 3 * h,
-                                    c->W_ih[l], dnext + B1 * hi_in);
-                }
-#pragma omp barrier
+                BAR();
+                /* this thread's gate rows (as in C): their bias gradients (column sums in row
+                 * order, as rnn_gru_gates_bwd), weight gradients, and part of the input gradient
+                 * dnext = dgi W_ih over them (thread 0 into dnext, thread 1 into dn1; summed by
+                 * the next layer down / before phase G) */
+                int64_t g0, g1;
+                gate_rows(h, t, nt, &g0, &g1);
+                gru_bias_grads(dgi, dgh, B, h, g0, g1, c->gb_ih[l], c->gb_hh[l]);
+                mm_rowmajor_ld(1, 0, (int)(g1 - g0), (int)h, (int)B, dgh + g0, (int)(3 * h), cur[l], (int)h,
+                               c->gW_hh[l] + g0 * h, (int)h);
+                mm_rowmajor_ld(1, 0, (int)(g1 - g0), (int)hi_in, (int)B, dgi + g0, (int)(3 * h), lx, (int)hi_in,
+                               c->gW_ih[l] + g0 * hi_in, (int)hi_in);
+                mm_rowmajor_ld(0, 0, (int)B, (int)hi_in, (int)(g1 - g0), dgi + g0, (int)(3 * h),
+                               c->W_ih[l] + g0 * hi_in, (int)hi_in, t ? dn1 : dnext, (int)hi_in);
+                BAR();
                 PT(4);
                 float *tmp = dcur; dcur = dnext; dnext = tmp;
             }
             /* G: the input rows' gradient (times the embedding mask) onto dO, dense Adagrad */
-            if (t == 0) add_rows(dO, inv, dcur, emb ? emb + s * B * D : NULL, B, D);
-            {
-                /* 64-float aligned halves of the dense block (measured: on one thread it took
-                 * longer, 44 vs 35 us: the weights and gradients were last written by both cores) */
-                int64_t nb = (c->n_flat + 63) / 64, a, b;
-                split_range(nb, t, nt, &a, &b);
-                a *= 64; b *= 64;
-                if (b > c->n_flat) b = c->n_flat;
-                if (b > a)
-                    adagrad_row(c->flat + a, c->dacc + a, c->dmom ? c->dmom + a : NULL, c->gflat + a,
-                                b - a, c->lr, c->eps, c->momentum, (int)c->nesterov);
+            if (t == 0) {
+                if (nt > 1)  /* layer 1's two parts of the input rows' gradient */
+                    for (int64_t i = 0; i < B * D; i++) dcur[i] += dn1[i];
+                add_rows(dO, inv, dcur, emb ? emb + s * B * D : NULL, B, D);
             }
-#pragma omp barrier
+            /* each thread updates its own gate rows of every layer (gate_rows): the weights it
+             * read in C and F, and the gradients it wrote in F */
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t h = c->H[l], hin = l ? c->H[l - 1] : D;
+                int64_t g0, g1;
+                gate_rows(h, t, nt, &g0, &g1);
+                dense_adagrad(c, c->gW_ih[l] + g0 * hin, (g1 - g0) * hin);
+                dense_adagrad(c, c->gW_hh[l] + g0 * h, (g1 - g0) * h);
+                dense_adagrad(c, c->gb_ih[l] + g0, g1 - g0);
+                dense_adagrad(c, c->gb_hh[l] + g0, g1 - g0);
+            }
+            BAR();
             PT(5);
             split_range(U, t, nt, &lo, &hi);
             for (int64_t u = lo; u < hi; u++) {
@@ -934,11 +997,11 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
                 adagrad_table_row(c->By, c->By_acc, c->By_mom, uniq, in_out, u, hi, 1, dby, c->lr, c->eps,
                                   c->momentum, (int)c->nesterov);
             }
-#pragma omp barrier
+            BAR();
             PT(6);
             if (t == 0)
                 for (int64_t l = 0; l < L; l++) { float *tmp = cur[l]; cur[l] = nxt[l]; nxt[l] = tmp; }
-#pragma omp barrier
+            BAR();
         }
         ftz_restore(csr);
     }
@@ -947,7 +1010,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
         if (cur[l] != state[l]) memcpy(state[l], cur[l], sizeof(float) * B * c->H[l]);
 done:
     free(uniq); free(inv); free(in_out); free(O); free(dO); free(Ssc); free(wsum); free(dby);
-    free(inp); free(gi); free(gh); free(dgi); free(dgh); free(dA); free(dBuf); free(cache);
+    free(inp); free(gi); free(gh); free(dgi); free(dgh); free(dA); free(dBuf); free(dA1); free(dn1); free(cache);
     free(spare); free(red); free(bred);
     return stop;
 }
