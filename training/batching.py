@@ -31,6 +31,7 @@ bookkeeping in the hot loop); sessions with fewer than 2 events produce no
 from __future__ import annotations
 
 import heapq
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,12 +92,25 @@ def _assign_slots(offsets: np.ndarray, order: np.ndarray, n_slots: int):
     return order, steps_per, slot_of, start_of, n_steps
 
 
+#: from this many jobs on, parallel_slots runs in C (kernels.c rnn_parallel_slots) when the
+#: kernels are there: the Python heap took ~15 ms of a 0.6 s rsc15 epoch (17,794 sessions)
+NATIVE_SLOTS_MIN = 4096
+
+
 def parallel_slots(durations: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
     """Jobs of the given durations, in order, each to the slot that falls free first (lowest
-    slot on ties): (slot, first step) per job."""
+    slot on ties): (slot, first step) per job. In C for many jobs (:data:`NATIVE_SLOTS_MIN`;
+    ``RNNREC_NATIVE=0`` or no compiler: this Python loop, the reference)."""
     n = len(durations)
     slot_of = np.empty(n, np.int64)
     start_of = np.empty(n, np.int64)
+    if n >= NATIVE_SLOTS_MIN and n_slots >= 1 and os.environ.get("RNNREC_NATIVE", "1") != "0":
+        from training import native
+        lib = native.load()
+        if lib is not None:
+            dur = np.ascontiguousarray(durations, dtype=np.int64)
+            if lib.rnn_parallel_slots(n, dur.ctypes.data, n_slots, slot_of.ctypes.data, start_of.ctypes.data) == 0:
+                return slot_of, start_of
     heap = [(0, b) for b in range(n_slots)]  # (first free step, slot)
     for i in range(n):
         free, b = heapq.heappop(heap)

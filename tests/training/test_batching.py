@@ -159,3 +159,35 @@ def test_alias_tables_exact():
         mass[i] += prob[i].item() / n
         mass[alias[i].item()] += (1 - prob[i].item()) / n
     assert mass == pytest.approx(p)
+
+
+def test_parallel_slots_in_c_equals_the_python_heap(monkeypatch):
+    """kernels.c rnn_parallel_slots (taken from NATIVE_SLOTS_MIN jobs on) against the Python heap
+    it replaces, with many ties (durations 0-5) and 1 to 512 slots."""
+    from training import batching, native
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip(f"no C kernels here: {native.why_not()}")
+    calls = []
+
+    class Spy:  # counts the C calls, so the test fails if the Python loop ran both times
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def rnn_parallel_slots(self, *a):
+            calls.append(a[0])
+            return lib.rnn_parallel_slots(*a)
+
+    rng = np.random.default_rng(3)
+    for n_slots in (1, 3, 32, 512):
+        dur = rng.integers(0, 6, 6000)
+        monkeypatch.setattr(native, "load", lambda: Spy())
+        got = batching.parallel_slots(dur, n_slots)
+        monkeypatch.setattr(batching, "NATIVE_SLOTS_MIN", 10 ** 12)
+        ref = batching.parallel_slots(dur, n_slots)
+        monkeypatch.undo()
+        assert len(calls) == 1
+        calls.clear()
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])

@@ -123,6 +123,9 @@ def load():
     lib.rnn_rank_rows.argtypes = [f32p, f32p, ctypes.c_int64, ctypes.c_int64, i64p, i64p, ctypes.c_int64,
                                   ctypes.c_int64, f32p, i64p, f32p, ctypes.c_void_p, ctypes.c_void_p]
     lib.rnn_chunk_profile.restype = None
+    lib.rnn_parallel_slots.restype = ctypes.c_int
+    lib.rnn_parallel_slots.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_void_p]
     lib.rnn_chunk_profile.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.has_blas = _hand_over_blas(lib)
     _lib = lib

@@ -1015,6 +1015,41 @@ done:
     return stop;
 }
 
+/* ---- session-parallel slot assignment (training/batching.py parallel_slots is the reference
+ * and the fallback): job i, in order, to the slot that falls free first (the lowest slot on
+ * ties), a binary min-heap of (first free step, slot). The assignment depends only on which
+ * pair is smallest at each job, so any heap gives Python's heapq result. Returns 0, or -1 when
+ * out of memory. */
+int rnn_parallel_slots(int64_t n, const int64_t *dur, int64_t n_slots, int64_t *slot_of, int64_t *start_of) {
+    int64_t *hf = (int64_t *)malloc(sizeof(int64_t) * (n_slots > 0 ? n_slots : 1));
+    int64_t *hs = (int64_t *)malloc(sizeof(int64_t) * (n_slots > 0 ? n_slots : 1));
+    if (!hf || !hs) { free(hf); free(hs); return -1; }
+    for (int64_t b = 0; b < n_slots; b++) { hf[b] = 0; hs[b] = b; }  /* already a heap */
+    for (int64_t i = 0; i < n; i++) {
+        slot_of[i] = hs[0];
+        start_of[i] = hf[0];
+        const int64_t f = hf[0] + dur[i], sl = hs[0];
+        int64_t k = 0;  /* sift the root's new pair down */
+        for (;;) {
+            int64_t c = 2 * k + 1;
+            if (c >= n_slots) break;
+            if (c + 1 < n_slots && (hf[c + 1] < hf[c] || (hf[c + 1] == hf[c] && hs[c + 1] < hs[c]))) c++;
+            if (hf[c] < f || (hf[c] == f && hs[c] < sl)) {
+                hf[k] = hf[c];
+                hs[k] = hs[c];
+                k = c;
+            } else {
+                break;
+            }
+        }
+        hf[k] = f;
+        hs[k] = sl;
+    }
+    free(hf);
+    free(hs);
+    return 0;
+}
+
 /* ---- counter-based random draws (training/rng.py is the reference and the fallback) -------
  * Value i of a stream with key k and start position s is splitmix64's output mix64(k + (s + i
  * + 1) * GOLDEN): independent of thread count and chunking, so C and numpy give the same bits. */
