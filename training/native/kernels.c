@@ -427,18 +427,9 @@ void rnn_set_blas(void *sgemm, void *mkl_local) {
     g_mkl_local = (mkl_threads_local_fn)mkl_local;
 }
 
-/* Row-major C[M,N] = op(A) op(B); ta: A is stored [K,M] (op = transpose), else [M,K];
- * tb: B is stored [N,K], else [K,N]. Column-major BLAS computes C^T = op(B)^T op(A)^T. */
-static void mm_rowmajor(int ta, int tb, int M, int N, int K, const float *A, const float *B, float *C) {
-    const float one = 1.0f, zero = 0.0f;
-    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
-    const int lda = ta ? M : K, ldb = tb ? K : N, ldc = N;
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) { memset(C, 0, sizeof(float) * (size_t)M * (size_t)N); return; }
-    g_sgemm(&tB, &tA, &N, &M, &K, &one, B, &ldb, A, &lda, &zero, C, &ldc);
-}
-
-/* the same on sub-blocks of larger row-major matrices (explicit leading dimensions) */
+/* Row-major C[M,N] = op(A) op(B) on sub-blocks of larger row-major matrices (leading dimensions
+ * lda, ldb, ldc); ta: A is stored [K,M] (op = transpose), else [M,K]; tb: B is stored [N,K], else
+ * [K,N]. Column-major BLAS computes C^T = op(B)^T op(A)^T. */
 static void mm_rowmajor_ld(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
                            float *C, int ldc) {
     const float one = 1.0f, zero = 0.0f;
@@ -449,6 +440,11 @@ static void mm_rowmajor_ld(int ta, int tb, int M, int N, int K, const float *A, 
         return;
     }
     g_sgemm(&tB, &tA, &N, &M, &K, &one, B, &ldb, A, &lda, &zero, C, &ldc);
+}
+
+/* the same on whole matrices */
+static void mm_rowmajor(int ta, int tb, int M, int N, int K, const float *A, const float *B, float *C) {
+    mm_rowmajor_ld(ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, C, N);
 }
 
 /* desc: n jobs x 8 int64 (ta, tb, M, N, K, A, B, C addresses); jobs [0, split) run on one
@@ -673,7 +669,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
     float *wsum = salloc(Umax), *dby = salloc(Umax), *inp = salloc(B * D);
     float *gi = salloc(B * 3 * Hmax), *gh = salloc(B * 3 * Hmax);
     float *dgi = salloc(B * 3 * Hmax), *dgh = salloc(B * 3 * Hmax);
-    float *dA = salloc(B * Hmax), *dBuf = salloc(B * Hmax), *dA1 = salloc(B * D), *dn1 = salloc(B * Hmax);
+    float *dA = salloc(B * Hmax), *dBuf = salloc(B * Hmax), *dn1 = salloc(B * Hmax);
     float *cache = salloc(4 * B * Hsum);          /* r, z, n, ghn per layer */
     float *spare = salloc(B * Hsum);              /* the other state buffer per layer */
     float *red = salloc(6 * 2 * B + 8);           /* per-thread max / sums; mx, sum, diag */
@@ -681,7 +677,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
     int64_t U = 0, stop = n;
     float *cur[RNN_MAXL], *nxt[RNN_MAXL], *rC[RNN_MAXL], *zC[RNN_MAXL], *nC[RNN_MAXL], *gC[RNN_MAXL];
     if (!uniq || !inv || !in_out || !O || !dO || !Ssc || !wsum || !dby || !inp || !gi || !gh ||
-        !dgi || !dgh || !dA || !dBuf || !dA1 || !dn1 || !cache || !spare || !red || !bred) {
+        !dgi || !dgh || !dA || !dBuf || !dn1 || !cache || !spare || !red || !bred) {
         stop = -1;
         goto done;
     }
@@ -931,23 +927,20 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
             PT(2);
             /* E: by the same halves of the unique rows as D (each thread reads only the score
              * rows it wrote and the output rows it gathered): their output rows' gradient dO, and
-             * a partial gradient of the top layer's output (thread 0 into dA, thread 1 into dA1;
-             * summed by rows at the start of F) */
+             * a partial gradient of the top layer's output (thread 0 into dA, thread 1 into dn1;
+             * summed by rows at the start of F, like the partial input gradients of the layers) */
             split_range(U, t, nt, &lo, &hi);
-            mm_rowmajor(1, 0, (int)B, (int)D, (int)(hi - lo), Ssc + lo * B, O + lo * D, t ? dA1 : dA);
+            mm_rowmajor(1, 0, (int)B, (int)D, (int)(hi - lo), Ssc + lo * B, O + lo * D, t ? dn1 : dA);
             if (hi > lo) mm_rowmajor(0, 0, (int)(hi - lo), (int)D, (int)B, Ssc + lo * B, out, dO + lo * D);
             BAR();
             PT(3);
             /* F: layers top down; dA holds d loss / d (layer output) */
             float *dcur = dA, *dnext = dBuf;
-            split_range(B, t, nt, &lo, &hi);
-            if (nt > 1)
-                for (int64_t i = lo * D; i < hi * D; i++) dA[i] += dA1[i];
             for (int64_t l = L - 1; l >= 0; l--) {
                 const int64_t h = c->H[l], hi_in = l ? c->H[l - 1] : D;
                 const float *lx = l ? nxt[l - 1] : inp;
                 split_range(B, t, nt, &lo, &hi);
-                if (nt > 1 && l < L - 1)  /* the layer above's two parts of this layer's dout */
+                if (nt > 1)  /* the two parts of this layer's dout (E's, or the layer above's) */
                     for (int64_t i = lo * h; i < hi * h; i++) dcur[i] += dn1[i];
                 if (hi > lo)
                     gru_gates_bwd_rows(dcur + lo * h, hid[l] ? hid[l] + (s * B + lo) * h : NULL,
@@ -1010,7 +1003,7 @@ int64_t rnn_train_chunk(const rnn_ctx *c, int64_t n, const int64_t *X, const int
         if (cur[l] != state[l]) memcpy(state[l], cur[l], sizeof(float) * B * c->H[l]);
 done:
     free(uniq); free(inv); free(in_out); free(O); free(dO); free(Ssc); free(wsum); free(dby);
-    free(inp); free(gi); free(gh); free(dgi); free(dgh); free(dA); free(dBuf); free(dA1); free(dn1); free(cache);
+    free(inp); free(gi); free(gh); free(dgi); free(dgh); free(dA); free(dBuf); free(dn1); free(cache);
     free(spare); free(red); free(bred);
     return stop;
 }
