@@ -103,7 +103,7 @@ import numpy as np
 
 from benchmarks.gru4rec_loss_settings_accuracy import OFFICIAL_COMMIT, write_tsvs
 from benchmarks.machine import cpu_label
-from benchmarks.rnn_speed_common import Product, mm_seconds
+from benchmarks.rnn_speed_common import Product, loop_seconds, mm_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP_FILE = Path("/tmp/measure_stop")
@@ -279,35 +279,29 @@ def optimizer_bytes(n_dense: int, unique_rows: float, width: int, momentum: bool
 
 def stream_bandwidth(nbytes: float, threads: int) -> float:
     """Bytes/s of ``torch.add(a, b, out=a)`` (read a and b, write a: 12 B per float) on float32
-    arrays of ``nbytes`` in all, at ``threads`` threads: best of 7 loops of >= 20 ms."""
+    arrays of ``nbytes`` in all, at ``threads`` threads (:func:`loop_seconds`)."""
     import torch
 
     torch.set_num_threads(threads)
     n = max(1 << 14, int(nbytes / 8))
     a, b = torch.rand(n), torch.rand(n)
-    torch.add(a, b, out=a)
-    t = time.perf_counter()
-    torch.add(a, b, out=a)
-    loops = max(1, int(0.02 / max(time.perf_counter() - t, 1e-7)))
-    best = float("inf")
-    for _ in range(7):
-        t = time.perf_counter()
-        for _ in range(loops):
-            torch.add(a, b, out=a)
-        best = min(best, (time.perf_counter() - t) / loops)
-    return 12 * n / best
+    return 12 * n / loop_seconds(lambda: torch.add(a, b, out=a))
 
 
-def optimizer_floor(p: dict, split: Path, threads: int, limit: dict) -> dict:
-    """The optimizer's state traffic per step (:func:`optimizer_bytes`) at the stream bandwidth
-    measured here on arrays of that size, and the limit with it added to the products' time."""
+def item_distributions(split: Path, sample_alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training events' item frequencies, negatives' distribution support^sample_alpha) of
+    SPLIT_DIR's ``train_full``."""
     from training.data import read_events, read_item_index, table_support
 
     idx = read_item_index(split)
     sup = np.asarray(table_support(read_events(split, "train_full", idx), idx.n_items), float)
-    event_p = sup / sup.sum()
-    sample_p = sup ** p["sample_alpha"]
-    sample_p /= sample_p.sum()
+    sample_p = sup ** sample_alpha
+    return sup / sup.sum(), sample_p / sample_p.sum()
+
+
+def optimizer_floor(p: dict, event_p: np.ndarray, sample_p: np.ndarray, threads: int, limit: dict) -> dict:
+    """The optimizer's state traffic per step (:func:`optimizer_bytes`) at the stream bandwidth
+    measured here on arrays of that size, and the limit with it added to the products' time."""
     H = p["layers"][-1]
     u = expected_unique_rows(event_p, sample_p, p["batch_size"], p["n_sample"])
     nbytes = optimizer_bytes(dense_params(p["layers"], H), u, H, p["momentum"] > 0)
@@ -668,6 +662,7 @@ def main(argv=None) -> None:
                 p = OFFICIAL_BEST[name][1]
                 prods = step_products(p["layers"], p["batch_size"], p["n_sample"])
                 n_items = json.loads((a.split / "split.json").read_text())["n_items"]
+                event_p, sample_p = item_distributions(a.split, p["sample_alpha"])
                 codes = a.codes if i % 2 == 0 else a.codes[::-1]
                 for code in codes:
                     if STOP_FILE.exists():
@@ -677,7 +672,7 @@ def main(argv=None) -> None:
                     cache.clear()
                     lim = measure_limit(prods, p["batch_size"], a.threads, cache)
                     elim = measure_limit(eval_products(p["layers"], n_items), 512, a.threads, cache)
-                    opt = optimizer_floor(p, a.split, a.threads, lim)
+                    opt = optimizer_floor(p, event_p, sample_p, a.threads, lim)
                     print(f"[{time.strftime('%H:%M:%S')}] {name}: {code} ...", file=sys.stderr, flush=True)
                     if code == "ours":
                         res = run_ours(name, a.split, a.epochs, a.threads, a.seed, a.work)

@@ -29,26 +29,31 @@ from typing import Callable, Iterable
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def loop_seconds(f: Callable[[], object], reps: int = 7) -> float:
+    """Wall time of one call of ``f``: best of ``reps`` timings, each a loop of enough calls to
+    last >= 20 ms (small calls take microseconds), after one warm-up call."""
+    f()
+    t = time.perf_counter()
+    f()
+    loops = max(1, int(0.02 / max(time.perf_counter() - t, 1e-7)))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(loops):
+            f()
+        best = min(best, (time.perf_counter() - t) / loops)
+    return best
+
+
 def mm_seconds(m: int, k: int, n: int, reps: int = 7) -> float:
-    """Wall time of one [m, k] @ [k, n] float32 product: best of ``reps`` timings, each a loop
-    of enough products to last >= 20 ms (small products take microseconds)."""
+    """Wall time of one [m, k] @ [k, n] float32 product (:func:`loop_seconds`)."""
     import torch
 
     if min(m, k, n) <= 0:
         return 0.0
     a, b = torch.randn(m, k), torch.randn(k, n)
     out = torch.empty(m, n)
-    torch.mm(a, b, out=out)
-    t = time.perf_counter()
-    torch.mm(a, b, out=out)
-    loops = max(1, int(0.02 / max(time.perf_counter() - t, 1e-7)))
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(loops):
-            torch.mm(a, b, out=out)
-        best = min(best, (time.perf_counter() - t) / loops)
-    return best
+    return loop_seconds(lambda: torch.mm(a, b, out=out), reps)
 
 
 @dataclass(frozen=True)
